@@ -1,0 +1,213 @@
+"""The ``langcell`` command line: a thin layer over the Python API.
+
+Every subcommand parses its arguments, calls one public function and prints what it returns. A
+:class:`~langcell.errors.LangCellError` (a problem the user can fix) is printed on one line, without a
+traceback, and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import LangCellError
+
+# Commands never reach the network: the text tower and tokenizer come from installed packages.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+EXIT_USER_ERROR = 2
+
+
+def _print(args: argparse.Namespace, *parts: object) -> None:
+    if not getattr(args, "quiet", False):
+        print(*parts, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- tokenize
+def _add_tokenize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tokenize",
+        help="turn h5ad files of raw counts into an on-disk corpus of rank-ordered gene tokens",
+        description=(
+            "Tokenize one or more h5ad files of raw counts into a corpus directory. The gene vocabulary "
+            "and medians come from a saved tokenizer (--tokenizer), from the released Geneformer "
+            "dictionaries (--token-dictionary/--gene-median-dictionary), or are fitted on the inputs."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="IN.h5ad", help="h5ad files with raw counts")
+    p.add_argument("out", metavar="OUT_DIR", help="corpus directory to create")
+    p.add_argument("--tokenizer", metavar="DIR", help="directory holding gene_tokenizer.json (or a model dir)")
+    p.add_argument("--token-dictionary", metavar="PKL", help="Geneformer token_dictionary.pkl")
+    p.add_argument("--gene-median-dictionary", metavar="PKL", help="Geneformer gene_median_dictionary.pkl")
+    p.add_argument(
+        "--custom-genes",
+        action="store_true",
+        help="fit a vocabulary of the var names verbatim (genes without public IDs) instead of Ensembl IDs",
+    )
+    p.add_argument("--organism", choices=["human", "mouse"], help="organism of the gene symbols (default: detect)")
+    p.add_argument("--gene-column", metavar="COL", help="var column holding gene IDs/symbols (default: var names)")
+    p.add_argument("--counts-layer", metavar="LAYER", help="layer with raw counts, or 'raw' for .raw (default: X)")
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per cell including <cls> (default 2048)")
+    p.add_argument("--shard-size", type=int, default=100_000, help="cells per shard (default 100000)")
+    p.add_argument("--obs-columns", metavar="COL", nargs="*", help="obs columns to keep (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=_run_tokenize)
+
+
+def _run_tokenize(args: argparse.Namespace) -> int:
+    from .corpus import write_corpus
+    from .tokenizer import GeneTokenizer
+
+    if bool(args.token_dictionary) != bool(args.gene_median_dictionary):
+        raise LangCellError(
+            "--token-dictionary and --gene-median-dictionary go together; pass both Geneformer files or neither"
+        )
+    if args.tokenizer and args.token_dictionary:
+        raise LangCellError("pass either --tokenizer or the Geneformer dictionaries, not both")
+    if args.tokenizer:
+        tokenizer = GeneTokenizer.load(args.tokenizer)
+        _print(args, f"tokenizer: {args.tokenizer} ({tokenizer.vocab_size} tokens)")
+    elif args.token_dictionary:
+        tokenizer = GeneTokenizer.from_geneformer(args.token_dictionary, args.gene_median_dictionary)
+        _print(args, f"tokenizer: Geneformer dictionaries ({tokenizer.vocab_size} tokens)")
+    else:
+        _print(args, f"fitting a gene vocabulary and medians on {len(args.inputs)} file(s) ...")
+        tokenizer = GeneTokenizer.fit(
+            args.inputs,
+            gene_id_kind="custom" if args.custom_genes else "ensembl",
+            organism=args.organism,
+            gene_column=args.gene_column,
+            counts_layer=args.counts_layer,
+            progress=not args.quiet,
+        )
+        _print(args, f"tokenizer: fitted, {tokenizer.vocab_size} tokens")
+    corpus = write_corpus(
+        args.inputs,
+        tokenizer,
+        args.out,
+        obs_columns=args.obs_columns,
+        shard_size=args.shard_size,
+        gene_column=args.gene_column,
+        counts_layer=args.counts_layer,
+        max_length=args.max_length,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    for report in corpus.reports:
+        _print(args, report.summary())
+    lengths = corpus.lengths
+    _print(
+        args,
+        f"wrote {len(corpus)} cells, {int(lengths.sum())} tokens "
+        f"(median {int(_median(lengths))} per cell) to {args.out}",
+    )
+    return 0
+
+
+def _median(values) -> float:
+    import numpy as np
+
+    return float(np.median(values)) if len(values) else 0.0
+
+
+# ---------------------------------------------------------------------------------- import-official
+def _add_import_official(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-official",
+        help="convert the released LangCell checkpoint (five modules) into a langcell model directory",
+    )
+    p.add_argument("ckpt", metavar="CKPT_DIR", help="released checkpoint: cell_bert/, text_bert/, *_proj.bin, ctm_head.bin")
+    p.add_argument("out", metavar="OUT_DIR", help="model directory to create")
+    p.add_argument("--text-tokenizer", required=True, metavar="DIR", help="the released text tokenizer directory")
+    p.add_argument("--token-dictionary", required=True, metavar="PKL", help="Geneformer token_dictionary.pkl")
+    p.add_argument("--gene-median-dictionary", required=True, metavar="PKL", help="gene_median_dictionary.pkl")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=_run_import_official)
+
+
+def _run_import_official(args: argparse.Namespace) -> int:
+    from .io import import_official
+
+    model = import_official(
+        args.ckpt,
+        args.out,
+        text_tokenizer_dir=args.text_tokenizer,
+        token_dictionary=args.token_dictionary,
+        gene_median_dictionary=args.gene_median_dictionary,
+        overwrite=args.overwrite,
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    _print(args, f"imported {n_params / 1e6:.1f}M parameters into {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on scanpy's bundled PBMC cells")
+    p.add_argument("--out", default="langcell_demo", metavar="DIR", help="output directory (default ./langcell_demo)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, seed=args.seed, quiet=args.quiet)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- main
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo,
+    _add_tokenize,
+    _add_import_official,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``langcell`` argument parser with every subcommand registered."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="langcell",
+        description="LangCell: language-cell pre-training and zero-shot cell-type annotation.",
+    )
+    parser.add_argument("--version", action="version", version=f"langcell {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    # Each subcommand inherits --quiet, so `langcell tokenize ... --quiet` works anywhere on the line.
+    original_add = sub.add_parser
+
+    def add_parser(name: str, **kwargs):
+        kwargs.setdefault("parents", [common])
+        return original_add(name, **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+    for register in SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LangCellError as err:
+        print(f"langcell {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"langcell {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
