@@ -1,0 +1,505 @@
+"""On-disk tokenized corpus: rank-value sequences of many cells, sharded, ragged, memory-mapped.
+
+:func:`write_corpus` streams one or many h5ad files (read backed, chunk by chunk) through a
+:class:`~langcell.tokenizer.GeneTokenizer` and writes::
+
+    out_dir/
+      manifest.json            format version, n_cells, n_tokens, shards (files, sizes, sha256), sources
+      gene_tokenizer.json      the tokenizer used (GeneTokenizer.save)
+      obs.h5ad                 cell metadata only (no matrix): chosen obs columns + source_file + obs_name
+      shards/shard_00000.ids.npy      flat token ids, smallest unsigned dtype that holds the vocabulary
+      shards/shard_00000.offsets.npy  int64 [n + 1], cell i = ids[offsets[i]:offsets[i + 1]]
+      shards/shard_00000.lengths.npy  sequence lengths (<cls> included)
+
+The directory appears only when complete (written in a temporary directory, then renamed).
+:class:`TokenCorpus` opens it, checks every shard against the manifest, and serves cells by index
+straight from memory-mapped files, alone or as padded batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from ._atomic import atomic_directory
+from .batching import pad_sequences
+from .errors import LangCellError
+from .genes import GeneMappingReport
+from .tokenizer import (
+    DEFAULT_CHUNK_SIZE,
+    GeneTokenizer,
+    _as_source_list,
+    _count_source,
+    _opened,
+)
+
+__all__ = ["TokenCorpus", "write_corpus", "MANIFEST_FILENAME"]
+
+#: Name of the manifest inside a corpus directory.
+MANIFEST_FILENAME = "manifest.json"
+#: Version of the corpus layout; :class:`TokenCorpus` refuses versions it does not know.
+FORMAT_VERSION = 1
+_FORMAT_NAME = "langcell.TokenCorpus"
+_OBS_FILENAME = "obs.h5ad"
+_SHARD_DIR = "shards"
+_SHARD_ARRAYS = ("ids", "offsets", "lengths")
+#: Metadata columns the corpus adds to every cell.
+SOURCE_COLUMN = "source_file"
+OBS_NAME_COLUMN = "obs_name"
+
+
+def _smallest_unsigned(max_value: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds ``max_value``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_value <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class _ShardWriter:
+    """Buffers encoded chunks and writes them as shards of ``shard_size`` cells."""
+
+    directory: Path  # where the shard files go
+    shard_size: int  # cells per shard (the last one may hold fewer)
+    ids_dtype: np.dtype  # dtype of the stored token ids
+    lengths_dtype: np.dtype  # dtype of the stored lengths
+    shards: list[dict] = field(default_factory=list)  # manifest entries of the shards written so far
+    _ids: list[np.ndarray] = field(default_factory=list)  # buffered ids of the current shard
+    _lengths: list[np.ndarray] = field(default_factory=list)  # buffered lengths of the current shard
+    _n_buffered: int = 0  # cells in the current shard
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Append consecutive cells (flat ids and their lengths), splitting across shards as needed."""
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        start = 0
+        while start < lengths.size:
+            take = min(self.shard_size - self._n_buffered, lengths.size - start)
+            stop = start + take
+            # Narrow the dtype at once: the buffer of a 100k-cell shard then holds 2 bytes per token, not 4.
+            self._ids.append(ids[offsets[start] : offsets[stop]].astype(self.ids_dtype))
+            self._lengths.append(lengths[start:stop])
+            self._n_buffered += take
+            start = stop
+            if self._n_buffered == self.shard_size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered cells as one shard (nothing when the buffer is empty)."""
+        if self._n_buffered == 0:
+            return
+        name = f"shard_{len(self.shards):05d}"
+        lengths = np.concatenate(self._lengths).astype(np.int64)
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        arrays = {
+            "ids": np.concatenate(self._ids),
+            "offsets": offsets,
+            "lengths": lengths.astype(self.lengths_dtype),
+        }
+        files = {}
+        for kind, array in arrays.items():
+            path = self.directory / f"{name}.{kind}.npy"
+            np.save(path, array, allow_pickle=False)
+            files[kind] = {
+                "path": f"{_SHARD_DIR}/{path.name}",
+                "bytes": path.stat().st_size,
+                "sha256": _sha256(path),
+            }
+        self.shards.append(
+            {"name": name, "n_cells": int(lengths.size), "n_tokens": int(offsets[-1]), "files": files}
+        )
+        self._ids, self._lengths, self._n_buffered = [], [], 0
+
+
+def _select_obs(obs: pd.DataFrame, obs_columns: Sequence[str] | None, label: str) -> pd.DataFrame:
+    if obs_columns is None:
+        selected = obs.copy()
+    else:
+        missing = [c for c in obs_columns if c not in obs.columns]
+        if missing:
+            raise LangCellError(
+                f"{label} has no obs columns {missing} (columns: {list(obs.columns)}); pass existing "
+                "column names in obs_columns, or obs_columns=None for all"
+            )
+        selected = obs[list(obs_columns)].copy()
+    clashes = [c for c in (SOURCE_COLUMN, OBS_NAME_COLUMN) if c in selected.columns]
+    if clashes:
+        raise LangCellError(
+            f"{label} has obs columns {clashes}, names the corpus uses for the source file and the original "
+            "cell name; rename them or leave them out with obs_columns=[...]"
+        )
+    return selected
+
+
+def _as_text(value: Any) -> str | None:
+    """A metadata value as text; missing values (None, NaN) stay missing."""
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return str(value)
+
+
+def _storable_obs(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate per-source metadata into one frame that h5ad can store."""
+    obs = pd.concat(parts, axis=0, ignore_index=True, sort=False)
+    for column in obs.columns:
+        # Object columns (strings, or categoricals whose categories differed between sources) are
+        # stored as categoricals: compact, and h5ad writes them whatever mix of str/None they hold.
+        if obs[column].dtype == object:
+            obs[column] = obs[column].map(_as_text).astype("category")
+    obs.index = pd.Index([str(i) for i in range(len(obs))])
+    return obs
+
+
+def write_corpus(
+    sources: Any,
+    tokenizer: GeneTokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    obs_columns: Sequence[str] | None = None,
+    shard_size: int = 100_000,
+    gene_column: str | None = None,
+    counts_layer: str | None = None,
+    n_counts_key: str | None = "n_counts",
+    max_length: int = 2048,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TokenCorpus:
+    """Tokenize one or many datasets into an on-disk corpus, streaming chunk by chunk.
+
+    Parameters
+    ----------
+    sources
+        ``.h5ad`` paths (read backed, so files larger than memory stream through), AnnData objects, or a
+        list mixing them. All cells of all sources go into one corpus, in order.
+    tokenizer
+        The :class:`~langcell.tokenizer.GeneTokenizer`; it is saved inside the corpus.
+    out_dir
+        The corpus directory. It appears only once complete.
+    obs_columns
+        ``obs`` columns to keep (all by default). The corpus adds ``source_file`` and ``obs_name``.
+    shard_size
+        Cells per shard file.
+    gene_column, counts_layer, n_counts_key, max_length, chunk_size
+        As in :meth:`GeneTokenizer.encode`.
+    overwrite
+        Replace an existing ``out_dir``.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    TokenCorpus
+        The corpus, opened.
+    """
+    if not isinstance(tokenizer, GeneTokenizer):
+        raise LangCellError(
+            f"tokenizer must be a GeneTokenizer, got {type(tokenizer).__name__}; build one with "
+            "GeneTokenizer.from_geneformer, GeneTokenizer.fit or GeneTokenizer.load"
+        )
+    if shard_size < 1:
+        raise LangCellError(f"shard_size must be a positive number of cells, got {shard_size}")
+    source_list = _as_source_list(sources)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        shard_dir = tmp / _SHARD_DIR
+        shard_dir.mkdir()
+        writer = _ShardWriter(
+            shard_dir,
+            shard_size,
+            ids_dtype=_smallest_unsigned(tokenizer.vocab_size - 1),
+            lengths_dtype=_smallest_unsigned(max_length),
+        )
+        obs_parts: list[pd.DataFrame] = []
+        source_entries: list[dict] = []
+        for i, source in enumerate(source_list):
+            with _opened(source, f"input #{i}") as (adata, label):
+                counts = _count_source(
+                    adata,
+                    label,
+                    gene_column=gene_column,
+                    counts_layer=counts_layer,
+                    n_counts_key=n_counts_key,
+                )
+                obs = _select_obs(adata.obs, obs_columns, label)
+                obs[SOURCE_COLUMN] = label
+                obs[OBS_NAME_COLUMN] = np.asarray(adata.obs_names, dtype=object)
+                vocabulary_map, chunks = tokenizer._encode_source(
+                    counts,
+                    max_length=max_length,
+                    chunk_size=chunk_size,
+                    progress=progress,
+                    n_counts_key=n_counts_key,
+                )
+                n_without_genes = 0
+                for ids, lengths, empty in chunks:
+                    writer.add(ids, lengths)
+                    n_without_genes += empty.size
+            if n_without_genes:
+                warnings.warn(
+                    f"{n_without_genes} of {counts.n_obs} cells of {label} express no vocabulary gene; they are "
+                    "kept as the sequence [<cls>] (length 1 in the corpus)",
+                    stacklevel=2,
+                )
+            obs_parts.append(obs)
+            source_entries.append(
+                {
+                    "source": label,
+                    "n_cells": counts.n_obs,
+                    "n_cells_without_genes": n_without_genes,
+                    "gene_mapping": vocabulary_map.report.to_dict(),
+                }
+            )
+        writer.flush()
+
+        import anndata
+
+        anndata.AnnData(obs=_storable_obs(obs_parts)).write_h5ad(tmp / _OBS_FILENAME)
+        tokenizer.save(tmp)
+        manifest = {
+            "format": _FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "langcell_version": __version__,
+            "n_cells": sum(s["n_cells"] for s in writer.shards),
+            "n_tokens": sum(s["n_tokens"] for s in writer.shards),
+            "max_length": max_length,
+            "ids_dtype": writer.ids_dtype.name,
+            "obs_file": _OBS_FILENAME,
+            "shards": writer.shards,
+            "sources": source_entries,
+        }
+        (tmp / MANIFEST_FILENAME).write_text(
+            json.dumps(manifest, indent=1, default=_json_default), encoding="utf-8"
+        )
+    return TokenCorpus(out_dir)
+
+
+def _json_default(value: Any) -> Any:
+    # Mapping reports may carry numpy scalars or arrays.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in the manifest")
+
+
+class TokenCorpus:
+    """A corpus written by :func:`write_corpus`, opened for random access.
+
+    Parameters
+    ----------
+    directory
+        The corpus directory. The manifest is validated and every shard file is checked to exist with
+        the size the manifest records (:meth:`verify` also checks the sha256 checksums).
+
+    Raises
+    ------
+    LangCellError
+        For a missing or invalid manifest, or a missing or truncated shard (named in the message).
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST_FILENAME
+        if not manifest_path.is_file():
+            raise LangCellError(
+                f"{str(self.directory)!r} is not a token corpus (no {MANIFEST_FILENAME}); pass a directory "
+                "written by write_corpus (langcell tokenize)"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LangCellError(
+                f"{str(manifest_path)!r} is not valid JSON ({err}); write the corpus again"
+            ) from None
+        if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT_NAME:
+            raise LangCellError(
+                f"{str(manifest_path)!r} is not a langcell corpus manifest; write the corpus again"
+            )
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise LangCellError(
+                f"{str(manifest_path)!r} has format version {version!r}; this langcell reads versions up to "
+                f"{FORMAT_VERSION}: upgrade langcell"
+            )
+        missing = [k for k in ("n_cells", "n_tokens", "shards", "obs_file") if k not in manifest]
+        if missing:
+            raise LangCellError(f"{str(manifest_path)!r} lacks the fields {missing}; write the corpus again")
+        self.manifest: dict = manifest
+
+        self._ids: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = []
+        lengths = []
+        for shard in manifest["shards"]:
+            arrays = {kind: self._open_shard_array(shard, kind) for kind in _SHARD_ARRAYS}
+            if arrays["offsets"].size != shard["n_cells"] + 1 or arrays["ids"].size != shard["n_tokens"]:
+                raise LangCellError(
+                    f"shard {shard['name']!r} of {str(self.directory)!r} does not match the manifest "
+                    f"({arrays['offsets'].size - 1} cells, {arrays['ids'].size} tokens); write the corpus again"
+                )
+            self._ids.append(arrays["ids"])
+            self._offsets.append(np.asarray(arrays["offsets"], dtype=np.int64))
+            lengths.append(np.asarray(arrays["lengths"], dtype=np.int64))
+        self._lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        if self._lengths.size != manifest["n_cells"]:
+            raise LangCellError(
+                f"{str(manifest_path)!r} says {manifest['n_cells']} cells but its shards hold "
+                f"{self._lengths.size}; write the corpus again"
+            )
+        self._shard_starts = np.zeros(len(self._ids) + 1, dtype=np.int64)
+        np.cumsum([s["n_cells"] for s in manifest["shards"]], out=self._shard_starts[1:])
+        self.tokenizer: GeneTokenizer = GeneTokenizer.load(self.directory)
+        self._obs: pd.DataFrame | None = None
+
+    def _shard_file(self, shard: dict, kind: str) -> tuple[Path, dict]:
+        try:
+            entry = shard["files"][kind]
+            return self.directory / entry["path"], entry
+        except (KeyError, TypeError):
+            raise LangCellError(
+                f"the manifest of {str(self.directory)!r} lists no {kind} file for shard "
+                f"{shard.get('name', '?')!r}; write the corpus again"
+            ) from None
+
+    def _open_shard_array(self, shard: dict, kind: str) -> np.ndarray:
+        path, entry = self._shard_file(shard, kind)
+        name = shard["name"]
+        if not path.is_file():
+            raise LangCellError(
+                f"shard {name!r} of {str(self.directory)!r} is missing its {kind} file {entry['path']!r}; "
+                "restore it or write the corpus again"
+            )
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise LangCellError(
+                f"shard {name!r} of {str(self.directory)!r}: {entry['path']!r} has {size} bytes, the manifest "
+                f"says {entry['bytes']} (truncated or replaced); restore it or write the corpus again"
+            )
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise LangCellError(
+                f"shard {name!r} of {str(self.directory)!r}: cannot read {entry['path']!r} ({err}); "
+                "write the corpus again"
+            ) from None
+
+    def verify(self) -> None:
+        """Recompute the sha256 of every shard file and compare with the manifest.
+
+        Raises
+        ------
+        LangCellError
+            Naming the first shard file whose content changed.
+        """
+        for shard in self.manifest["shards"]:
+            for kind in _SHARD_ARRAYS:
+                path, entry = self._shard_file(shard, kind)
+                if _sha256(path) != entry["sha256"]:
+                    raise LangCellError(
+                        f"shard {shard['name']!r} of {str(self.directory)!r}: {entry['path']!r} does not match "
+                        "its checksum (corrupted); restore it or write the corpus again"
+                    )
+
+    def __len__(self) -> int:
+        return int(self._lengths.size)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """Token ids of cell ``index`` (a read-only view into the memory-mapped shard)."""
+        n = len(self)
+        index = int(index)
+        if not -n <= index < n:
+            raise IndexError(f"cell index {index} out of range for a corpus of {n} cells")
+        index %= n
+        shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+        local = index - int(self._shard_starts[shard])
+        offsets = self._offsets[shard]
+        return self._ids[shard][offsets[local] : offsets[local + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Sequence length of every cell (``<cls>`` included), ``int64``."""
+        return self._lengths
+
+    @property
+    def reports(self) -> list:
+        """How each source's genes were matched to the vocabulary (:class:`~langcell.genes.GeneMappingReport`)."""
+        known = {f.name for f in dataclasses.fields(GeneMappingReport)}
+        return [
+            GeneMappingReport(**{k: v for k, v in entry["gene_mapping"].items() if k in known})
+            for entry in self.manifest.get("sources", [])
+        ]
+
+    @property
+    def n_tokens(self) -> int:
+        """Total number of tokens stored."""
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """Cell metadata: the chosen obs columns plus ``source_file`` and ``obs_name`` (read on first use)."""
+        if self._obs is None:
+            import anndata
+
+            path = self.directory / self.manifest["obs_file"]
+            if not path.is_file():
+                raise LangCellError(
+                    f"{str(self.directory)!r} is missing its metadata file {path.name!r}; write the corpus again"
+                )
+            self._obs = anndata.read_h5ad(path).obs
+        return self._obs
+
+    def batch(
+        self, indices: Sequence[int] | np.ndarray, *, pad_to: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Padded model inputs for the given cells.
+
+        Parameters
+        ----------
+        indices
+            Cell indices.
+        pad_to
+            Give every row exactly this width: longer sequences are cut to their first ``pad_to``
+            tokens (``<cls>`` and the top genes), shorter ones padded. ``None`` pads to the longest.
+
+        Returns
+        -------
+        dict
+            ``"input_ids"`` and ``"attention_mask"``, both ``int64 [len(indices), width]``.
+        """
+        if pad_to is not None and pad_to < 1:
+            raise LangCellError(f"pad_to must be a positive width, got {pad_to}")
+        sequences = [self[i] for i in np.asarray(indices, dtype=np.int64).ravel()]
+        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_id, max_length=pad_to)
+        if pad_to is not None and input_ids.shape[1] < pad_to:
+            extra = pad_to - input_ids.shape[1]
+            input_ids = np.pad(input_ids, ((0, 0), (0, extra)), constant_values=self.tokenizer.pad_id)
+            attention_mask = np.pad(attention_mask, ((0, 0), (0, extra)), constant_values=0)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenCorpus({str(self.directory)!r}, n_cells={len(self)}, n_tokens={self.n_tokens}, "
+            f"shards={len(self._ids)})"
+        )
