@@ -17,6 +17,13 @@ from pathlib import Path
 from .errors import LangCellError
 
 
+def _default_mode(directory: bool) -> int:
+    """The mode a plain ``open``/``mkdir`` would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def check_output_parent(path: str | os.PathLike) -> Path:
     """Return ``path`` as a :class:`~pathlib.Path` after checking that its parent can take it.
 
@@ -52,6 +59,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -80,6 +89,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(directory=True))
         if path.exists():
             # Move the old result aside first so that the swap is two renames, never a partial tree.
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

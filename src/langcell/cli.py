@@ -145,6 +145,58 @@ def _run_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- pretrain
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a LangCell model on a tokenized corpus (one process, or under torchrun)",
+        description=(
+            "Pretrain with masked gene modelling, cell-cell and cell-text contrastive learning and "
+            "cell-text matching, in two stages. On several processes: "
+            "torchrun --nproc_per_node N -m langcell pretrain ..."
+        ),
+    )
+    p.add_argument("--config", required=True, metavar="CFG",
+                   help="recipe: a packaged name (tiny, small, base) or a JSON recipe file")
+    p.add_argument("--corpus", required=True, metavar="DIR", help="corpus directory from `langcell tokenize`")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, log.csv, model/)")
+    p.add_argument("--stage", choices=["cell", "joint", "both"], help="override the recipe's stage")
+    p.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps per stage (overrides the recipe)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    p.add_argument("--seed", type=int, help="override the recipe's seed")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when available")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="override the recipe's precision")
+    p.add_argument("--num-workers", type=int, metavar="N", help="data-loader workers per process")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resumes)")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from .train import load_recipe, pretrain
+
+    config = load_recipe(args.config)
+    overrides = {
+        "stage": args.stage,
+        "seed": args.seed,
+        "device": args.device,
+        "precision": args.precision,
+        "num_workers": args.num_workers,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(config, name, value)
+    if args.max_steps is not None:
+        config.cell_steps = config.joint_steps = args.max_steps
+    if args.deterministic:
+        config.deterministic = True
+    config.validate()
+    pretrain(args.corpus, args.out, config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print(args, f"model written to {os.path.join(args.out, 'model')}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on scanpy's bundled PBMC cells")
@@ -165,6 +217,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo,
     _add_tokenize,
     _add_import_official,
+    _add_pretrain,
 ]
 
 

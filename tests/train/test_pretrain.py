@@ -1,0 +1,211 @@
+"""Pretraining on a tiny model and a small real corpus (CBMC cells with Cell Ontology terms)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from langcell.corpus import TokenCorpus, write_corpus
+from langcell.errors import LangCellError
+from langcell.tokenizer import GeneTokenizer
+from langcell.train import PretrainConfig, load_recipe, pretrain
+from langcell.train.data import CellTextTable, PretrainStream
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
+pytestmark = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """240 labelled CBMC cells, 20 per type where available, tokenized with a vocabulary of the data."""
+    adata = ad.read_h5ad(CBMC)
+    adata = adata[adata.obs["cell_type_ontology_term_id"] != "unknown"]
+    rng = np.random.default_rng(0)
+    keep = np.concatenate(
+        [rng.permutation(np.flatnonzero(adata.obs["cell_type"] == t))[:20] for t in adata.obs["cell_type"].unique()]
+    )
+    adata = adata[np.sort(keep)].copy()
+    tokenizer = GeneTokenizer.fit(adata, gene_id_kind="custom")
+    out = tmp_path_factory.mktemp("corpus") / "cbmc"
+    write_corpus([adata], tokenizer, out, max_length=128, progress=False)
+    return out
+
+
+def tiny(**changes) -> PretrainConfig:
+    config = load_recipe("tiny")
+    config.deterministic = True
+    for key, value in changes.items():
+        setattr(config, key, value)
+    config.validate()
+    return config
+
+
+def read_log(run: Path) -> list[dict[str, str]]:
+    with (run / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_text_table_covers_cells_and_groups_identical_texts(corpus_dir):
+    corpus = TokenCorpus(corpus_dir)
+    table = CellTextTable.from_obs(corpus.obs)
+    assert table.aspects[0] == "cell_type"
+    ids = table.text_ids[:, 0]
+    assert (ids >= 0).all()
+    # Same cell type <=> same text id (the C-T loss's positives).
+    types = corpus.obs["cell_type_ontology_term_id"].astype(str).to_numpy()
+    for t in np.unique(types):
+        assert len(np.unique(ids[types == t])) == 1
+    assert len(np.unique(ids)) == len(np.unique(types))
+    assert all("cell type:" in table.texts[i] for i in np.unique(ids))
+
+
+def test_stream_is_resumable_and_shards_ranks(corpus_dir):
+    corpus = TokenCorpus(corpus_dir)
+    cells = np.arange(len(corpus))
+    stream = PretrainStream(corpus, cells, max_tokens=1024, max_batch_size=16, max_length=128, seed=3)
+    n = stream.batches_per_epoch
+    first = [b for _, b in zip(range(n + 3), stream.iterate(0), strict=False)]
+    resumed = [b for _, b in zip(range(5), stream.iterate(n - 2), strict=False)]
+    for a, b in zip(first[n - 2 :], resumed, strict=False):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    # Every cell once per epoch (but for a dropped last batch).
+    seen = np.concatenate([b["cell_index"].numpy() for b in first[:n]])
+    assert len(seen) == len(set(seen.tolist())) and len(seen) >= len(corpus) - 16
+    # Two ranks split one epoch's batches without overlap.
+    r0 = PretrainStream(corpus, cells, max_tokens=1024, max_batch_size=16, max_length=128, seed=3, rank=0, world_size=2)
+    r1 = PretrainStream(corpus, cells, max_tokens=1024, max_batch_size=16, max_length=128, seed=3, rank=1, world_size=2)
+    assert r0.batches_per_epoch == r1.batches_per_epoch
+    a = np.concatenate([b["cell_index"].numpy() for _, b in zip(range(r0.batches_per_epoch), r0.iterate(), strict=False)])
+    b = np.concatenate([b["cell_index"].numpy() for _, b in zip(range(r1.batches_per_epoch), r1.iterate(), strict=False)])
+    assert not set(a.tolist()) & set(b.tolist())
+
+
+def test_every_loss_falls(corpus_dir, tmp_path):
+    config = tiny(cell_steps=25, joint_steps=25, log_every=1, checkpoint_every=100, lr=2e-3, joint_lr=2e-3,
+                  warmup_steps=2)
+    pretrain(corpus_dir, tmp_path / "run", config, progress=False)
+    rows = read_log(tmp_path / "run")
+    for stage, names in (("cell", ["mgm_loss", "cc_loss"]), ("joint", ["mgm_loss", "cc_loss", "ct_loss", "ctm_loss"])):
+        values = {n: [float(r[n]) for r in rows if r["stage"] == stage] for n in names}
+        for name, series in values.items():
+            assert all(np.isfinite(series)), (stage, name)
+            assert np.mean(series[-5:]) < np.mean(series[:5]), (stage, name, series)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus_dir, tmp_path):
+    config = tiny(cell_steps=3, joint_steps=3, checkpoint_every=2)
+    pretrain(corpus_dir, tmp_path / "straight", config, progress=False)
+    # Interrupted twice: inside the cell stage, and inside the joint stage.
+    pretrain(corpus_dir, tmp_path / "resumed", config, progress=False, stop_after_steps=2)
+    pretrain(corpus_dir, tmp_path / "resumed", config, progress=False, resume=True, stop_after_steps=2)
+    pretrain(corpus_dir, tmp_path / "resumed", config, progress=False, resume=True)
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # The log of the resumed run holds every step once.
+    steps = [(r["stage"], int(r["step"])) for r in read_log(tmp_path / "resumed")]
+    assert steps == [("cell", 1), ("cell", 2), ("cell", 3), ("joint", 1), ("joint", 2), ("joint", 3)]
+
+
+def test_cell_stage_leaves_the_text_tower_untouched(corpus_dir, tmp_path):
+    config = tiny(stage="cell", cell_steps=2)
+    model = pretrain(corpus_dir, tmp_path / "run", config, progress=False)
+    torch.manual_seed(config.seed)
+    from langcell.models.langcell import LangCell
+
+    fresh_config = config.model_config()
+    fresh_config.cell.vocab_size = model.config.cell.vocab_size
+    fresh = LangCell.from_config(fresh_config)
+    for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
+        if name.startswith(("text_encoder.", "text_proj.", "ctm_head.", "logit_scale")):
+            assert torch.equal(p, q), name
+
+
+def test_freeze_text_trains_only_cross_attention_of_the_text_tower(corpus_dir, tmp_path):
+    config = tiny(stage="joint", joint_steps=2, freeze_text=True)
+    before = {}
+    from langcell.train import pretrain as run
+
+    model = run(corpus_dir, tmp_path / "a", config, progress=False)
+    torch.manual_seed(config.seed)
+    from langcell.models.langcell import LangCell
+
+    fresh_config = config.model_config()
+    fresh_config.cell.vocab_size = model.config.cell.vocab_size
+    before = dict(LangCell.from_config(fresh_config).named_parameters())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".crossattention." in n for n in changed)
+    assert not [n for n in changed if n.startswith("text_encoder.") and ".crossattention." not in n]
+    assert any(n.startswith("text_proj.") for n in changed)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(corpus_dir, tmp_path):
+    config = tiny(stage="cell", cell_steps=4, checkpoint_every=1)
+    pretrain(corpus_dir, tmp_path / "run", config, progress=False, stop_after_steps=1)
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    broken = tiny(stage="cell", cell_steps=4, checkpoint_every=1)
+    broken.loss_weights = {"mgm": float("inf"), "cc": 1.0, "ct": 1.0, "ctm": 1.0}
+    with pytest.raises(LangCellError, match="non-finite.*cell-0000001"):
+        pretrain(corpus_dir, tmp_path / "run", broken, progress=False, resume=True)
+    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text()) == latest
+
+
+def test_run_directory_errors(corpus_dir, tmp_path):
+    config = tiny(stage="cell", cell_steps=1)
+    with pytest.raises(LangCellError, match="nothing to resume"):
+        pretrain(corpus_dir, tmp_path / "empty", config, progress=False, resume=True)
+    pretrain(corpus_dir, tmp_path / "run", config, progress=False)
+    with pytest.raises(LangCellError, match="already holds a run"):
+        pretrain(corpus_dir, tmp_path / "run", config, progress=False)
+    with pytest.raises(LangCellError, match="does not exist"):
+        pretrain(corpus_dir, tmp_path / "no" / "such" / "dir", config, progress=False)
+
+
+def test_recipes_load_and_bad_recipes_are_refused(tmp_path):
+    for name in ("tiny", "small", "base"):
+        assert isinstance(load_recipe(name), PretrainConfig)
+    with pytest.raises(LangCellError, match="no pretraining recipe"):
+        load_recipe("enormous")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "tiny", "learning_rate": 1}))
+    with pytest.raises(LangCellError, match="learning_rate"):
+        load_recipe(bad)
+    bad.write_text("{not json")
+    with pytest.raises(LangCellError, match="not valid JSON"):
+        load_recipe(bad)
+    bad.write_text(json.dumps({"model": "tiny", "stage": "everything"}))
+    with pytest.raises(LangCellError, match="stage"):
+        load_recipe(bad)
+
+
+def test_two_process_gloo_run_with_torchrun(corpus_dir, tmp_path):
+    env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"), OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "langcell", "pretrain", "--config", "tiny", "--corpus", str(corpus_dir),
+        "--out", str(tmp_path / "ddp"), "--max-steps", "2", "--device", "cpu", "--quiet",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_log(tmp_path / "ddp")
+    assert [(r["stage"], r["step"]) for r in rows] == [("cell", "1"), ("cell", "2"), ("joint", "1"), ("joint", "2")]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    state = torch.load(
+        tmp_path / "ddp" / "checkpoints" / "joint-0000002" / "training_state.pt", weights_only=True
+    )
+    assert state["world_size"] == 2
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
