@@ -1,3 +1,74 @@
-"""langcell: language-cell pre-training for cell identity."""
+"""langcell: language-cell pre-training for cell identity (LangCell, Zhao et al., ICML 2024).
+
+The public API is flat::
+
+    import langcell
+    tok = langcell.GeneTokenizer.fit(adata)
+    model = langcell.LangCell.from_config("small", gene_tokenizer=tok)
+    langcell.tl.annotate(adata, model, ["B cell", "NK cell"])
+
+Names are imported lazily, so ``import langcell`` (and the command line) starts fast and torch is only
+loaded when a model is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "LangCellError": "errors",
+    "LangCell": "models.langcell",
+    "LangCellConfig": "config",
+    "CellEncoderConfig": "config",
+    "TextEncoderConfig": "config",
+    "GeneTokenizer": "tokenizer",
+    "TokenizedCells": "tokenizer",
+    "read_geneformer_dictionary": "tokenizer",
+    "TokenCorpus": "corpus",
+    "write_corpus": "corpus",
+    "map_to_ensembl": "genes",
+    "GeneMappingReport": "genes",
+    "resolve_labels": "ontology",
+    "term_text": "ontology",
+    "describe_cells": "ontology",
+    "label_texts": "ontology",
+    "import_official": "io",
+    "PretrainConfig": "train.pretrain",
+    "pretrain": "train.pretrain",
+    "load_recipe": "train.pretrain",
+}
+_SUBMODULES = ("tl", "pl", "datasets", "genes", "ontology", "tokenizer", "corpus", "losses", "train", "io")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'langcell' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import datasets, genes, io, losses, ontology, pl, tl, tokenizer, train  # noqa: F401
+    from .config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
+    from .corpus import TokenCorpus, write_corpus  # noqa: F401
+    from .errors import LangCellError  # noqa: F401
+    from .genes import GeneMappingReport, map_to_ensembl  # noqa: F401
+    from .io import import_official  # noqa: F401
+    from .models.langcell import LangCell  # noqa: F401
+    from .ontology import describe_cells, label_texts, resolve_labels, term_text  # noqa: F401
+    from .tokenizer import GeneTokenizer, TokenizedCells, read_geneformer_dictionary  # noqa: F401
+    from .train.pretrain import PretrainConfig, load_recipe, pretrain  # noqa: F401

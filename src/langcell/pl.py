@@ -1,0 +1,140 @@
+"""Plots of LangCell results, saved as PNG files (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._atomic import atomic_file
+from .errors import LangCellError
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on machines without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+
+
+def umap(
+    adata,
+    color: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    basis: str = "X_umap",
+    titles: Sequence[str] | None = None,
+) -> None:
+    """Scatter plots of a 2-D embedding, one panel per obs column, side by side, saved as PNG.
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``obsm[basis]`` (2 columns) and the obs columns in ``color``.
+    color
+        Categorical obs columns, e.g. ``["cell_type", "langcell_cell_type"]``: predicted and true type
+        share one colour per category.
+    path
+        The PNG file to write.
+    basis
+        The obsm key of the embedding.
+    titles
+        Panel titles (default: the column names).
+    """
+    if basis not in adata.obsm:
+        raise LangCellError(f"adata.obsm has no {basis!r}; compute it first (e.g. scanpy.tl.umap)")
+    missing = [c for c in color if c not in adata.obs]
+    if missing:
+        raise LangCellError(f"adata.obs has no column(s) {missing}; pass existing obs columns as color")
+    plt = _pyplot()
+    coords = np.asarray(adata.obsm[basis])[:, :2]
+    categories = sorted({str(v) for c in color for v in adata.obs[c].astype(str)})
+    cmap = plt.get_cmap("tab20" if len(categories) > 10 else "tab10")
+    colours = {cat: cmap(i % cmap.N) for i, cat in enumerate(categories)}
+    fig, axes = plt.subplots(1, len(color), figsize=(6.2 * len(color), 5.2), squeeze=False)
+    for ax, column, title in zip(axes[0], color, titles or color, strict=False):
+        values = adata.obs[column].astype(str).to_numpy()
+        for cat in categories:
+            sel = values == cat
+            if sel.any():
+                ax.scatter(coords[sel, 0], coords[sel, 1], s=10, color=colours[cat], label=cat, linewidths=0)
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def confusion_matrix(
+    y_true: Sequence[str],
+    y_pred: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    labels: Sequence[str] | None = None,
+    title: str = "",
+) -> np.ndarray:
+    """Row-normalised confusion matrix (true type x predicted type), saved as PNG.
+
+    Parameters
+    ----------
+    y_true, y_pred
+        True and predicted labels per cell.
+    path
+        The PNG file to write.
+    labels
+        Row/column order (default: sorted union of both).
+    title
+        Figure title.
+
+    Returns
+    -------
+    numpy.ndarray
+        The raw counts ``[n_labels, n_labels]`` (rows true, columns predicted).
+    """
+    y_true = np.asarray(y_true, dtype=str)
+    y_pred = np.asarray(y_pred, dtype=str)
+    if y_true.shape != y_pred.shape:
+        raise LangCellError("y_true and y_pred must have one label per cell each")
+    labels = list(labels) if labels is not None else sorted(set(y_true) | set(y_pred))
+    index = {lab: i for i, lab in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, p in zip(y_true, y_pred, strict=True):
+        if t in index and p in index:
+            counts[index[t], index[p]] += 1
+    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    plt = _pyplot()
+    size = 2.0 + 0.55 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if counts[i, j]:
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if fractions[i, j] > 0.5 else "black")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true type")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return counts
