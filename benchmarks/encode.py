@@ -1,0 +1,170 @@
+"""Cell encoding throughput: ``LangCell.encode_cells`` against the released pipeline's way.
+
+Baseline (what the released notebook does): ``transformers.BertModel`` with eager attention in fp32,
+batches of 32 cells in file order, each padded to its longest cell, ``torch.no_grad``; the embedding is
+``cell_proj`` of the first token, L2-normalised.
+
+Ours: the same weights in :class:`langcell.models.LangCell`; cells grouped by length into batches under a
+token budget (:func:`langcell.batching.token_budget_batches`), SDPA attention, ``torch.inference_mode``.
+
+The cells are real: the first ``--cells`` cells of the immune sample
+(``../shared/data/immune_sample_559cells_counts.h5ad``), tokenized with the released gene vocabulary
+(``GeneTokenizer.from_geneformer`` over Geneformer's dictionaries), 2,048 tokens at most. Weights are
+random (speed does not depend on them); both sides get identical weights and the script checks that
+their embeddings agree.
+
+Run from the repository root::
+
+    python benchmarks/encode.py            # small and base, 96 cells each
+    python benchmarks/encode.py --quick    # 32 cells each (about 5 minutes on 2 cores)
+    python benchmarks/encode.py --bf16     # add a row for ours under bfloat16 autocast (other numerics)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from langcell.batching import pad_sequences, token_budget_batches
+from langcell.config import LangCellConfig
+from langcell.models import LangCell
+from langcell.tokenizer import GeneTokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SAMPLE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"
+GENEFORMER = SHARED / "reference" / "geneformer"
+RELEASE_BATCH_SIZE = 32
+
+
+def tokenized_cells(n_cells: int) -> tuple[list[np.ndarray], GeneTokenizer]:
+    """The first ``n_cells`` cells of the immune sample as rank-value token sequences (<cls> first)."""
+    import anndata
+
+    tokenizer = GeneTokenizer.from_geneformer(
+        GENEFORMER / "token_dictionary.pkl", GENEFORMER / "gene_median_dictionary.pkl"
+    )
+    cells = tokenizer.encode(anndata.read_h5ad(SAMPLE), max_length=2048)
+    return [np.asarray(cells[i], dtype=np.int64) for i in range(min(n_cells, len(cells)))], tokenizer
+
+
+def hf_twin(model: LangCell):
+    """A ``transformers.BertModel`` (eager attention) holding the cell encoder's weights."""
+    from transformers import BertConfig, BertModel
+
+    cell = model.config.cell
+    hf = BertModel(
+        BertConfig(
+            vocab_size=cell.vocab_size,
+            hidden_size=cell.hidden_size,
+            num_hidden_layers=cell.num_hidden_layers,
+            num_attention_heads=cell.num_attention_heads,
+            intermediate_size=cell.intermediate_size,
+            hidden_act=cell.hidden_act,
+            max_position_embeddings=cell.max_position_embeddings,
+            type_vocab_size=cell.type_vocab_size,
+            layer_norm_eps=cell.layer_norm_eps,
+            attn_implementation="eager",
+        ),
+        add_pooling_layer=False,
+    )
+    hf.load_state_dict(model.cell_encoder.state_dict(), strict=True)
+    return hf.eval()
+
+
+def run_baseline(hf, cell_proj, sequences) -> tuple[float, torch.Tensor]:
+    """Release-style encoding; returns (seconds, embeddings in input order)."""
+    out = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, len(sequences), RELEASE_BATCH_SIZE):
+            ids, mask = pad_sequences(sequences[first : first + RELEASE_BATCH_SIZE], pad_id=0)
+            states = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+            out.append(F.normalize(cell_proj(states[:, 0]), dim=-1))
+    return time.perf_counter() - start, torch.cat(out)
+
+
+def run_ours(model: LangCell, sequences, max_tokens: int, *, bf16: bool = False) -> tuple[float, torch.Tensor]:
+    """Length-bucketed, token-budgeted encoding; returns (seconds, embeddings in input order).
+
+    ``bf16`` runs under CPU autocast to bfloat16 (different numerics: reported separately).
+    """
+    lengths = np.array([len(s) for s in sequences])
+    out = torch.empty(len(sequences), model.config.projection_dim)
+    start = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for batch in token_budget_batches(lengths, max_tokens):
+            ids, mask = pad_sequences([sequences[i] for i in batch], pad_id=0)
+            embeddings, _ = model.encode_cells(
+                {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+            )
+            out[torch.from_numpy(batch)] = embeddings.float()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    """Parse arguments, time both pipelines per preset, print a table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["small", "base"], choices=LangCellConfig.preset_names())
+    parser.add_argument("--cells", type=int, default=96, help="first N cells of the sample (default 96)")
+    parser.add_argument("--max-tokens", type=int, default=16_384, help="token budget per batch for ours")
+    parser.add_argument("--quick", action="store_true", help="32 cells per preset")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also time ours under bfloat16 autocast (not fp32: other numerics)"
+    )
+    args = parser.parse_args()
+    if not SAMPLE.is_file():
+        raise SystemExit(f"the immune sample is missing: {SAMPLE}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_cells = 32 if args.quick else args.cells
+    sequences, gene_tokenizer = tokenized_cells(n_cells)
+    lengths = np.array([len(s) for s in sequences])
+    print(
+        f"{len(sequences)} cells of {SAMPLE.name}: tokens per cell mean {lengths.mean():.0f}, median "
+        f"{np.median(lengths):.0f}, max {lengths.max()}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, {os.cpu_count()} CPUs"
+    )
+    rows = []
+    for preset in args.presets:
+        config = LangCellConfig.preset(preset)
+        config.text.init_from = None  # the text tower is not used here: random init is enough
+        torch.manual_seed(0)
+        model = LangCell(config, gene_tokenizer=gene_tokenizer).eval()
+        hf = hf_twin(model)
+        # Warm-up on one short cell each, so that one-time allocation is not timed.
+        run_baseline(hf, model.cell_proj, sequences[:1])
+        run_ours(model, sequences[:1], args.max_tokens)
+        base_seconds, base_emb = run_baseline(hf, model.cell_proj, sequences)
+        ours_seconds, ours_emb = run_ours(model, sequences, args.max_tokens)
+        difference = float((base_emb - ours_emb).abs().max())
+        rows.append((preset, "fp32", len(sequences) / base_seconds, len(sequences) / ours_seconds, difference))
+        print(f"  {preset}: baseline {base_seconds:.1f} s, ours {ours_seconds:.1f} s", flush=True)
+        if args.bf16:
+            run_ours(model, sequences[:1], args.max_tokens, bf16=True)
+            bf16_seconds, bf16_emb = run_ours(model, sequences, args.max_tokens, bf16=True)
+            difference = float((base_emb - bf16_emb).abs().max())
+            rows.append((preset, "bf16 autocast", len(sequences) / base_seconds, len(sequences) / bf16_seconds,
+                         difference))
+            print(f"  {preset}: ours under bf16 autocast {bf16_seconds:.1f} s", flush=True)
+        del model, hf
+
+    print()
+    print("| preset | cells | ours in | HF BertModel eager fp32, batches of 32 (cells/s) "
+          "| langcell encode_cells (cells/s) | speed-up | max abs diff of embeddings |")
+    print("|---|---|---|---|---|---|---|")
+    for preset, precision, base_rate, ours_rate, difference in rows:
+        print(
+            f"| {preset} | {len(sequences)} | {precision} | {base_rate:.3f} | {ours_rate:.3f} "
+            f"| {ours_rate / base_rate:.2f}x | {difference:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

