@@ -17,8 +17,8 @@ Timings are warm and the fastest of ``--repeat`` runs (other jobs on a shared ma
 down): numba kernels are loaded (or compiled, the first time on a machine) by a small warm-up call,
 reported separately. Run from the repository root::
 
-    python benchmarks/tokenize.py               # ~100k cells, about 3-4 minutes on 2 cores
-    python benchmarks/tokenize.py --cells 20000 --baseline-cells 2000   # quicker
+    python benchmarks/tokenize_cells.py               # ~100k cells, about 3-4 minutes on 2 cores
+    python benchmarks/tokenize_cells.py --cells 20000 --baseline-cells 2000   # quicker
 """
 
 from __future__ import annotations
