@@ -98,12 +98,16 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1  # the cosine schedule ends at this fraction of the peak
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 turns it off
     loss_weights: dict = field(default_factory=lambda: dataclasses.asdict(LossWeights()))  # mgm, cc, ct, ctm
+    ctm_cells: int | None = None  # cells per micro-batch that CTM scores (3 pairs each); None = all. CTM
+    # runs the text tower once per pair, so on a CPU it dominates the step: a subset keeps it affordable
     mask_prob: float = 0.15  # share of gene tokens masked for MGM
     cc_temperature: float = 0.05  # temperature of the cell-cell InfoNCE
     gene_dropout: float = 0.0  # share of genes dropped from pass A before ranking (0: off)
     freeze_text: bool = False  # joint stage: lock the text tower except cross-attention (heads still learn)
     aspect_weights: dict | None = None  # sampling weight per metadata aspect (None: cell type 0.6, rest 0.4)
     precision: str = "fp32"  # "fp32", "bf16" (autocast; CUDA or CPU) or "fp16" (CUDA, with a grad scaler)
+    attention_dropout: float | None = None  # override both encoders' attention dropout (None keeps the
+    # model's); 0 lets SDPA use its fused kernel instead of materialising the attention matrix
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     num_workers: int = 0  # data-loader worker processes per training process
     seed: int = 0  # seeds the weights, the batch order, masking and dropout
@@ -126,6 +130,10 @@ class PretrainConfig:
                      "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise LangCellError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
+            raise LangCellError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        if self.ctm_cells is not None and self.ctm_cells < 2:
+            raise LangCellError(f"ctm_cells must be at least 2 (or null for all), got {self.ctm_cells}")
         for name in ("lr", "joint_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise LangCellError(f"{name} must be a positive number, got {getattr(self, name)}")
@@ -261,10 +269,13 @@ class PretrainObjective(nn.Module):
         if weights.ctm == 0:
             return losses
 
+        # CTM on the first ctm_cells cells of the (already shuffled) batch: their texts, and hard
+        # negatives drawn among them.
+        n = len(text_group) if self.config.ctm_cells is None else min(self.config.ctm_cells, len(text_group))
         with torch.no_grad():
-            sim = model.logit_scale.exp().clamp(max=100) * emb_b.float() @ text_emb.float().T
-        neg_text, neg_cell = sample_hard_negatives(sim, text_group, generator=generator)
-        cell_index, text_index, match = ctm_pairs(len(text_group), neg_text, neg_cell)
+            sim = model.logit_scale.exp().clamp(max=100) * emb_b[:n].float() @ text_emb[:n].float().T
+        neg_text, neg_cell = sample_hard_negatives(sim, text_group[:n], generator=generator)
+        cell_index, text_index, match = ctm_pairs(n, neg_text, neg_cell)
         pair_tokens = {k: v[position[text_index]] for k, v in text_tokens.items()}
         logits = model.match_logits(states_b, mask, pair_tokens, cell_index=cell_index)
         losses |= self.ctm_loss(logits, match)
@@ -518,6 +529,9 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
 
     model_config = config.model_config()
     model_config.cell.vocab_size = corpus.tokenizer.vocab_size
+    if config.attention_dropout is not None:
+        model_config.cell.attention_probs_dropout_prob = config.attention_dropout
+        model_config.text.attention_probs_dropout_prob = config.attention_dropout
     model_config.cell.gradient_checkpointing = config.gradient_checkpointing
     model_config.text.gradient_checkpointing = config.gradient_checkpointing
     if model_config.cell.max_position_embeddings < config.max_length:
