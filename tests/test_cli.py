@@ -90,3 +90,82 @@ def test_usage_errors_exit_non_zero():
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code != 0
+
+
+CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
+
+
+@pytest.fixture(scope="module")
+def model_and_cells(tmp_path_factory):
+    """A tiny model saved with a vocabulary of 80 labelled CBMC cells, and those cells as h5ad."""
+    import anndata as ad
+    import torch
+
+    from langcell.config import LangCellConfig
+    from langcell.models.langcell import LangCell
+    from langcell.tokenizer import GeneTokenizer
+
+    if not CBMC.is_file():
+        pytest.skip(f"{CBMC} is missing")
+    root = tmp_path_factory.mktemp("cli_model")
+    adata = ad.read_h5ad(CBMC)
+    adata = adata[adata.obs["cell_type_ontology_term_id"] != "unknown"][:80].copy()
+    tokenizer = GeneTokenizer.fit(adata, gene_id_kind="custom")
+    config = LangCellConfig.preset("tiny")
+    config.cell.vocab_size = tokenizer.vocab_size
+    config.cell.max_position_embeddings = 512
+    torch.manual_seed(0)
+    LangCell.from_config(config, gene_tokenizer=tokenizer).save_pretrained(root / "model")
+    adata.write_h5ad(root / "cells.h5ad")
+    return root / "model", root / "cells.h5ad"
+
+
+def test_annotate_writes_predictions_and_a_report(model_and_cells, tmp_path, capsys):
+    import json
+
+    import anndata as ad
+
+    model, cells = model_and_cells
+    out, report = tmp_path / "annotated.h5ad", tmp_path / "report.json"
+    code = main([
+        "annotate", str(cells), "--model", str(model), "--out", str(out), "--report", str(report),
+        "--labels", "B cell;natural killer cell;CD14-positive monocyte", "--truth-key", "cell_type", "--quiet",
+    ])
+    assert code == 0, capsys.readouterr().err
+    annotated = ad.read_h5ad(out)
+    assert set(annotated.obs["langcell_cell_type"].astype(str)) <= {
+        "B cell", "natural killer cell", "CD14-positive monocyte"
+    }
+    data = json.loads(report.read_text())
+    assert data["n_cells"] == 80 and sum(data["predicted"].values()) == 80
+    truth = annotated.obs["cell_type"].astype(str).to_numpy()
+    predicted = annotated.obs["langcell_cell_type"].astype(str).to_numpy()
+    assert data["accuracy"] == pytest.approx(float(np.mean(truth == predicted)))
+
+
+def test_annotate_refuses_bad_alpha_and_leaves_no_output(model_and_cells, tmp_path, capsys):
+    model, cells = model_and_cells
+    out = tmp_path / "annotated.h5ad"
+    code = main(["annotate", str(cells), "--model", str(model), "--out", str(out), "--labels", "B cell", "--alpha", "2"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "alpha" in err[0]
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_embed_streams_a_backed_file(model_and_cells, tmp_path, capsys):
+    import anndata as ad
+
+    model, cells = model_and_cells
+    out = tmp_path / "embedded.h5ad"
+    assert main(["embed", str(cells), "--model", str(model), "--out", str(out), "--backed", "--quiet"]) == 0
+    embedded = ad.read_h5ad(out)
+    assert embedded.obsm["X_langcell"].shape == (80, 256)
+    np.testing.assert_allclose(np.linalg.norm(embedded.obsm["X_langcell"], axis=1), 1.0, atol=1e-5)
+
+
+def test_embed_into_a_missing_directory_is_refused(model_and_cells, tmp_path, capsys):
+    model, cells = model_and_cells
+    code = main(["embed", str(cells), "--model", str(model), "--out", str(tmp_path / "no" / "x.h5ad")])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

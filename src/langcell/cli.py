@@ -197,6 +197,154 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- annotate / embed
+def _read_input(path: str, *, backed: bool = False):
+    from .datasets import load
+
+    return load(path, backed=backed)
+
+
+def _write_h5ad(adata, path: str) -> None:
+    from ._atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        adata.write_h5ad(tmp)
+
+
+def _load_model(path: str):
+    from .models.langcell import LangCell
+
+    return LangCell.from_pretrained(path)
+
+
+def _add_counts_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--counts-layer", metavar="LAYER", help="layer with raw counts, or 'raw' for .raw (default: X)")
+    p.add_argument("--gene-column", metavar="COL", help="var column holding gene IDs/symbols (default: var names)")
+
+
+def _add_annotate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "annotate",
+        help="zero-shot cell-type annotation from label names or descriptions",
+        description=(
+            "Score every cell against class texts (cell-type names resolved to the Cell Ontology, your own "
+            "descriptions, or the terms of an obs column) and write the best class into obs."
+        ),
+    )
+    p.add_argument("input", metavar="IN.h5ad", help="cells with raw counts")
+    p.add_argument("--model", required=True, metavar="DIR", help="a langcell model directory")
+    p.add_argument("--out", required=True, metavar="OUT.h5ad", help="annotated copy of the input (written atomically)")
+    classes = p.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--labels", metavar="'A;B;C'", help="class names separated by ';'")
+    classes.add_argument("--descriptions", metavar="JSON", help="JSON file {class name: description}")
+    classes.add_argument("--classes-from", metavar="COL", help="obs column of ontology term ids to use as classes")
+    p.add_argument("--mapping", metavar="FILE", help="JSON/TSV {label: term id} for labels that do not resolve")
+    p.add_argument("--alpha", type=float, default=0.1, help="weight of the similarity score (default 0.1)")
+    p.add_argument("--top-k", type=int, default=3, help="classes per cell reranked by matching (fast mode)")
+    p.add_argument("--mode", choices=["fast", "official"], default="fast", help="scoring mode (default fast)")
+    p.add_argument("--threshold", type=float, help="cells whose best score is below this become 'unknown'")
+    p.add_argument("--key-added", default="langcell_cell_type", help="obs column for the prediction")
+    p.add_argument("--truth-key", metavar="COL", help="obs column of true labels: adds accuracy/macro-F1 to the report")
+    p.add_argument("--report", metavar="REPORT.json", help="write a JSON report (counts per class, metrics)")
+    _add_counts_options(p)
+    p.set_defaults(func=_run_annotate)
+
+
+def _run_annotate(args: argparse.Namespace) -> int:
+    import json
+
+    from . import tl
+    from ._atomic import atomic_file, check_output_parent
+
+    check_output_parent(args.out)
+    if args.report:
+        check_output_parent(args.report)
+    adata = _read_input(args.input)
+    model = _load_model(args.model)
+    labels = None
+    if args.labels is not None:
+        labels = [part.strip() for part in args.labels.split(";") if part.strip()]
+        if not labels:
+            raise LangCellError("--labels holds no class name; pass names separated by ';'")
+    elif args.descriptions is not None:
+        labels = _read_descriptions(args.descriptions)
+    tl.annotate(
+        adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, alpha=args.alpha,
+        top_k=args.top_k, mode=args.mode, threshold=args.threshold, counts_layer=args.counts_layer,
+        gene_column=args.gene_column, progress=not args.quiet, key_added=args.key_added,
+    )
+    report = _annotation_report(adata, args.key_added, args.truth_key)
+    _write_h5ad(adata, args.out)
+    if args.report:
+        with atomic_file(args.report) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    for name, count in report["predicted"].items():
+        _print(args, f"  {name:<45}{count:>8}")
+    if "accuracy" in report:
+        _print(args, f"accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f} against {args.truth_key}")
+    _print(args, f"annotated {adata.n_obs} cells -> {args.out}")
+    return 0
+
+
+def _read_descriptions(path: str) -> dict[str, str]:
+    import json
+
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except FileNotFoundError as err:
+        raise LangCellError(f"descriptions file {path!r} does not exist; check the path") from err
+    except json.JSONDecodeError as err:
+        raise LangCellError(f"descriptions file {path!r} is not valid JSON ({err}); fix the file") from err
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise LangCellError(f"descriptions file {path!r} must hold a JSON object {{class name: description}}")
+    return data
+
+
+def _annotation_report(adata, key: str, truth_key: str | None) -> dict:
+    predicted = adata.obs[key].astype(str)
+    report: dict = {"n_cells": int(adata.n_obs), "predicted": predicted.value_counts().to_dict()}
+    if truth_key is not None:
+        from sklearn.metrics import accuracy_score, f1_score
+
+        if truth_key not in adata.obs:
+            raise LangCellError(f"--truth-key {truth_key!r} is not an obs column; pass one of {list(adata.obs.columns)}")
+        truth = adata.obs[truth_key].astype(str)
+        report["accuracy"] = float(accuracy_score(truth, predicted))
+        report["macro_f1"] = float(f1_score(truth, predicted, average="macro", zero_division=0))
+    report["params"] = {k: v for k, v in adata.uns[key]["params"].items() if v is not None}
+    return report
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="LangCell cell embeddings into obsm (streams backed files)")
+    p.add_argument("input", metavar="IN.h5ad", help="cells with raw counts")
+    p.add_argument("--model", required=True, metavar="DIR", help="a langcell model directory")
+    p.add_argument("--out", required=True, metavar="OUT.h5ad", help="copy of the input with obsm[KEY] (atomic)")
+    p.add_argument("--key-added", default="X_langcell", help="obsm key (default X_langcell)")
+    p.add_argument("--backed", action="store_true", help="read the input backed (files larger than memory)")
+    _add_counts_options(p)
+    p.set_defaults(func=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from . import tl
+    from ._atomic import check_output_parent
+
+    check_output_parent(args.out)
+    adata = _read_input(args.input, backed=args.backed)
+    model = _load_model(args.model)
+    tl.embed(adata, model, counts_layer=args.counts_layer, gene_column=args.gene_column,
+             progress=not args.quiet, key_added=args.key_added)
+    if args.backed:
+        embedding, params = adata.obsm[args.key_added], adata.uns[args.key_added]
+        adata = adata.to_memory()
+        adata.obsm[args.key_added], adata.uns[args.key_added] = embedding, params
+    _write_h5ad(adata, args.out)
+    _print(args, f"embedded {adata.n_obs} cells ({model.config.projection_dim}-d) -> {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on scanpy's bundled PBMC cells")
@@ -218,6 +366,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tokenize,
     _add_import_official,
     _add_pretrain,
+    _add_annotate,
+    _add_embed,
 ]
 
 
