@@ -1,0 +1,1000 @@
+"""LangCell-CE: the LangCell cell encoder with a linear cell-type classifier, fine-tuned on labelled cells.
+
+The paper's LangCell-CE puts a classifier on the cell encoder and trains it with cross-entropy on a
+labelled two thirds of a dataset, then reports accuracy and macro-F1 on the held-out third. Here:
+
+:class:`CellTypeClassifier`
+    A copy of a LangCell cell encoder plus ``nn.Linear(hidden, n_classes)`` on a pooled cell state
+    (``pooling="cls"``: the ``<cls>`` state, which LangCell trains as the cell's summary; ``"mean"``:
+    the mean over the cell's real tokens, ``<cls>`` included). The class names, the gene tokenizer and
+    the encoder's sizes travel with it; :meth:`~CellTypeClassifier.save` / :meth:`~CellTypeClassifier.load`
+    write and read one directory.
+:func:`finetune`
+    AnnData in: a stratified, seeded split of the labelled cells, then either a *linear probe* (the
+    encoder frozen: every cell is encoded once and only the head learns, which is fast) or *full*
+    fine-tuning (the head and the encoder learn together, the encoder at a smaller learning rate).
+    Predictions, the split and the metrics go back into the AnnData.
+:func:`predict`
+    A trained classifier applied to new cells.
+
+The pure helpers :func:`stratified_split` and :func:`classification_metrics` take numpy arrays only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy as copy_module
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._atomic import atomic_directory
+from .batching import pad_sequences, token_budget_batches
+from .config import CellEncoderConfig, _dataclass_from_dict
+from .errors import LangCellError
+from .models.cell_encoder import CellEncoder, init_bert_weights
+from .train.pretrain import _param_groups, _schedule
+
+__all__ = [
+    "CellTypeClassifier",
+    "classification_metrics",
+    "finetune",
+    "predict",
+    "stratified_split",
+]
+
+FORMAT_NAME = "langcell.CellTypeClassifier"
+FORMAT_VERSION = 1
+CONFIG_FILENAME = "config.json"
+WEIGHTS_FILENAME = "model.safetensors"
+MODES = ("full", "linear")
+POOLINGS = ("cls", "mean")
+#: Epochs when ``epochs=None``: the linear probe trains a small head on fixed features (cheap epochs);
+#: full fine-tuning moves the whole encoder, where a few epochs are the usual choice (Geneformer uses 1-3).
+DEFAULT_EPOCHS = {"linear": 100, "full": 3}
+#: Cell tokens (batch size x padded length) per forward pass.
+DEFAULT_MAX_TOKENS = 8_192
+#: Names written to ``obs[key_added + "_split"]``.
+SPLIT_NAMES = ("train", "test", "unlabelled")
+
+_REDO = "save the classifier again"
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class CellTypeClassifier(nn.Module):
+    """A LangCell cell encoder with a linear head over cell types.
+
+    Parameters
+    ----------
+    cell_config
+        Sizes of the cell encoder (:class:`~langcell.config.CellEncoderConfig`); weights start random
+        (use :meth:`from_langcell` to start from a LangCell model).
+    labels
+        The class names, one per output of the head, in order.
+    pooling
+        ``"cls"`` (default): the head reads the ``<cls>`` state, the state LangCell trains as the cell's
+        summary (its ``cell_proj`` reads it too). ``"mean"``: the mean of the last-layer states over the
+        cell's real tokens (``<cls>`` included, padding excluded).
+    gene_tokenizer
+        The :class:`~langcell.tokenizer.GeneTokenizer` whose token ids the encoder reads; needed by
+        :func:`predict` and saved with the classifier. Its vocabulary must match ``cell_config``.
+
+    Attributes
+    ----------
+    cell_encoder : CellEncoder
+        The BERT over gene tokens (parameter names as in LangCell's ``cell_encoder``).
+    head : torch.nn.Linear
+        ``hidden_size -> n_classes``.
+    labels : list of str
+        The class names.
+    """
+
+    def __init__(
+        self,
+        cell_config: CellEncoderConfig,
+        labels: Sequence[str],
+        *,
+        pooling: str = "cls",
+        gene_tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(cell_config, CellEncoderConfig):
+            raise LangCellError(
+                f"cell_config must be a CellEncoderConfig, got {type(cell_config).__name__}; use "
+                "CellTypeClassifier.from_langcell(model, labels) to start from a LangCell model"
+            )
+        cell_config.validate()
+        self.labels = _check_class_names(labels)
+        if pooling not in POOLINGS:
+            raise LangCellError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if gene_tokenizer is not None and int(gene_tokenizer.vocab_size) != cell_config.vocab_size:
+            raise LangCellError(
+                f"the gene tokenizer has {gene_tokenizer.vocab_size} tokens but the cell encoder's vocabulary "
+                f"has {cell_config.vocab_size}; pass the tokenizer the encoder was trained with"
+            )
+        self.config = cell_config
+        self.pooling = pooling
+        self.gene_tokenizer = gene_tokenizer
+        self.cell_encoder = CellEncoder(cell_config)
+        self.head = nn.Linear(cell_config.hidden_size, len(self.labels))
+        init_bert_weights(self.head, cell_config.initializer_range)
+
+    @classmethod
+    def from_langcell(cls, model: Any, labels: Sequence[str], *, pooling: str = "cls") -> CellTypeClassifier:
+        """A classifier whose encoder is a copy of ``model``'s cell encoder and whose head is new.
+
+        The copy is independent: fine-tuning the classifier leaves ``model`` unchanged.
+
+        Parameters
+        ----------
+        model
+            A :class:`~langcell.models.langcell.LangCell` (its gene tokenizer is carried over).
+        labels, pooling
+            As in the constructor.
+        """
+        encoder = getattr(model, "cell_encoder", None)
+        config = getattr(getattr(model, "config", None), "cell", None)
+        if not isinstance(encoder, CellEncoder) or not isinstance(config, CellEncoderConfig):
+            raise LangCellError(
+                f"model must be a LangCell model (with a cell_encoder), got {type(model).__name__}; load one "
+                "with LangCell.from_pretrained(path)"
+            )
+        classifier = cls(
+            copy_module.deepcopy(config), labels, pooling=pooling, gene_tokenizer=model.gene_tokenizer
+        )
+        classifier.cell_encoder.load_state_dict(encoder.state_dict())
+        return classifier.to(next(encoder.parameters()).device)
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def n_classes(self) -> int:
+        """Number of classes."""
+        return len(self.labels)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.head.weight.device
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled cell states ``[B, hidden]`` of tokenized cells ``[B, L]`` (``<cls>`` first)."""
+        input_ids = torch.as_tensor(input_ids).long().to(self.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).to(self.device)
+        states = self.cell_encoder(input_ids, mask)
+        if self.pooling == "cls":
+            return states[:, 0]
+        weights = mask.to(states.dtype)[..., None]
+        return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits ``[B, n_classes]`` of tokenized cells ``[B, L]``."""
+        return self.head(self.features(input_ids, attention_mask))
+
+    def encode_features(
+        self,
+        cells: Any,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_length: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Pooled states ``float32 [n_cells, hidden]`` of token sequences, in input order (eval mode)."""
+        return self._run(cells, self.features, self.config.hidden_size, max_tokens, max_length, progress, "encode")
+
+    def predict_logits(
+        self,
+        cells: Any,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_length: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Class logits ``float32 [n_cells, n_classes]`` of token sequences, in input order (eval mode).
+
+        Parameters
+        ----------
+        cells
+            A :class:`~langcell.tokenizer.TokenizedCells` or a list of 1-D token id arrays, ``<cls>`` first.
+        max_tokens
+            Token budget of one forward pass (cells of similar length are batched together).
+        max_length
+            Cut cells to their first ``max_length`` tokens (default and cap: the encoder's positions).
+        progress
+            Show a progress bar.
+        """
+        return self._run(cells, self.forward, self.n_classes, max_tokens, max_length, progress, "predict")
+
+    def _run(self, cells, function, width, max_tokens, max_length, progress, what) -> np.ndarray:
+        sequences = _as_sequences(cells)
+        max_length = _check_max_length(max_length, self.config.max_position_embeddings)
+        out = np.zeros((len(sequences), width), dtype=np.float32)
+        if not sequences:
+            return out
+        lengths = np.minimum(np.fromiter((s.size for s in sequences), dtype=np.int64), max_length)
+        bar = _progress_bar(len(sequences), progress, what, "cell")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for rows in token_budget_batches(lengths, _check_positive_int(max_tokens, "max_tokens")):
+                    ids, mask = pad_sequences([sequences[i] for i in rows], self.config.pad_token_id, max_length)
+                    result = function(torch.from_numpy(ids), torch.from_numpy(mask))
+                    out[rows] = result.float().cpu().numpy()
+                    if bar is not None:
+                        bar.update(len(rows))
+        finally:
+            self.train(was_training)
+            if bar is not None:
+                bar.close()
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the classifier to the directory ``path``, atomically.
+
+        Layout: ``config.json`` (format, version, encoder sizes, pooling, class names),
+        ``model.safetensors`` (``cell_encoder.*`` and ``head.*``) and ``gene_tokenizer.json`` (when the
+        classifier has one).
+
+        Parameters
+        ----------
+        path
+            Output directory; it must not exist or be empty unless ``overwrite``.
+        overwrite
+            Replace an existing directory.
+        """
+        from safetensors.torch import save_file
+
+        document = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "cell": dataclasses.asdict(self.config),
+            "pooling": self.pooling,
+            "labels": list(self.labels),
+        }
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
+        with atomic_directory(path, overwrite=overwrite) as tmp:
+            (tmp / CONFIG_FILENAME).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+            save_file(tensors, str(tmp / WEIGHTS_FILENAME), metadata={"format": "pt"})
+            if self.gene_tokenizer is not None:
+                self.gene_tokenizer.save(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> CellTypeClassifier:
+        """Read a classifier written by :meth:`save`; strict about every field and tensor.
+
+        Raises
+        ------
+        LangCellError
+            For a missing directory or file, another format or a newer version, bad encoder sizes,
+            missing or duplicated class names, an unknown pooling, a gene tokenizer whose vocabulary does
+            not match the encoder, or missing / unexpected / misshapen / corrupt weights.
+        """
+        from .io import load_state_strict, read_weights
+        from .tokenizer import TOKENIZER_FILENAME, GeneTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise LangCellError(f"{str(path)!r} is not a directory; pass the directory the classifier was saved to")
+        file = path / CONFIG_FILENAME
+        if not file.is_file():
+            raise LangCellError(
+                f"no {CONFIG_FILENAME} in {str(path)!r}; pass a directory written by CellTypeClassifier.save"
+            )
+        try:
+            document = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise LangCellError(f"{str(file)!r} is not valid JSON ({error}); {_REDO}") from None
+        if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+            raise LangCellError(
+                f"{str(file)!r} is not a langcell cell-type classifier (a LangCell model directory is loaded "
+                "with LangCell.from_pretrained); pass a directory written by CellTypeClassifier.save"
+            )
+        version = document.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise LangCellError(
+                f"{str(file)!r} has format version {version!r}; this langcell reads up to {FORMAT_VERSION}: "
+                "upgrade langcell"
+            )
+        missing = [key for key in ("cell", "pooling", "labels") if key not in document]
+        if missing:
+            raise LangCellError(f"{str(file)!r} lacks the fields {missing}; {_REDO}")
+        config = _dataclass_from_dict(CellEncoderConfig, document["cell"], "cell.")
+        labels = document["labels"]
+        if not isinstance(labels, list):
+            raise LangCellError(f"{str(file)!r}: 'labels' must be a list of class names; {_REDO}")
+        gene_tokenizer = None
+        if (path / TOKENIZER_FILENAME).is_file():
+            gene_tokenizer = GeneTokenizer.load(path)
+        try:
+            classifier = cls(config, labels, pooling=document["pooling"], gene_tokenizer=gene_tokenizer)
+        except LangCellError as error:
+            raise LangCellError(f"{str(path)!r}: {error}") from None
+        weights = path / WEIGHTS_FILENAME
+        if not weights.is_file():
+            raise LangCellError(f"no {WEIGHTS_FILENAME} in {str(path)!r}; {_REDO}")
+        load_state_strict(classifier, read_weights(weights, map_location), str(weights))
+        return classifier.to(map_location).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers: split and metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def stratified_split(
+    codes: np.ndarray, train_fraction: float = 2 / 3, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split labelled items into train and test so that every class keeps its share in both.
+
+    Class ``c`` with ``n_c`` items gives ``round(n_c * train_fraction)`` of them, clamped to
+    ``[1, n_c - 1]``, to the training set (so each class is seen in training and tested), drawn at
+    random; the classes are visited in increasing code order with one ``numpy.random.default_rng(seed)``.
+
+    Parameters
+    ----------
+    codes
+        Integer class code of every item; negative codes mark unlabelled items, left out of both sets.
+    train_fraction
+        Share of each class that goes to training, in (0, 1).
+    seed
+        The same seed gives the same split.
+
+    Returns
+    -------
+    train, test : numpy.ndarray
+        Sorted ``int64`` indices into ``codes``.
+
+    Raises
+    ------
+    LangCellError
+        If ``train_fraction`` is outside (0, 1) or a class has fewer than two items.
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer):
+        raise LangCellError("codes must be a 1-D integer array (one class code per item, -1 = unlabelled)")
+    _check_fraction(train_fraction)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    classes, counts = np.unique(codes[codes >= 0], return_counts=True)
+    too_small = classes[counts < 2]
+    if too_small.size:
+        raise LangCellError(
+            f"classes {too_small.tolist()} have fewer than 2 items, too few for a train/test split; "
+            "drop them or merge them with another class"
+        )
+    for code, count in zip(classes, counts, strict=True):
+        members = rng.permutation(np.flatnonzero(codes == code))
+        n_train = min(max(int(round(count * train_fraction)), 1), int(count) - 1)
+        train.append(members[:n_train])
+        test.append(members[n_train:])
+    if not train:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(test)).astype(np.int64)
+
+
+def classification_metrics(true_codes: np.ndarray, predicted_codes: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class F1 of integer predictions.
+
+    Per class ``c``: ``F1 = 2 TP / (2 TP + FP + FN)`` (0 when the class is present but never
+    predicted correctly). Macro-F1 is the unweighted mean of F1 over the classes present in the true
+    **or** predicted codes, as scikit-learn's ``f1_score(average="macro")`` computes it.
+
+    Parameters
+    ----------
+    true_codes, predicted_codes
+        Integer class codes in ``[0, n_classes)``, same length (at least 1).
+    n_classes
+        Number of classes (the length of ``f1_per_class``).
+
+    Returns
+    -------
+    dict
+        ``accuracy`` (float), ``macro_f1`` (float) and ``f1_per_class`` (list of ``n_classes`` floats;
+        NaN for a class absent from both arrays).
+    """
+    true_codes = np.asarray(true_codes, dtype=np.int64)
+    predicted_codes = np.asarray(predicted_codes, dtype=np.int64)
+    if true_codes.shape != predicted_codes.shape or true_codes.ndim != 1 or true_codes.size == 0:
+        raise LangCellError("true and predicted codes must be 1-D arrays of the same, non-zero length")
+    for codes in (true_codes, predicted_codes):
+        if codes.min() < 0 or codes.max() >= n_classes:
+            raise LangCellError(f"class codes must lie in [0, {n_classes}); got {codes.min()}..{codes.max()}")
+    true_positive = np.bincount(true_codes[true_codes == predicted_codes], minlength=n_classes)
+    n_true = np.bincount(true_codes, minlength=n_classes)
+    n_predicted = np.bincount(predicted_codes, minlength=n_classes)
+    present = (n_true + n_predicted) > 0
+    f1 = np.full(n_classes, np.nan)
+    f1[present] = 2.0 * true_positive[present] / (n_true[present] + n_predicted[present])
+    return {
+        "accuracy": float(np.mean(true_codes == predicted_codes)),
+        "macro_f1": float(np.mean(f1[present])),
+        "f1_per_class": [float(v) for v in f1],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# AnnData layer
+# --------------------------------------------------------------------------------------------------
+
+
+def finetune(
+    adata: Any,
+    model: Any,
+    label_key: str,
+    *,
+    mode: str = "full",
+    train_fraction: float = 2 / 3,
+    epochs: int | None = None,
+    lr: float = 1e-3,
+    encoder_lr: float = 5e-5,
+    weight_decay: float = 0.01,
+    batch_size: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch_size: int = 64,
+    max_length: int | None = None,
+    pooling: str = "cls",
+    warmup_fraction: float = 0.1,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    counts_layer: str | None = None,
+    gene_column: str | None = None,
+    n_counts_key: str | None = "n_counts",
+    progress: bool = False,
+    key_added: str = "langcell_ce",
+    copy: bool = False,
+):
+    """LangCell-CE: train a cell-type classifier on the cell encoder and test it on held-out cells.
+
+    The labelled cells are split by :func:`stratified_split` (``train_fraction`` of every class for
+    training, the rest for testing; seeded). The classifier (:class:`CellTypeClassifier`) starts from a
+    copy of ``model``'s cell encoder, so ``model`` itself is never changed. Training minimises the
+    cross-entropy with AdamW (no decay on biases and LayerNorms), a linear warm-up over
+    ``warmup_fraction`` of the steps and a cosine decay to 0, and gradient clipping.
+
+    ``mode="linear"`` (linear probe)
+        The encoder is frozen: every cell is encoded once (pooled states), then only the head learns,
+        on shuffled mini-batches of ``batch_size`` cells, at ``lr``. Fast. The head is trained on
+        features standardised with the training cells' mean and standard deviation (the usual probe
+        recipe), which is then folded into its weights, so the returned classifier reads raw states.
+    ``mode="full"`` (full fine-tuning, the paper's LangCell-CE)
+        The head (at ``lr``) and the encoder (at ``encoder_lr``) learn together; cells are batched by
+        length under ``max_tokens`` and reshuffled every epoch; dropout is active.
+
+    Parameters
+    ----------
+    adata
+        Cells with **raw counts** (in ``X``, or the layer ``counts_layer``).
+    model
+        A :class:`~langcell.models.langcell.LangCell` with its gene tokenizer.
+    label_key
+        The obs column with the cell-type labels. Missing values (NaN, "") mark unlabelled cells: they
+        are neither trained on nor scored, but they get predictions.
+    mode
+        ``"full"`` or ``"linear"`` (see above).
+    train_fraction
+        Share of every class used for training, in (0, 1); the paper's split is 2/3.
+    epochs
+        Passes over the training cells (default: 100 for the linear probe, 3 for full fine-tuning).
+    lr
+        Peak learning rate of the head.
+    encoder_lr
+        Peak learning rate of the encoder (``mode="full"`` only).
+    weight_decay
+        AdamW weight decay on the weight matrices.
+    batch_size
+        Cells per step of the linear probe.
+    max_tokens, max_batch_size
+        Full fine-tuning: token budget (batch size x padded length) and cap on cells of one step; also
+        the budget of every inference pass.
+    max_length
+        Longest cell in tokens, ``<cls>`` included (default and cap: the encoder's positions).
+    pooling
+        ``"cls"`` or ``"mean"``: what the head reads (see :class:`CellTypeClassifier`).
+    warmup_fraction
+        Share of the steps spent warming the learning rate up, in [0, 1).
+    max_grad_norm
+        Gradient clipping (global L2 norm); 0 turns it off.
+    seed
+        Seeds the split, the head's initialisation, the batch order and dropout; the global torch
+        random state is left as it was.
+    counts_layer, gene_column, n_counts_key
+        Where the counts, gene names and per-cell totals are (see :meth:`GeneTokenizer.encode`).
+    progress
+        Show progress bars.
+    key_added
+        Prefix of the fields written (see Returns); existing fields of those names are overwritten.
+    copy
+        Annotate a copy instead of ``adata``.
+
+    Returns
+    -------
+    tuple
+        ``(classifier, metrics)``, or ``(classifier, metrics, annotated_copy)`` when ``copy=True``.
+        ``classifier`` is the trained :class:`CellTypeClassifier` (eval mode); ``metrics`` is the dict
+        stored in ``uns[key_added]["metrics"]``. The fields written are:
+
+        ``obs[key_added]``
+            categorical: the predicted class of every test and unlabelled cell; NaN for training cells
+            (so that no one scores the classifier on its own training data by accident).
+        ``obs[key_added + "_split"]``
+            categorical ``"train"`` / ``"test"`` / ``"unlabelled"``.
+        ``obs[key_added + "_score"]``
+            float: the predicted class's probability; NaN for training cells.
+        ``obsm[key_added + "_probs"]``
+            ``float32 [n_cells, n_classes]``: class probabilities (columns in the order of
+            ``uns[key_added]["classes"]``); NaN rows for training cells.
+        ``uns[key_added]``
+            ``"params"`` (the settings, with the epochs used and ``n_classes``), ``"classes"`` (class
+            names) and ``"metrics"``: ``accuracy``, ``macro_f1`` and ``f1_per_class`` on the test cells
+            (:func:`classification_metrics`), ``n_train``, ``n_test``, ``n_unlabelled`` and
+            ``train_loss`` (the mean training cross-entropy of each epoch).
+
+    Raises
+    ------
+    LangCellError
+        For a missing ``label_key``, fewer than two classes, a class with fewer than two cells (named),
+        a bad setting, a model without a gene tokenizer, or counts that are not raw counts.
+    """
+    _check_anndata(adata)
+    if mode not in MODES:
+        raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'linear' is the fast linear probe")
+    if pooling not in POOLINGS:
+        raise LangCellError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    _check_fraction(train_fraction)
+    epochs = DEFAULT_EPOCHS[mode] if epochs is None else _check_positive_int(epochs, "epochs")
+    for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
+        if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+            raise LangCellError(f"{name} must be a positive number, got {value!r}")
+    if not (weight_decay >= 0 and max_grad_norm >= 0):
+        raise LangCellError("weight_decay and max_grad_norm must be >= 0 (0 turns them off)")
+    if not 0 <= warmup_fraction < 1:
+        raise LangCellError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("max_batch_size", max_batch_size)):
+        _check_positive_int(value, name)
+    _check_key(key_added)
+    tokenizer = _gene_tokenizer(model)
+    max_length = _check_max_length(max_length, model.config.cell.max_position_embeddings)
+
+    classes, codes = _label_codes(adata, label_key)
+    try:
+        train, test = stratified_split(codes, train_fraction, seed=seed)
+    except LangCellError:
+        counts = pd.Series(codes[codes >= 0]).value_counts()
+        small = [f"{classes[c]!r} ({n} cell{'s' if n != 1 else ''})" for c, n in counts.items() if n < 2]
+        raise LangCellError(
+            f"obs[{label_key!r}] has classes with fewer than 2 cells, too few for a stratified train/test "
+            f"split: {', '.join(small)}; drop those cells or merge the classes"
+        ) from None
+    cells = tokenizer.encode(
+        adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+        max_length=max_length, progress=progress,
+    )
+    sequences = _as_sequences(cells)
+    held_out = np.setdiff1d(np.arange(len(sequences)), train)  # test and unlabelled cells
+
+    with _seeded(seed, _model_device(model)):
+        classifier = CellTypeClassifier.from_langcell(model, classes, pooling=pooling)
+        if mode == "linear":
+            train_loss, held_out_logits = _train_linear(
+                classifier, sequences, codes, train, held_out, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                batch_size=batch_size, max_tokens=max_tokens, max_length=max_length,
+                warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm, seed=seed, progress=progress,
+            )
+        else:
+            train_loss = _train_full(
+                classifier, sequences, codes, train, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
+                weight_decay=weight_decay, max_tokens=max_tokens, max_batch_size=max_batch_size,
+                max_length=max_length, warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
+                seed=seed, progress=progress,
+            )
+            held_out_logits = classifier.predict_logits(
+                [sequences[i] for i in held_out], max_tokens=max_tokens, max_length=max_length, progress=progress
+            )
+    classifier.eval()
+
+    probabilities = np.full((len(sequences), len(classes)), np.nan, dtype=np.float32)
+    probabilities[held_out] = _softmax(held_out_logits)
+    predicted = np.full(len(sequences), -1, dtype=np.int64)
+    predicted[held_out] = probabilities[held_out].argmax(axis=1)
+    metrics = classification_metrics(codes[test], predicted[test], len(classes))
+    metrics.update(
+        n_train=int(train.size),
+        n_test=int(test.size),
+        n_unlabelled=int(np.sum(codes < 0)),
+        train_loss=[float(v) for v in train_loss],
+    )
+    split = np.full(len(sequences), SPLIT_NAMES[2], dtype=object)
+    split[train] = SPLIT_NAMES[0]
+    split[test] = SPLIT_NAMES[1]
+
+    adata = adata.copy() if copy else adata
+    adata.obs[key_added] = pd.Categorical.from_codes(predicted, categories=list(classes))
+    adata.obs[key_added + "_split"] = pd.Categorical(split, categories=list(SPLIT_NAMES))
+    score = np.full(len(sequences), np.nan)
+    score[held_out] = probabilities[held_out].max(axis=1)
+    adata.obs[key_added + "_score"] = score
+    adata.obsm[key_added + "_probs"] = probabilities
+    adata.uns[key_added] = {
+        "params": {
+            "label_key": label_key,
+            "mode": mode,
+            "pooling": pooling,
+            "train_fraction": float(train_fraction),
+            "epochs": int(epochs),
+            "lr": float(lr),
+            "encoder_lr": float(encoder_lr),
+            "weight_decay": float(weight_decay),
+            "batch_size": int(batch_size),
+            "max_tokens": int(max_tokens),
+            "max_batch_size": int(max_batch_size),
+            "max_length": int(max_length),
+            "warmup_fraction": float(warmup_fraction),
+            "max_grad_norm": float(max_grad_norm),
+            "seed": int(seed),
+            "counts_layer": counts_layer,
+            "gene_column": gene_column,
+            "n_classes": len(classes),
+        },
+        "classes": list(classes),
+        "metrics": metrics,
+    }
+    return (classifier, metrics, adata) if copy else (classifier, metrics)
+
+
+def predict(
+    adata: Any,
+    classifier: CellTypeClassifier,
+    *,
+    counts_layer: str | None = None,
+    gene_column: str | None = None,
+    n_counts_key: str | None = "n_counts",
+    max_length: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    progress: bool = False,
+    key_added: str = "langcell_ce",
+    copy: bool = False,
+):
+    """Classify new cells with a trained :class:`CellTypeClassifier`.
+
+    Parameters
+    ----------
+    adata
+        Cells with **raw counts**; their genes are matched to the classifier's gene tokenizer.
+    classifier
+        From :func:`finetune` or :meth:`CellTypeClassifier.load`.
+    counts_layer, gene_column, n_counts_key
+        Where the counts, gene names and per-cell totals are (see :meth:`GeneTokenizer.encode`).
+    max_length
+        Longest cell in tokens (default and cap: the encoder's positions).
+    max_tokens
+        Token budget of one forward pass.
+    progress
+        Show progress bars.
+    key_added
+        Prefix of the fields written; existing fields of those names are overwritten.
+    copy
+        Return an annotated copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    anndata.AnnData or None
+        The annotated copy if ``copy=True``, else ``None``. The fields written are:
+
+        ``obs[key_added]``
+            categorical (categories: the classifier's classes): the most probable class of every cell.
+        ``obs[key_added + "_score"]``
+            float: its probability.
+        ``obsm[key_added + "_probs"]``
+            ``float32 [n_cells, n_classes]``: softmax of the logits, columns in the order of
+            ``uns[key_added]["classes"]``.
+        ``uns[key_added]``
+            ``"params"`` (counts_layer, gene_column, max_length, pooling, n_classes) and ``"classes"``.
+
+    Raises
+    ------
+    LangCellError
+        For something other than a classifier, a classifier without a gene tokenizer, counts that are
+        not raw counts, or genes none of which is in the vocabulary.
+    """
+    _check_anndata(adata)
+    if not isinstance(classifier, CellTypeClassifier):
+        raise LangCellError(
+            f"classifier must be a CellTypeClassifier, got {type(classifier).__name__}; train one with "
+            "finetune(...) or load one with CellTypeClassifier.load(path)"
+        )
+    _check_key(key_added)
+    if classifier.gene_tokenizer is None:
+        raise LangCellError(
+            "the classifier has no gene tokenizer, so it cannot tokenize counts; attach the one its encoder "
+            "was trained with (classifier.gene_tokenizer = GeneTokenizer.load(...))"
+        )
+    max_length = _check_max_length(max_length, classifier.config.max_position_embeddings)
+    cells = classifier.gene_tokenizer.encode(
+        adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+        max_length=max_length, progress=progress,
+    )
+    probabilities = _softmax(
+        classifier.predict_logits(cells, max_tokens=max_tokens, max_length=max_length, progress=progress)
+    )
+    best = probabilities.argmax(axis=1)
+    adata = adata.copy() if copy else adata
+    adata.obs[key_added] = pd.Categorical.from_codes(best, categories=list(classifier.labels))
+    adata.obs[key_added + "_score"] = probabilities[np.arange(best.size), best].astype(np.float64)
+    adata.obsm[key_added + "_probs"] = probabilities
+    adata.uns[key_added] = {
+        "params": {
+            "counts_layer": counts_layer,
+            "gene_column": gene_column,
+            "max_length": int(max_length),
+            "pooling": classifier.pooling,
+            "n_classes": classifier.n_classes,
+        },
+        "classes": list(classifier.labels),
+    }
+    return adata if copy else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loops
+# --------------------------------------------------------------------------------------------------
+
+
+def _train_linear(
+    classifier, sequences, codes, train, held_out, *, epochs, lr, weight_decay, batch_size, max_tokens,
+    max_length, warmup_fraction, max_grad_norm, seed, progress,
+) -> tuple[list[float], np.ndarray]:
+    """Linear probe: encode every cell once with the frozen encoder, then fit the head alone."""
+    for param in classifier.cell_encoder.parameters():
+        param.requires_grad = False
+    features = classifier.encode_features(sequences, max_tokens=max_tokens, max_length=max_length, progress=progress)
+    device = classifier.device
+    # The head learns on standardised features (per-dimension mean and std of the training cells), the
+    # usual linear-probe recipe: an untrained or little-trained encoder gives every cell nearly the same
+    # post-LayerNorm state, and the differences that carry the cell type would be lost in the offset.
+    # Standardising is affine, so it is folded into the head's weights afterwards (exactly).
+    mean = features[train].astype(np.float64).mean(axis=0)
+    std = features[train].astype(np.float64).std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    features = ((features - mean) / std).astype(np.float32)
+    x_train = torch.from_numpy(features[train]).to(device)
+    y_train = torch.from_numpy(codes[train]).to(device)
+    steps_per_epoch = math.ceil(train.size / batch_size)
+    optimizer = torch.optim.AdamW(_param_groups(classifier.head, lr, 1.0, weight_decay))
+    total = epochs * steps_per_epoch
+    scheduler = _schedule(optimizer, int(warmup_fraction * total), total, 0.0)
+    generator = torch.Generator().manual_seed(seed)
+    bar = _progress_bar(epochs, progress, "linear probe", "epoch")
+    losses = []
+    classifier.head.train()
+    for _ in range(epochs):
+        order = torch.randperm(train.size, generator=generator).to(device)
+        loss_sum = 0.0
+        for start in range(0, train.size, batch_size):
+            rows = order[start : start + batch_size]
+            loss = F.cross_entropy(classifier.head(x_train[rows]), y_train[rows])
+            _step(loss, optimizer, scheduler, list(classifier.head.parameters()), max_grad_norm)
+            loss_sum += float(loss.detach()) * rows.numel()
+        losses.append(loss_sum / train.size)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    for param in classifier.cell_encoder.parameters():
+        param.requires_grad = True
+    with torch.inference_mode():
+        held_out_logits = classifier.head(torch.from_numpy(features[held_out]).to(device)).float().cpu().numpy()
+    _fold_standardisation(classifier.head, mean, std)
+    return losses, held_out_logits
+
+
+def _fold_standardisation(head: nn.Linear, mean: np.ndarray, std: np.ndarray) -> None:
+    """Turn a head trained on ``(x - mean) / std`` into one on ``x``: ``W' = W / std``, ``b' = b - W' mean``."""
+    with torch.no_grad():
+        weight = head.weight.double() / torch.from_numpy(std).to(head.weight.device)
+        bias = head.bias.double() - weight @ torch.from_numpy(mean).to(head.weight.device)
+        head.weight.copy_(weight.to(head.weight.dtype))
+        head.bias.copy_(bias.to(head.bias.dtype))
+
+
+def _train_full(
+    classifier, sequences, codes, train, *, epochs, lr, encoder_lr, weight_decay, max_tokens, max_batch_size,
+    max_length, warmup_fraction, max_grad_norm, seed, progress,
+) -> list[float]:
+    """Full fine-tuning: the encoder and the head learn together, batches by length under a token budget."""
+    lengths = np.minimum(np.fromiter((sequences[i].size for i in train), dtype=np.int64), max_length)
+    # Shuffled anew each epoch; the batch count depends on the lengths only, so the schedule is exact.
+    epoch_batches = [
+        [train[b] for b in token_budget_batches(
+            lengths, max_tokens, max_batch_size=max_batch_size, shuffle=True, seed=seed + epoch
+        )]
+        for epoch in range(epochs)
+    ]
+    total = sum(len(batches) for batches in epoch_batches)
+    optimizer = torch.optim.AdamW(
+        _param_groups(classifier.cell_encoder, encoder_lr, 1.0, weight_decay)
+        + _param_groups(classifier.head, lr, 1.0, weight_decay)
+    )
+    scheduler = _schedule(optimizer, int(warmup_fraction * total), total, 0.0)
+    parameters = list(classifier.parameters())
+    pad_id = classifier.config.pad_token_id
+    bar = _progress_bar(total, progress, "fine-tune", "step")
+    losses = []
+    classifier.train()
+    for batches in epoch_batches:
+        loss_sum = 0.0
+        for rows in batches:
+            ids, mask = pad_sequences([sequences[i] for i in rows], pad_id, max_length)
+            labels = torch.from_numpy(codes[rows]).to(classifier.device)
+            loss = F.cross_entropy(classifier(torch.from_numpy(ids), torch.from_numpy(mask)), labels)
+            _step(loss, optimizer, scheduler, parameters, max_grad_norm)
+            loss_sum += float(loss.detach()) * len(rows)
+            if bar is not None:
+                bar.update(1)
+        losses.append(loss_sum / train.size)
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    classifier.eval()
+    return losses
+
+
+def _step(loss, optimizer, scheduler, parameters, max_grad_norm: float) -> None:
+    if not torch.isfinite(loss.detach()):
+        raise LangCellError(
+            f"the training loss became non-finite ({float(loss.detach())}); lower lr / encoder_lr"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch inside the block and restore the caller's random state afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted.astype(np.float64))
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _label_codes(adata: Any, label_key: str) -> tuple[list[str], np.ndarray]:
+    """Class names (category order for a categorical column, else sorted) and each cell's code (-1: none)."""
+    if not isinstance(label_key, str) or label_key not in adata.obs.columns:
+        raise LangCellError(
+            f"obs has no column {label_key!r}; pass label_key=<the obs column with cell-type labels> "
+            f"(columns: {list(adata.obs.columns)[:10]})"
+        )
+    column = adata.obs[label_key]
+    values = column.astype(object).where(column.notna(), None)
+    text = np.array(["" if v is None else str(v).strip() for v in values], dtype=object)
+    labelled = text != ""
+    present = set(text[labelled])
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        classes = [str(c).strip() for c in column.cat.categories if str(c).strip() in present]
+        classes = list(dict.fromkeys(classes))
+    else:
+        classes = sorted(present)
+    if len(classes) < 2:
+        raise LangCellError(
+            f"obs[{label_key!r}] holds {len(classes)} class{'es' if len(classes) != 1 else ''} "
+            f"({classes!r}); a classifier needs at least two: pass a column with several cell types"
+        )
+    index = {name: code for code, name in enumerate(classes)}
+    codes = np.array([index[t] if t else -1 for t in text], dtype=np.int64)
+    return classes, codes
+
+
+def _check_class_names(labels: Sequence[str]) -> list[str]:
+    if isinstance(labels, str) or not isinstance(labels, Sequence | np.ndarray | pd.Index):
+        raise LangCellError("labels must be a list of class names")
+    names = list(labels)
+    if len(names) < 2:
+        raise LangCellError(f"a classifier needs at least two classes, got {names!r}")
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise LangCellError("class names must be non-empty strings")
+    if len(set(names)) != len(names):
+        raise LangCellError(f"class names are duplicated: {pd.Index(names)[pd.Index(names).duplicated()].tolist()}")
+    return names
+
+
+def _as_sequences(cells: Any) -> list[np.ndarray]:
+    if hasattr(cells, "offsets") and hasattr(cells, "ids"):
+        ids, offsets = np.asarray(cells.ids), np.asarray(cells.offsets)
+        return [ids[offsets[i] : offsets[i + 1]] for i in range(offsets.size - 1)]
+    sequences = [np.asarray(s) for s in cells]
+    for s in sequences:
+        if s.ndim != 1 or s.size == 0 or not np.issubdtype(s.dtype, np.integer):
+            raise LangCellError(
+                "every cell must be a non-empty 1-D array of integer token ids (<cls> first); tokenize the "
+                "cells with GeneTokenizer.encode"
+            )
+    return sequences
+
+
+def _check_anndata(adata: Any) -> None:
+    import anndata
+
+    if not isinstance(adata, anndata.AnnData):
+        raise LangCellError(
+            f"adata must be an AnnData, got {type(adata).__name__}; read one with anndata.read_h5ad(path)"
+        )
+    if adata.n_obs == 0:
+        raise LangCellError("the AnnData has no cells; pass data with at least one cell")
+
+
+def _gene_tokenizer(model: Any) -> Any:
+    tokenizer = getattr(model, "gene_tokenizer", None)
+    if tokenizer is None:
+        raise LangCellError(
+            "the model has no gene tokenizer, so it cannot turn counts into tokens; load the model with "
+            "LangCell.from_pretrained or attach one with model.set_gene_tokenizer(...)"
+        )
+    return tokenizer
+
+
+def _check_key(key_added: Any) -> None:
+    if not isinstance(key_added, str) or not key_added:
+        raise LangCellError(f"key_added must be a non-empty string, got {key_added!r}")
+
+
+def _check_fraction(train_fraction: Any) -> None:
+    if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float) or not 0 < train_fraction < 1:
+        raise LangCellError(f"train_fraction must lie strictly between 0 and 1, got {train_fraction!r}; e.g. 2/3")
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise LangCellError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_max_length(max_length: Any, limit: int) -> int:
+    if max_length is None:
+        return int(limit)
+    return min(_check_positive_int(max_length, "max_length"), int(limit))
+
+
+def _progress_bar(total: int, progress: bool, description: str, unit: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit)
