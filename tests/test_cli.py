@@ -97,7 +97,7 @@ CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
 
 @pytest.fixture(scope="module")
 def model_and_cells(tmp_path_factory):
-    """A tiny model saved with a vocabulary of 80 labelled CBMC cells, and those cells as h5ad."""
+    """A tiny model saved with a vocabulary of 80 labelled CBMC cells (20 of 4 types), and those cells."""
     import anndata as ad
     import torch
 
@@ -109,7 +109,9 @@ def model_and_cells(tmp_path_factory):
         pytest.skip(f"{CBMC} is missing")
     root = tmp_path_factory.mktemp("cli_model")
     adata = ad.read_h5ad(CBMC)
-    adata = adata[adata.obs["cell_type_ontology_term_id"] != "unknown"][:80].copy()
+    kinds = ["B cell", "natural killer cell", "CD14-positive monocyte", "CD4-positive, alpha-beta T cell"]
+    keep = np.concatenate([np.flatnonzero(adata.obs["cell_type"] == kind)[:20] for kind in kinds])
+    adata = adata[np.sort(keep)].copy()
     tokenizer = GeneTokenizer.fit(adata, gene_id_kind="custom")
     config = LangCellConfig.preset("tiny")
     config.cell.vocab_size = tokenizer.vocab_size
@@ -169,3 +171,29 @@ def test_embed_into_a_missing_directory_is_refused(model_and_cells, tmp_path, ca
     code = main(["embed", str(cells), "--model", str(model), "--out", str(tmp_path / "no" / "x.h5ad")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_finetune_predict_and_retrieve_commands(model_and_cells, tmp_path, capsys):
+    import json
+
+    import anndata as ad
+
+    model, cells = model_and_cells
+    classifier = tmp_path / "classifier"
+    report = tmp_path / "metrics.json"
+    code = main([
+        "finetune", str(cells), "--model", str(model), "--label-key", "cell_type", "--out", str(classifier),
+        "--mode", "linear", "--report", str(report), "--quiet",
+    ])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads(report.read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    predicted = tmp_path / "predicted.h5ad"
+    assert main(["predict", str(cells), "--classifier", str(classifier), "--out", str(predicted), "--quiet"]) == 0
+    assert "langcell_ce" in ad.read_h5ad(predicted).obs
+    retrieved = tmp_path / "retrieved.json"
+    code = main(["retrieve", str(cells), "--model", str(model), "--texts", "B cell;natural killer cell",
+                 "--top-n", "3", "--report", str(retrieved)])
+    assert code == 0
+    assert len(json.loads(retrieved.read_text())["cell_names"]) == 2
+    assert "B cell:" in capsys.readouterr().out

@@ -37,6 +37,7 @@ _EXPORTS = {
     "describe_cells": "ontology",
     "label_texts": "ontology",
     "import_official": "io",
+    "CellTypeClassifier": "finetune",
     "PretrainConfig": "train.pretrain",
     "pretrain": "train.pretrain",
     "load_recipe": "train.pretrain",
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
     from .corpus import TokenCorpus, write_corpus  # noqa: F401
     from .errors import LangCellError  # noqa: F401
+    from .finetune import CellTypeClassifier  # noqa: F401
     from .genes import GeneMappingReport, map_to_ensembl  # noqa: F401
     from .io import import_official  # noqa: F401
     from .models.langcell import LangCell  # noqa: F401

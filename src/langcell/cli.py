@@ -345,6 +345,135 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------- finetune / predict / retrieve
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="LangCell-CE: fine-tune the cell encoder + a linear classifier on labelled cells",
+        description="Stratified 2:1 split, training on two thirds, accuracy and macro-F1 on the held-out third.",
+    )
+    p.add_argument("input", metavar="IN.h5ad", help="labelled cells with raw counts")
+    p.add_argument("--model", required=True, metavar="DIR", help="a langcell model directory")
+    p.add_argument("--label-key", required=True, metavar="COL", help="obs column with the cell labels")
+    p.add_argument("--out", required=True, metavar="DIR", help="classifier directory to create")
+    p.add_argument("--mode", choices=["full", "linear"], default="full", help="full fine-tuning or linear probe")
+    p.add_argument("--epochs", type=int, help="training epochs (default: by mode)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and training")
+    p.add_argument("--write", metavar="OUT.h5ad", help="also write the cells with predictions and split")
+    p.add_argument("--report", metavar="REPORT.json", help="write the metrics as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_counts_options(p)
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    import json
+
+    from . import tl
+    from ._atomic import atomic_file, check_output_parent
+
+    for path in (args.out, args.write, args.report):
+        if path:
+            check_output_parent(path)
+    adata = _read_input(args.input)
+    model = _load_model(args.model)
+    classifier, metrics = tl.finetune(
+        adata, model, args.label_key, mode=args.mode, epochs=args.epochs, seed=args.seed,
+        counts_layer=args.counts_layer, gene_column=args.gene_column, progress=not args.quiet,
+    )
+    classifier.save(args.out, overwrite=args.overwrite)
+    if args.write:
+        _write_h5ad(adata, args.write)
+    summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "n_train", "n_test") if k in metrics}
+    if args.report:
+        with atomic_file(args.report) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2, default=float))
+    _print(args, f"held-out accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f} "
+                 f"({summary['n_test']} cells); classifier -> {args.out}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="cell types from a fine-tuned LangCell-CE classifier")
+    p.add_argument("input", metavar="IN.h5ad", help="cells with raw counts")
+    p.add_argument("--classifier", required=True, metavar="DIR", help="directory written by `langcell finetune`")
+    p.add_argument("--out", required=True, metavar="OUT.h5ad", help="copy of the input with predictions (atomic)")
+    p.add_argument("--key-added", default="langcell_ce", help="obs column for the prediction")
+    _add_counts_options(p)
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from . import tl
+    from ._atomic import check_output_parent
+    from .finetune import CellTypeClassifier
+
+    check_output_parent(args.out)
+    adata = _read_input(args.input)
+    classifier = CellTypeClassifier.load(args.classifier)
+    tl.predict(adata, classifier, counts_layer=args.counts_layer, gene_column=args.gene_column,
+               progress=not args.quiet, key_added=args.key_added)
+    _write_h5ad(adata, args.out)
+    _print(args, f"predicted {adata.n_obs} cells -> {args.out}")
+    return 0
+
+
+def _add_retrieve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "retrieve",
+        help="text -> top cells, or recall@k of cell-text retrieval on labelled cells",
+    )
+    p.add_argument("input", metavar="IN.h5ad", help="cells with raw counts")
+    p.add_argument("--model", required=True, metavar="DIR", help="a langcell model directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--texts", metavar="'A;B'", help="queries separated by ';' (cell-type names or descriptions)")
+    what.add_argument("--label-key", metavar="COL", help="evaluate recall@1/5/10 against this obs column")
+    p.add_argument("--top-n", type=int, default=10, help="cells per query (default 10)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the result as JSON")
+    _add_counts_options(p)
+    p.set_defaults(func=_run_retrieve)
+
+
+def _run_retrieve(args: argparse.Namespace) -> int:
+    import json
+
+    from . import tl
+    from ._atomic import atomic_file, check_output_parent
+
+    if args.report:
+        check_output_parent(args.report)
+    adata = _read_input(args.input)
+    model = _load_model(args.model)
+    if args.label_key:
+        result = tl.retrieval_recall(adata, model, args.label_key, counts_layer=args.counts_layer,
+                                     gene_column=args.gene_column, progress=not args.quiet)
+        _print(args, json.dumps(result, indent=2, default=float))
+    else:
+        texts = [t.strip() for t in args.texts.split(";") if t.strip()]
+        if not texts:
+            raise LangCellError("--texts holds no query; pass texts separated by ';'")
+        tl.retrieve_cells(adata, model, texts, top_n=args.top_n, counts_layer=args.counts_layer,
+                          gene_column=args.gene_column, progress=not args.quiet)
+        result = adata.uns["langcell_retrieval"]
+        for text, cells, scores in zip(texts, result["cell_names"], result["scores"], strict=True):
+            top = ", ".join(f"{name} ({score:.3f})" for name, score in zip(cells, scores, strict=True))
+            _print(args, f"{text}: {top}")
+    if args.report:
+        with atomic_file(args.report) as tmp:
+            tmp.write_text(json.dumps(result, indent=2, default=_json_default))
+    return 0
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
 # ------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on scanpy's bundled PBMC cells")
@@ -368,6 +497,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pretrain,
     _add_annotate,
     _add_embed,
+    _add_finetune,
+    _add_predict,
+    _add_retrieve,
 ]
 
 
