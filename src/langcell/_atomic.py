@@ -8,6 +8,8 @@ half-written one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -68,6 +70,55 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the system or file system cannot do it, so that the caller falls back to two
+    renames.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without renameat2
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Put the finished directory ``tmp`` at ``path``, which exists; the old content is deleted.
+
+    At every instant ``path`` holds either the old content or the new one: with an atomic exchange
+    where the system has one, else by moving the old one aside and moving it back if the second
+    rename does not happen.
+    """
+    if _exchange(tmp, path):
+        # tmp now holds the previous result.
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink()
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, old / "previous")
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old / "previous", path)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; move it to ``path`` when the block succeeds.
@@ -91,11 +142,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
         yield tmp
         os.chmod(tmp, _default_mode(directory=True))
         if path.exists():
-            # Move the old result aside first so that the swap is two renames, never a partial tree.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "previous")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap_into_place(tmp, path)
         else:
             os.replace(tmp, path)
     except BaseException:

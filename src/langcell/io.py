@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,15 +80,45 @@ def read_weights(path: str | os.PathLike, map_location: str | torch.device = "cp
 
             tensors = load_file(str(path), device=str(map_location))
         else:
-            tensors = torch.load(path, map_location=map_location, weights_only=True)
+            with warnings.catch_warnings():
+                # torch warns about pickle protocols it did not write; the error below says what matters.
+                warnings.simplefilter("ignore", UserWarning)
+                tensors = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise LangCellError(
+                f"cannot read the weights in {str(path)!r}: the file is truncated or corrupt "
+                f"({_first_line(error)}); {_REDOWNLOAD}"
+            ) from None
+        # torch's own message suggests weights_only=False: that would run whatever code the file carries.
+        raise LangCellError(
+            f"{str(path)!r} was refused: it holds Python objects besides tensors ({_refused_global(error)}), and "
+            "langcell reads .bin weights only with torch.load(weights_only=True), never running pickled code; "
+            "use weights from a trusted source, ideally as .safetensors"
+        ) from None
     except Exception as error:  # safetensors, zipfile and pickle all raise their own types
         raise LangCellError(
-            f"cannot read the weights in {str(path)!r}: the file is truncated or corrupt ({type(error).__name__}: "
-            f"{error}); {_REDOWNLOAD}"
+            f"cannot read the weights in {str(path)!r}: the file is truncated or corrupt "
+            f"({type(error).__name__}: {_first_line(error)}); {_REDOWNLOAD}"
         ) from error
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise LangCellError(f"{str(path)!r} does not hold a state dict of tensors; {_REDOWNLOAD}")
     return dict(tensors)
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error message, shortened: the CLI prints errors on one line."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refused_global(error: BaseException) -> str:
+    """The part of torch's weights-only refusal that names what the file wanted to load."""
+    for line in str(error).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return _first_line(line.strip())
+    return "not plain tensors"
 
 
 # ---------------------------------------------------------------------------------------------

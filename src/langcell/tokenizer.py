@@ -81,10 +81,14 @@ _COUNTS_FIX = "pass raw counts, e.g. counts_layer='counts' or use_raw (counts_la
 # --------------------------------------------------------------------------------------------------
 
 
+class _RefusedPickle(pickle.UnpicklingError):
+    """The pickle names something the dictionary unpickler does not admit (as opposed to a damaged file)."""
+
+
 def _numpy_scalar(dtype: Any, *args: Any) -> Any:
     """numpy's scalar reconstruction, refusing object dtypes (which could smuggle arbitrary objects)."""
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise pickle.UnpicklingError("only numeric numpy scalars are allowed")
+        raise _RefusedPickle("only numeric numpy scalars are allowed")
     return _NUMPY_SCALAR(dtype, *args)
 
 
@@ -113,7 +117,7 @@ class _DictionaryUnpickler(pickle.Unpickler):
         try:
             return self._ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
+            raise _RefusedPickle(f"global {module}.{name} is not allowed") from None
 
 
 def read_geneformer_dictionary(path: str | os.PathLike) -> dict:
@@ -145,7 +149,7 @@ def read_geneformer_dictionary(path: str | os.PathLike) -> dict:
     data = path.read_bytes()
     try:
         loaded = _DictionaryUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as err:
+    except _RefusedPickle as err:
         raise LangCellError(
             f"{str(path)!r} was refused: {err}. Only plain dictionaries of names to numbers are read; "
             "use the token_dictionary.pkl / gene_median_dictionary.pkl files of the Geneformer release"

@@ -496,21 +496,28 @@ def pretrain(
         distributed.teardown()
 
 
-def _prepare_out_dir(out: Path, config: PretrainConfig, resume: bool, overwrite: bool) -> None:
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse a run directory that cannot be used, touching nothing; return whether it holds a run."""
     if out.exists() and not out.is_dir():
         raise LangCellError(f"{str(out)!r} exists and is not a directory; choose another --out")
     has_run = out.is_dir() and any(out.iterdir())
-    if has_run and not resume:
-        if not overwrite:
-            raise LangCellError(
-                f"{str(out)!r} already holds a run; pass --resume to continue it, --overwrite to start over, "
-                "or choose another --out"
-            )
-        shutil.rmtree(out)
+    if has_run and not resume and not overwrite:
+        raise LangCellError(
+            f"{str(out)!r} already holds a run; pass --resume to continue it, --overwrite to start over, "
+            "or choose another --out"
+        )
     if resume and not has_run:
         raise LangCellError(f"nothing to resume in {str(out)!r}; run without --resume first")
     if not out.parent.is_dir():
         raise LangCellError(f"the directory {str(out.parent)!r} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise LangCellError(f"the directory {str(out.parent)!r} is not writable; choose another --out")
+    return has_run
+
+
+def _create_out_dir(out: Path, config: PretrainConfig, resume: bool, has_run: bool) -> None:
+    if has_run and not resume:  # --overwrite, checked by _check_out_dir
+        shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not (out / "recipe.json").exists():
         with atomic_file(out / "recipe.json") as tmp:
@@ -518,11 +525,11 @@ def _prepare_out_dir(out: Path, config: PretrainConfig, resume: bool, overwrite:
 
 
 def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite, progress, stop_after_steps):
+    # Everything that can refuse the input runs before the run directory is created, so a refused
+    # command leaves nothing behind and can be re-run as it is once the input is fixed.
+    has_run = _check_out_dir(out, resume, overwrite)
     if not isinstance(corpus, TokenCorpus):
         corpus = TokenCorpus(corpus)
-    if ctx.is_main:
-        _prepare_out_dir(out, config, resume, overwrite)
-    distributed.barrier(ctx)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
@@ -551,6 +558,10 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
                 "tokenize labelled cells or run --stage cell"
             )
 
+    if ctx.is_main:
+        _create_out_dir(out, config, resume, has_run)
+    distributed.barrier(ctx)
+
     start_stage, start_step, state = stages[0], 0, None
     if resume:
         latest = _latest_checkpoint(out)
@@ -562,6 +573,11 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
                     f"{ctx.world_size}; resume with the same --nproc_per_node (the data order depends on it)"
                 )
             loaded = LangCell.from_pretrained(latest / "model")
+            if loaded.gene_tokenizer != corpus.tokenizer:
+                raise LangCellError(
+                    f"the checkpoint {str(latest)!r} was trained on another gene vocabulary than this corpus; "
+                    "resume with the corpus the run was started on, or start a new run (another --out)"
+                )
             model.load_state_dict(loaded.state_dict(), strict=True)
             start_stage, start_step = state["stage"], state["step"]
             if start_step >= config.steps(start_stage) and start_stage != stages[-1]:
