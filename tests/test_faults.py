@@ -384,3 +384,34 @@ def test_every_output_file_is_written_under_a_temporary_name():
         for problem in writes_outside_atomic_blocks(file.read_text(encoding="utf-8"), str(file))
     ]
     assert not problems, "files written in place (a kill leaves them half-written):\n" + "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------- annotate
+@needs_cbmc
+@pytest.mark.slow
+def test_killed_annotate_leaves_the_old_result_or_the_complete_new_one(tmp_path):
+    """SIGKILL `annotate` while its output is being written: OUT.h5ad is the old file or a whole new one."""
+    from langcell.config import LangCellConfig
+
+    cells = ad.read_h5ad(CBMC)
+    cells = cells[cells.obs["cell_type_ontology_term_id"] != "unknown"][:300].copy()
+    tokenizer = GeneTokenizer.fit(cells, gene_id_kind="custom")
+    config = LangCellConfig.preset("tiny")
+    config.cell.vocab_size = tokenizer.vocab_size
+    config.cell.max_position_embeddings = 512
+    torch.manual_seed(0)
+    LangCell.from_config(config, gene_tokenizer=tokenizer).save_pretrained(tmp_path / "model")
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    out = tmp_path / "annotated.h5ad"
+    out.write_bytes(b"the previous result")
+    args = ["annotate", str(tmp_path / "cells.h5ad"), "--model", str(tmp_path / "model"), "--out", str(out),
+            "--labels", "B cell;natural killer cell"]
+
+    # Killed once its temporary output exists: the previous result must still be there, unchanged.
+    killed = kill_when(langcell(*args), lambda: bool(hidden_entries(tmp_path, ".annotated.h5ad.")))
+    assert killed, "annotate ended before its temporary output appeared"
+    assert out.read_bytes() == b"the previous result"
+    # An uninterrupted run replaces it with a complete, readable file.
+    finish(langcell(*args))
+    annotated = ad.read_h5ad(out)
+    assert annotated.n_obs == 300 and "langcell_cell_type" in annotated.obs
