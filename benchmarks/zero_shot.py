@@ -1,0 +1,278 @@
+"""Zero-shot annotation throughput: ``langcell.tl.annotate`` against a loop shaped like the released notebook.
+
+Baseline (the released ``zero-shot.ipynb``, written with plain calls of our own model, no Hugging Face):
+fixed batches of 32 cells in file order, each padded to its longest cell, fp32, ``torch.no_grad``. Per
+batch: every class text is tokenised and embedded again (one text at a time), the cells are encoded,
+and for every class the text is tokenised again, repeated once per cell and run through the multimodal
+tower as (cell, text) pairs (``match_logits(..., cell_index=arange(B))``): each cell's cross-attention
+keys/values are projected anew for every class. Then ``p_sim = softmax(cos / 0.05)``,
+``p_ctm = softmax(match probabilities)``, ``0.1 * p_sim + 0.9 * p_ctm``.
+
+Ours: what ``langcell.tl.annotate`` does, in ``mode="fast"`` (CTM for each cell's ``top_k`` classes by
+similarity) and ``mode="official"`` (CTM for every class): tokenise the AnnData and the class texts once,
+embed the texts once, then :func:`langcell.zero_shot.zero_shot_scores` (keys/values projected once per
+cell, cells grouped by length under a token budget, ``torch.inference_mode``). The one-time work is
+charged per cell over the ``--cells`` cells in both modes. The script checks that these pieces give
+``annotate``'s own output.
+
+The baseline is slow, so it is timed on a few cells only (``--baseline-cells``): the first rows of the
+first batch of 32, padded to the longest cell *of that whole batch* (as the release pads them), so that
+their cost per cell is the cost per cell of the full batch; its per-batch text work is charged at 1/32
+per cell. The official mode is timed on the same cells, and the script checks that the baseline's
+scores equal the official mode's there (same weights, same cells). This machine is shared, so the
+methods take turns (fast cells, one official cell, one baseline cell, fast cells, ...) and load from
+other processes hits them alike; the load average is printed.
+
+Cells: the first ``--cells`` cells of the immune sample (``../shared/data/immune_sample_559cells_counts.h5ad``,
+full transcriptome, raw counts) tokenized with the released gene vocabulary (``GeneTokenizer.from_geneformer``
+over Geneformer's dictionaries), 2,048 tokens at most. Classes: K = 8 (the release's PBMC labels, resolved
+through the Cell Ontology) and K = 100 (those 8 and the first 92 other leukocyte types of CL, by term id,
+that have a definition). Weights are random (speed does not depend on them).
+
+Run from the repository root::
+
+    python benchmarks/zero_shot.py                 # base size, about 8 minutes on 2 idle cores
+    python benchmarks/zero_shot.py --quick         # fewer cells
+    python benchmarks/zero_shot.py --size small
+"""
+
+# ruff: noqa: E402  (sys.path is fixed before the imports below; see the comment there)
+from __future__ import annotations
+
+import os
+import sys
+
+# Python puts this script's folder first on sys.path, where a sibling benchmark named like a standard
+# module (tokenize.py) would shadow it. Nothing is imported from this folder, so drop it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != _HERE]
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from langcell import ontology, tl
+from langcell.batching import pad_sequences
+from langcell.config import LangCellConfig
+from langcell.models import LangCell
+from langcell.tokenizer import GeneTokenizer
+from langcell.zero_shot import encode_class_texts, zero_shot_scores
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SAMPLE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"
+GENEFORMER = SHARED / "reference" / "geneformer"
+RELEASE_BATCH_SIZE = 32
+ALPHA = 0.1
+# The PBMC10K labels of the released notebook.
+RELEASE_LABELS = [
+    "B cells",
+    "CD8 T cells",
+    "CD14+ Monocytes",
+    "Dendritic Cells",
+    "NK cells",
+    "Megakaryocytes",
+    "FCGR3A+ Monocytes",
+    "CD4 T cells",
+]
+
+
+def class_sets() -> dict[int, list[str]]:
+    """K = 8 (release labels) and K = 100 (CL term ids) class lists."""
+    from cellxgene_ontology_guide.ontology_parser import OntologyParser
+
+    parser = OntologyParser()
+    release_terms = ontology.resolve_labels(RELEASE_LABELS)["term_id"].tolist()
+    leukocytes = sorted(parser.get_term_descendants("CL:0000738"))
+    others = [
+        term
+        for term in leukocytes
+        if term not in release_terms
+        and parser.get_term_description(term)
+        and not parser.is_term_deprecated(term)
+    ]
+    return {8: list(RELEASE_LABELS), 100: release_terms + others[: 100 - len(release_terms)]}
+
+
+def release_loop(model: LangCell, sequences, pad_to: int, texts: list[str]):
+    """The notebook's computation for one batch, timed in two parts.
+
+    Returns (seconds of the per-batch text work, seconds of the per-cell work, scores [B, K]).
+    """
+    with torch.no_grad():
+        start = time.perf_counter()
+        # Per batch: every class text tokenised and embedded again, one at a time.
+        text_embeddings = torch.cat([model.encode_texts([text]) for text in texts])
+        text_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        ids, mask = pad_sequences(sequences, pad_id=0)
+        width = ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, pad_to - width)))  # padded as the whole batch of 32 would be
+        mask = np.pad(mask, ((0, 0), (0, pad_to - width)))
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        cell_embeddings, states = model.encode_cells({"input_ids": ids, "attention_mask": mask})
+        p_sim = torch.softmax(cell_embeddings @ text_embeddings.T / 0.05, dim=-1)
+        match = torch.zeros_like(p_sim)
+        pairs = torch.arange(len(sequences))
+        for k, text in enumerate(texts):
+            tokens = model.tokenize_texts([text] * len(sequences))  # re-tokenised for every batch
+            logits = model.match_logits(states, mask, tokens, cell_index=pairs)  # no key/value reuse
+            match[:, k] = torch.softmax(logits, dim=-1)[:, 1]
+        p_ctm = torch.softmax(match, dim=-1)
+        scores = ALPHA * p_sim + (1 - ALPHA) * p_ctm
+        cell_seconds = time.perf_counter() - start
+    return text_seconds, cell_seconds, scores.numpy()
+
+
+def timed(function, *args, **kwargs):
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    """Parse arguments, time the baseline and annotate's two modes for K = 8 and 100, print a table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--size", default="base", choices=["small", "base"], help="model preset (default base)"
+    )
+    parser.add_argument("--cells", type=int, default=64, help="cells for the fast mode (default 64)")
+    parser.add_argument(
+        "--baseline-cells",
+        type=int,
+        nargs=2,
+        default=(4, 1),
+        metavar=("K8", "K100"),
+        help="cells the baseline and the official mode are timed on at K = 8 and K = 100 (default 4 1)",
+    )
+    parser.add_argument("--top-k", type=int, default=3, help="fast mode's top_k (default 3)")
+    parser.add_argument("--max-tokens", type=int, default=16_384, help="cell tokens per batch for annotate")
+    parser.add_argument("--quick", action="store_true", help="32 cells fast, 2 and 1 baseline cells")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if not SAMPLE.is_file():
+        raise SystemExit(f"the immune sample is missing: {SAMPLE}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.cells, args.baseline_cells = 32, (2, 1)
+
+    import anndata
+
+    gene_tokenizer = GeneTokenizer.from_geneformer(
+        GENEFORMER / "token_dictionary.pkl", GENEFORMER / "gene_median_dictionary.pkl"
+    )
+    full = anndata.read_h5ad(SAMPLE)
+    n_cells = max(args.cells, RELEASE_BATCH_SIZE)
+    adata = full[:n_cells].copy()
+    tokenized = gene_tokenizer.encode(adata, max_length=2048)
+    sequences = [np.asarray(tokenized[i], dtype=np.int64) for i in range(len(tokenized))]
+    lengths = np.array([len(s) for s in sequences])
+    pad_to = int(lengths[:RELEASE_BATCH_SIZE].max())  # the release pads the first batch to this
+    print(
+        f"{args.cells} cells of {SAMPLE.name}: tokens per cell mean {lengths[: args.cells].mean():.0f}, "
+        f"median {np.median(lengths[: args.cells]):.0f}, max {lengths[: args.cells].max()}; first batch of "
+        f"32 padded to {pad_to}; size {args.size}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+    config = LangCellConfig.preset(args.size)
+    config.text.init_from = None  # random weights: speed does not depend on them
+    torch.manual_seed(0)
+    model = LangCell(config, gene_tokenizer=gene_tokenizer).eval()
+    classes_by_k = class_sets()
+
+    # annotate end to end once, on a few cells: the timed pieces below must give its numbers.
+    check = adata[:3].copy()
+    tl.annotate(check, model, classes_by_k[8], alpha=ALPHA, top_k=args.top_k, max_tokens=args.max_tokens)
+
+    rows = []
+    for n_classes, labels in classes_by_k.items():
+        n_base = args.baseline_cells[0 if n_classes == 8 else 1]
+        texts, _ = ontology.label_texts(labels)
+        texts = [texts[label] for label in labels]
+        # What one annotate call does once: tokenise the AnnData, tokenise and embed the class texts.
+        tokenize_seconds, _ = timed(gene_tokenizer.encode, adata[: args.cells].copy(), max_length=2048)
+        texts_seconds, classes = timed(encode_class_texts, model, texts, labels)
+        if n_classes == 8:
+            piece = zero_shot_scores(model, sequences[:3], classes, alpha=ALPHA, top_k=args.top_k)
+            np.testing.assert_allclose(piece.scores, check.obsm["langcell_cell_type_probs"], atol=1e-5)
+        print(
+            f"  K={n_classes}: once per call: tokenise {tokenize_seconds:.1f} s, class texts {texts_seconds:.1f} s",
+            flush=True,
+        )
+
+        # The methods take turns, so that load from other processes hits them alike: each round runs
+        # half of its share of fast cells, one cell through the official mode, one through the
+        # baseline, then the other half of the fast cells.
+        fast_parts = np.array_split(np.arange(args.cells), 2 * n_base)
+        fast_seconds = official_seconds = base_text_seconds = base_cell_seconds = 0.0
+        difference = 0.0
+        for round_index in range(n_base):
+            seconds, _ = timed(
+                zero_shot_scores,
+                model,
+                [sequences[i] for i in fast_parts[2 * round_index]],
+                classes,
+                alpha=ALPHA,
+                top_k=args.top_k,
+                mode="fast",
+                max_tokens=args.max_tokens,
+            )
+            fast_seconds += seconds
+            seconds, official = timed(
+                zero_shot_scores,
+                model,
+                [sequences[round_index]],
+                classes,
+                alpha=ALPHA,
+                mode="official",
+                max_tokens=args.max_tokens,
+            )
+            official_seconds += seconds
+            text_s, cell_s, base_scores = release_loop(model, [sequences[round_index]], pad_to, texts)
+            base_text_seconds += text_s
+            base_cell_seconds += cell_s
+            difference = max(difference, float(np.abs(official.scores - base_scores).max()))
+            seconds, _ = timed(
+                zero_shot_scores,
+                model,
+                [sequences[i] for i in fast_parts[2 * round_index + 1]],
+                classes,
+                alpha=ALPHA,
+                top_k=args.top_k,
+                mode="fast",
+                max_tokens=args.max_tokens,
+            )
+            fast_seconds += seconds
+            print(f"  K={n_classes}: round {round_index + 1}/{n_base} done", flush=True)
+
+        # Per cell: the per-batch text work of the release is shared by its 32 cells.
+        base_per_cell = base_text_seconds / n_base / RELEASE_BATCH_SIZE + base_cell_seconds / n_base
+        official_per_cell = official_seconds / n_base + (texts_seconds + tokenize_seconds) / args.cells
+        fast_per_cell = (fast_seconds + texts_seconds + tokenize_seconds) / args.cells
+        rows.append((n_classes, n_base, base_per_cell, official_per_cell, fast_per_cell, difference))
+
+    print()
+    print(
+        f"| K | baseline (release loop) cells/s | official cells/s | fast (top_k={args.top_k}) cells/s "
+        "| official / baseline | fast / baseline | max abs diff baseline vs official |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n_classes, n_base, base, official, fast, difference in rows:
+        print(
+            f"| {n_classes} | {1 / base:.4f} ({n_base} cells) | {1 / official:.4f} ({n_base} cells) "
+            f"| {1 / fast:.3f} ({args.cells} cells) | {base / official:.1f}x | {base / fast:.1f}x "
+            f"| {difference:.1e} |"
+        )
+    print(f"\nfast: time per cell at K=100 / at K=8 = {rows[1][4] / rows[0][4]:.2f}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes slow every timing)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,500 @@
+"""Tools on AnnData, following scanpy's contract.
+
+Every function takes the AnnData first, then keyword-only options ending with ``key_added=`` and
+``copy=False``; results go to ``obs`` / ``obsm`` / ``uns[key_added]`` (with the call's settings in
+``uns[key_added]["params"]``); ``copy=True`` returns an annotated copy and leaves the input alone,
+otherwise the input is annotated in place and ``None`` is returned. Each docstring's Returns section
+names every field written.
+
+The tensor work lives in the modules below this one (:mod:`langcell.zero_shot`, the models); this
+module only turns AnnData into tokens and class texts, and results back into AnnData fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import ontology
+from .errors import LangCellError
+from .zero_shot import (
+    DEFAULT_ALPHA,
+    DEFAULT_MAX_PAIR_TOKENS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TOP_K,
+    MODES,
+    TEMPERATURE,
+    check_alpha,
+    check_top_k,
+    encode_class_texts,
+    zero_shot_scores,
+)
+
+__all__ = ["annotate", "embed", "finetune", "predict", "retrieval_recall", "retrieve_cells", "retrieve_texts"]
+
+#: Values of a ``*_ontology_term_id`` column that name no class (CELLxGENE's "not known"/"not applicable").
+_NO_CLASS_VALUES = frozenset({"unknown", "na", ""})
+
+_RESOLUTION_COLUMNS = ["label", "term_id", "term_label", "how"]
+
+
+def annotate(
+    adata: Any,
+    model: Any,
+    labels: Any = None,
+    *,
+    classes_from: str | None = None,
+    aspect: str | None = None,
+    mapping: Mapping[str, str] | str | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    top_k: int = DEFAULT_TOP_K,
+    mode: str = "fast",
+    exact_argmax: bool = False,
+    threshold: float | None = None,
+    unknown_label: str = "unknown",
+    counts_layer: str | None = None,
+    gene_column: str | None = None,
+    n_counts_key: str | None = "n_counts",
+    max_length: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_pair_tokens: int = DEFAULT_MAX_PAIR_TOKENS,
+    progress: bool = False,
+    key_added: str = "langcell_cell_type",
+    copy: bool = False,
+):
+    """Zero-shot annotation: score every cell against class texts and keep the best class.
+
+    The class set is either ``labels`` (cell-type names resolved to Cell Ontology text, term ids of
+    any aspect, or your own ``{name: description}``) or the distinct terms of an obs column
+    (``classes_from``, e.g. disease via MONDO text). The scoring is LangCell's released formula (see
+    :mod:`langcell.zero_shot`): ``alpha * softmax(cos / 0.05) + (1 - alpha) * softmax(match prob)``.
+
+    Parameters
+    ----------
+    adata
+        Cells with **raw counts** (in ``X``, or the layer ``counts_layer``).
+    model
+        A :class:`langcell.models.LangCell` with a gene tokenizer attached (``model.gene_tokenizer``).
+    labels
+        The candidate classes: a list of cell-type names (resolved to Cell Ontology terms by
+        :func:`langcell.ontology.label_texts`; term ids such as ``"CL:0000236"`` work too), a list of
+        term ids of ``aspect`` when ``aspect`` is not ``"cell_type"``, or a dict ``{name: description}``
+        whose texts are used as given. ``None`` with ``classes_from``.
+    classes_from
+        Instead of ``labels``: an obs column of ontology term ids (CELLxGENE schema, e.g.
+        ``"disease_ontology_term_id"``); its distinct terms (less "unknown"/"na") are the classes and
+        :func:`langcell.ontology.term_text` describes them. The class names are the term ids.
+    aspect
+        The aspect of the terms (``"cell_type"``, ``"disease"``, ``"tissue"``, ...; see
+        :data:`langcell.ontology.ASPECTS`). Default: ``"cell_type"`` for ``labels``, read from the
+        column name ``<aspect>_ontology_term_id`` for ``classes_from``.
+    mapping
+        ``{label: term id}`` (or a JSON/TSV path) for cell-type labels the resolver cannot place.
+    alpha
+        Weight of the similarity score, in [0, 1] (the release: 0.1).
+    top_k
+        ``mode="fast"``: classes per cell, ranked by similarity, that the cell-text matching head
+        scores; at least 1. A value above the number of classes K is clamped to K (every class
+        scored, the same numbers as ``mode="official"``). Ignored by ``mode="official"``.
+    mode
+        ``"fast"`` (default) or ``"official"`` (CTM for every class: the released computation).
+        How the fast mode scores classes outside the top_k is described in
+        :mod:`langcell.zero_shot`.
+    exact_argmax
+        ``mode="fast"``: cells whose fast prediction could differ from the official one (the check is
+        described in :mod:`langcell.zero_shot`) get CTM for every class, so that the predictions
+        always equal ``mode="official"``; costs up to the official time on cells the model is unsure
+        about.
+    threshold
+        Abstention: cells whose best final score is below it get ``unknown_label``. Final scores
+        sum to 1 over the K classes, so the best lies in [1/K, 1]. ``None``: never abstain.
+    unknown_label
+        The label of abstaining cells; must not be a class name.
+    counts_layer, gene_column, n_counts_key
+        Passed to :meth:`langcell.tokenizer.GeneTokenizer.encode`: where the raw counts are
+        (``None`` = ``X``, a layer name, or ``"raw"``), the var column with gene names (``None`` =
+        ``var_names``) and the obs column with each cell's total counts.
+    max_length
+        Longest cell sequence in tokens, ``<cls>`` included (default and cap: the cell encoder's
+        positions).
+    max_tokens
+        Cell tokens per batch; cells are grouped by length under this budget.
+    max_pair_tokens
+        Text tokens per cell-text matching pass (bounds memory).
+    progress
+        Show progress bars (tokenisation and scoring).
+    key_added
+        Name of the fields written (see Returns). Existing fields of that name are overwritten.
+    copy
+        Return an annotated copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    anndata.AnnData or None
+        The annotated copy if ``copy=True``, else ``None``. The fields written are:
+
+        ``obs[key_added]``
+            categorical: the best class of each cell (``unknown_label`` where it abstains; that
+            category exists only when ``threshold`` is given).
+        ``obs[key_added + "_score"]``
+            float: the final score of the best class.
+        ``obsm[key_added + "_probs"]``
+            ``float32`` cells x K: the final scores of every class; columns in the order of
+            ``uns[key_added]["classes"]``.
+        ``uns[key_added]``
+            dict with ``"params"`` (alpha, top_k used, mode, exact_argmax, temperature, threshold,
+            unknown_label, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
+            ``"classes"`` (class names), ``"texts"`` (the text of each class) and ``"resolution"``
+            (the table of how each class got its text: columns label, term_id, term_label, how; ""
+            where empty).
+
+    Raises
+    ------
+    LangCellError
+        For no or duplicated labels, both or neither of ``labels`` and ``classes_from``, a missing
+        column, an unknown label or term, ``alpha`` outside [0, 1], ``top_k`` below 1, an unknown
+        mode, a ``threshold`` outside [0, 1], an ``unknown_label`` that is a class, a model without a
+        gene tokenizer, counts that are not raw counts, or data sharing no gene with the vocabulary.
+
+    Examples
+    --------
+    >>> adata = langcell.datasets.pbmc68k()                                      # doctest: +SKIP
+    >>> langcell.tl.annotate(adata, model, ["B cell", "CD14+ Monocyte", "NK cell"])  # doctest: +SKIP
+    >>> adata.obs["langcell_cell_type"].value_counts()                           # doctest: +SKIP
+    """
+    _check_anndata(adata)
+    alpha = check_alpha(alpha)
+    if mode not in MODES:
+        raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'fast' is the default")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.integer | np.floating):
+            raise LangCellError(f"threshold must be a number in [0, 1] or None, got {threshold!r}")
+        threshold = float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise LangCellError(
+                f"threshold must lie in [0, 1] (final scores are probabilities), got {threshold}; "
+                "pass e.g. 0.5, or None to never abstain"
+            )
+    if not isinstance(key_added, str) or not key_added:
+        raise LangCellError(f"key_added must be a non-empty string, got {key_added!r}")
+    tokenizer = getattr(model, "gene_tokenizer", None)
+    if tokenizer is None:
+        raise LangCellError(
+            "the model has no gene tokenizer, so it cannot turn counts into tokens; attach the one it was "
+            "trained with (model.set_gene_tokenizer(GeneTokenizer.load(...))) or load the model with "
+            "LangCell.from_pretrained, which restores it"
+        )
+
+    names, texts, resolution, aspect = _class_texts(adata, labels, classes_from, aspect, mapping)
+    top_k = check_top_k(top_k, len(names))
+    if threshold is not None and unknown_label in names:
+        raise LangCellError(
+            f"unknown_label={unknown_label!r} is also a class name; pass another unknown_label "
+            "(e.g. 'unassigned')"
+        )
+
+    max_positions = int(model.config.cell.max_position_embeddings)
+    if max_length is None:
+        max_length = max_positions
+    elif isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or max_length < 1:
+        raise LangCellError(f"max_length must be a positive integer number of tokens, got {max_length!r}")
+    max_length = int(min(max_length, max_positions))
+    cells = tokenizer.encode(
+        adata,
+        gene_column=gene_column,
+        counts_layer=counts_layer,
+        n_counts_key=n_counts_key,
+        max_length=max_length,
+        progress=progress,
+    )
+    classes = encode_class_texts(model, texts, names)
+    scores = zero_shot_scores(
+        model,
+        cells,
+        classes,
+        alpha=alpha,
+        top_k=top_k,
+        mode=mode,
+        exact_argmax=exact_argmax,
+        max_tokens=max_tokens,
+        max_pair_tokens=max_pair_tokens,
+        progress=progress,
+    )
+
+    adata = adata.copy() if copy else adata
+    best = scores.predicted
+    best_score = scores.scores[np.arange(best.size), best]
+    categories = list(names)
+    predicted = np.asarray(names, dtype=object)[best]
+    if threshold is not None:
+        categories.append(unknown_label)
+        predicted = np.where(best_score < threshold, unknown_label, predicted)
+    adata.obs[key_added] = pd.Categorical(predicted, categories=categories)
+    adata.obs[key_added + "_score"] = best_score.astype(np.float64)
+    adata.obsm[key_added + "_probs"] = scores.scores.astype(np.float32)
+    adata.uns[key_added] = {
+        "params": {
+            "alpha": alpha,
+            "top_k": int(top_k) if mode == "fast" else len(names),
+            "mode": mode,
+            "exact_argmax": bool(exact_argmax),
+            "temperature": TEMPERATURE,
+            "threshold": threshold,
+            "unknown_label": unknown_label,
+            "aspect": aspect,
+            "classes_from": classes_from,
+            "counts_layer": counts_layer,
+            "gene_column": gene_column,
+            "max_length": max_length,
+            "n_classes": len(names),
+        },
+        "classes": list(names),
+        "texts": list(texts),
+        "resolution": {
+            column: ["" if value is None or pd.isna(value) else str(value) for value in resolution[column]]
+            for column in _RESOLUTION_COLUMNS
+        },
+    }
+    return adata if copy else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_anndata(adata: Any) -> None:
+    import anndata
+
+    if not isinstance(adata, anndata.AnnData):
+        raise LangCellError(
+            f"adata must be an AnnData, got {type(adata).__name__}; read one with anndata.read_h5ad(path)"
+        )
+    if adata.n_obs == 0:
+        raise LangCellError("the AnnData has no cells; pass data with at least one cell")
+
+
+def _class_texts(
+    adata: Any, labels: Any, classes_from: str | None, aspect: str | None, mapping: Any
+) -> tuple[list[str], list[str], pd.DataFrame, str | None]:
+    """Class names, their texts, the resolution table and the aspect actually used."""
+    if (labels is None) == (classes_from is None):
+        raise LangCellError(
+            "pass exactly one of labels (class names, or {name: description}) and classes_from "
+            "(an obs column of ontology term ids)"
+        )
+    if aspect is not None and aspect not in ontology.ASPECTS:
+        raise LangCellError(f"unknown aspect {aspect!r}; use one of {', '.join(ontology.ASPECTS)}")
+    if classes_from is not None:
+        return _classes_from_column(adata, classes_from, aspect)
+    if isinstance(labels, str):
+        raise LangCellError("labels must be a list of class names, not one string; wrap it: [label]")
+    if isinstance(labels, Mapping):
+        names = list(labels)
+        _check_names(names)
+        texts, table = ontology.label_texts(names, descriptions=dict(labels))
+        return names, [texts[n] for n in names], table, aspect
+    names = list(labels.cat.categories) if _is_categorical(labels) else list(labels)
+    _check_names(names)
+    if aspect is None or aspect == "cell_type":
+        texts, table = ontology.label_texts(names, mapping=mapping)
+        return names, [texts[n] for n in names], table, "cell_type"
+    texts_list = []
+    for term in names:
+        texts_list.append(_term_text_or_raise(term, aspect, "labels"))
+    table = pd.DataFrame(
+        {
+            "label": names,
+            "term_id": names,
+            "term_label": [_term_label(t) for t in names],
+            "how": ["term id"] * len(names),
+        },
+        columns=_RESOLUTION_COLUMNS,
+    )
+    return names, texts_list, table, aspect
+
+
+def _is_categorical(values: Any) -> bool:
+    return isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype)
+
+
+def _check_names(names: list[Any]) -> None:
+    if not names:
+        raise LangCellError(
+            "no labels given; pass at least one class (a list of names or {name: description})"
+        )
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise LangCellError(f"class names must be non-empty strings; got {bad[:5]!r}: drop or name them")
+    seen, duplicated = set(), []
+    for name in names:
+        if name in seen and name not in duplicated:
+            duplicated.append(name)
+        seen.add(name)
+    if duplicated:
+        raise LangCellError(f"labels are duplicated: {duplicated[:5]!r}; pass each class once (use unique())")
+
+
+def _classes_from_column(
+    adata: Any, column: str, aspect: str | None
+) -> tuple[list[str], list[str], pd.DataFrame, str]:
+    if not isinstance(column, str) or column not in adata.obs.columns:
+        raise LangCellError(
+            f"obs has no column {column!r}; pass classes_from=<an obs column of ontology term ids> "
+            f"(columns: {list(adata.obs.columns)[:10]})"
+        )
+    if aspect is None:
+        suffix = "_ontology_term_id"
+        inferred = column[: -len(suffix)] if column.endswith(suffix) else None
+        if inferred not in ontology.ASPECTS:
+            raise LangCellError(
+                f"cannot tell which aspect the terms of {column!r} describe; pass aspect= (one of "
+                f"{', '.join(ontology.ASPECTS)})"
+            )
+        aspect = inferred
+    values = adata.obs[column]
+    present = pd.Series(values.astype(object)).dropna().astype(str).str.strip()
+    terms = sorted(set(present) - _NO_CLASS_VALUES)
+    if not terms:
+        raise LangCellError(
+            f"obs[{column!r}] holds no ontology term (only missing, 'unknown' or 'na' values); "
+            "fill it in or pass labels= instead"
+        )
+    texts = [_term_text_or_raise(term, aspect, f"obs[{column!r}]") for term in terms]
+    table = pd.DataFrame(
+        {
+            "label": terms,
+            "term_id": terms,
+            "term_label": [_term_label(t) for t in terms],
+            "how": ["obs column"] * len(terms),
+        },
+        columns=_RESOLUTION_COLUMNS,
+    )
+    return terms, texts, table, aspect
+
+
+def _term_text_or_raise(term: Any, aspect: str, where: str) -> str:
+    try:
+        text = ontology.term_text(str(term), aspect)
+    except LangCellError as error:
+        raise LangCellError(f"{where}: {error}") from None
+    if not text:
+        raise LangCellError(
+            f"{where}: {term!r} has no {aspect} text (it means 'unknown'/'not applicable'); leave it out"
+        )
+    return text
+
+
+def _term_label(term: str) -> str:
+    """The ontology label of a term id, or "" for special values without one ("PATO:0000461" has one)."""
+    try:
+        # The ontology module's shared parser: building a second one would read the ontologies again.
+        return str(ontology._parser().get_term_label(term))
+    except Exception:  # special values ("multiethnic") and taxa outside the bundled ontologies
+        return ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def embed(
+    adata: Any,
+    model: Any,
+    *,
+    counts_layer: str | None = None,
+    gene_column: str | None = None,
+    n_counts_key: str | None = "n_counts",
+    max_length: int | None = None,
+    max_tokens: int = 16_384,
+    chunk_size: int = 8_192,
+    progress: bool = False,
+    key_added: str = "X_langcell",
+    copy: bool = False,
+):
+    """L2-normalised LangCell cell embeddings (the ``cell_proj`` space shared with texts).
+
+    Cells are tokenized and embedded ``chunk_size`` rows at a time, so a backed AnnData
+    (``anndata.read_h5ad(path, backed="r")``) streams from disk: memory holds one chunk's tokens and the
+    ``n_cells x 256`` result, whatever the number of cells.
+
+    Parameters
+    ----------
+    adata
+        Cells with raw counts (in ``X``, ``layers[counts_layer]`` or ``.raw`` with ``counts_layer="raw"``).
+    model
+        A :class:`~langcell.models.langcell.LangCell` with its gene tokenizer.
+    counts_layer, gene_column, n_counts_key
+        Where the counts, gene ids and per-cell totals are (see :meth:`GeneTokenizer.encode`).
+    max_length
+        Longest cell in tokens (default: the model's positions).
+    max_tokens
+        Token budget of one forward pass (cells of similar length batched together).
+    chunk_size
+        Cells tokenized at a time.
+    progress
+        Show a progress bar.
+    key_added
+        The obsm key.
+    copy
+        Return an annotated copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    AnnData or None
+        ``adata.obsm[key_added]``: ``float32 [n_cells, projection_dim]``, unit rows.
+        ``adata.uns[key_added]["params"]``: the settings of the call. A copy when ``copy=True``.
+    """
+    from .embedding import embed_cells
+
+    _check_anndata(adata)
+    tokenizer = getattr(model, "gene_tokenizer", None)
+    if tokenizer is None:
+        raise LangCellError(
+            "the model has no gene tokenizer; load it with LangCell.from_pretrained or attach one with "
+            "model.set_gene_tokenizer(...)"
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise LangCellError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    limit = int(model.config.cell.max_position_embeddings)
+    max_length = limit if max_length is None else min(int(max_length), limit)
+    if copy:
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
+    result = np.zeros((adata.n_obs, model.config.projection_dim), dtype=np.float32)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=adata.n_obs, desc="embed", unit="cell")
+    for start in range(0, adata.n_obs, chunk_size):
+        stop = min(start + chunk_size, adata.n_obs)
+        part = adata[start:stop]
+        part = part.to_memory() if adata.isbacked else part
+        cells = tokenizer.encode(
+            part, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+            max_length=max_length,
+        )
+        result[start:stop] = embed_cells(model, cells, max_tokens=max_tokens, max_length=max_length)
+        if bar is not None:
+            bar.update(stop - start)
+    if bar is not None:
+        bar.close()
+    adata.obsm[key_added] = result
+    adata.uns[key_added] = {
+        "params": {
+            "counts_layer": counts_layer,
+            "gene_column": gene_column,
+            "max_length": max_length,
+            "projection_dim": int(model.config.projection_dim),
+        }
+    }
+    return adata if copy else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning and retrieval live in their own modules; they are part of the tl namespace.
+from .finetune import finetune, predict  # noqa: E402
+from .retrieval import retrieval_recall, retrieve_cells, retrieve_texts  # noqa: E402

@@ -1,0 +1,252 @@
+"""langcell.tl.annotate: the scanpy contract, abstention, ontology-column classes and input checks."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from langcell import ontology, tl
+from langcell.errors import LangCellError
+from langcell.models import LangCell
+from langcell.tokenizer import GeneTokenizer
+from langcell.zero_shot import encode_class_texts, zero_shot_scores
+
+N_GENES = 97  # the tiny preset's vocabulary: 97 genes + <pad>, <mask>, <cls>
+GENES = [f"GENE{i}" for i in range(N_GENES)]
+KEY = "langcell_cell_type"
+DESCRIPTIONS = {
+    "B": "cell type: B cell. A lymphocyte of B lineage.",
+    "T": "cell type: T cell.",
+    "Mono": "cell type: monocyte. A myeloid cell in the blood.",
+    "NK": "cell type: natural killer cell.",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    medians = np.random.default_rng(0).uniform(0.5, 3.0, N_GENES)
+    return GeneTokenizer(GENES, medians, gene_id_kind="custom", organism=None)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    model = LangCell.from_config("tiny", gene_tokenizer=tokenizer).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "LayerNorm" not in name and name != "logit_scale":
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def make_adata(n_cells=24, seed=0):
+    """Raw counts over the vocabulary genes plus 3 genes outside it; CELLxGENE-style obs columns."""
+    rng = np.random.default_rng(seed)
+    rates = rng.gamma(0.4, 3.0, size=(n_cells, N_GENES + 3))
+    counts = rng.poisson(rates).astype(np.float32)
+    obs = pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)])
+    diseases = ["MONDO:0005061", "MONDO:0005097", "PATO:0000461", "unknown"]
+    obs["disease_ontology_term_id"] = pd.Categorical([diseases[i % 4] for i in range(n_cells)])
+    obs["my_terms"] = obs["disease_ontology_term_id"].astype(str)
+    var = pd.DataFrame(index=GENES + ["OTHER1", "OTHER2", "OTHER3"])
+    var["symbol"] = list(var.index)
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+
+
+@pytest.fixture(scope="module")
+def annotated(model):
+    adata = make_adata()
+    assert tl.annotate(adata, model, DESCRIPTIONS, top_k=2) is None
+    return adata
+
+
+def test_fields_written(annotated):
+    adata = annotated
+    names = list(DESCRIPTIONS)
+    assert isinstance(adata.obs[KEY].dtype, pd.CategoricalDtype)
+    assert list(adata.obs[KEY].cat.categories) == names
+    probs = adata.obsm[KEY + "_probs"]
+    assert probs.shape == (adata.n_obs, len(names)) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    best = probs.argmax(axis=1)
+    assert (adata.obs[KEY].astype(str).to_numpy() == np.array(names)[best]).all()
+    np.testing.assert_allclose(adata.obs[KEY + "_score"].to_numpy(), probs.max(axis=1), atol=1e-6)
+    uns = adata.uns[KEY]
+    assert uns["classes"] == names
+    assert uns["texts"] == list(DESCRIPTIONS.values())
+    params = uns["params"]
+    assert params["alpha"] == 0.1 and params["top_k"] == 2 and params["mode"] == "fast"
+    assert params["temperature"] == 0.05 and params["threshold"] is None and params["n_classes"] == 4
+    assert uns["resolution"]["how"] == ["user description"] * 4
+    assert uns["resolution"]["term_id"] == [""] * 4
+
+
+def test_results_equal_the_tensor_level_scores(model, tokenizer, annotated):
+    cells = tokenizer.encode(make_adata(), max_length=128)
+    classes = encode_class_texts(model, DESCRIPTIONS)
+    expected = zero_shot_scores(model, cells, classes, top_k=2)
+    np.testing.assert_allclose(annotated.obsm[KEY + "_probs"], expected.scores, atol=1e-6)
+
+
+def test_written_fields_survive_h5ad(annotated, tmp_path):
+    path = tmp_path / "annotated.h5ad"
+    annotated.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    assert (back.obs[KEY] == annotated.obs[KEY]).all()
+    np.testing.assert_array_equal(back.obsm[KEY + "_probs"], annotated.obsm[KEY + "_probs"])
+    assert back.uns[KEY]["params"]["mode"] == "fast"
+
+
+def test_copy_returns_a_new_object_and_leaves_the_input_alone(model):
+    adata = make_adata()
+    before = adata.copy()
+    result = tl.annotate(adata, model, DESCRIPTIONS, copy=True, key_added="pred")
+    assert isinstance(result, ad.AnnData) and result is not adata
+    assert "pred" in result.obs and "pred_score" in result.obs and "pred_probs" in result.obsm
+    assert "pred" in result.uns
+    assert list(adata.obs.columns) == list(before.obs.columns) and not adata.obsm and not adata.uns
+
+
+def test_existing_key_is_overwritten(model):
+    adata = make_adata()
+    adata.obs[KEY] = "old"
+    adata.uns[KEY] = {"stale": 1}
+    tl.annotate(adata, model, DESCRIPTIONS, mode="official")
+    assert set(adata.obs[KEY].cat.categories) == set(DESCRIPTIONS)
+    assert "stale" not in adata.uns[KEY] and adata.uns[KEY]["params"]["mode"] == "official"
+    assert adata.uns[KEY]["params"]["top_k"] == 4
+
+
+def test_official_and_fast_top_k_equal_k_agree(model):
+    official = tl.annotate(make_adata(), model, DESCRIPTIONS, mode="official", copy=True)
+    fast = tl.annotate(make_adata(), model, DESCRIPTIONS, mode="fast", top_k=4, copy=True)
+    clamped = tl.annotate(make_adata(), model, DESCRIPTIONS, mode="fast", top_k=99, copy=True)
+    np.testing.assert_allclose(fast.obsm[KEY + "_probs"], official.obsm[KEY + "_probs"], atol=1e-5)
+    np.testing.assert_allclose(clamped.obsm[KEY + "_probs"], fast.obsm[KEY + "_probs"], atol=1e-6)
+    assert clamped.uns[KEY]["params"]["top_k"] == 4
+    exact = tl.annotate(make_adata(), model, DESCRIPTIONS, mode="fast", top_k=1, exact_argmax=True, copy=True)
+    assert (exact.obs[KEY] == official.obs[KEY]).all()
+
+
+def test_abstention(model):
+    adata = tl.annotate(make_adata(), model, DESCRIPTIONS, copy=True)
+    scores = adata.obs[KEY + "_score"].to_numpy()
+    threshold = float(np.median(scores))
+    abstained = tl.annotate(make_adata(), model, DESCRIPTIONS, threshold=threshold, copy=True)
+    assert list(abstained.obs[KEY].cat.categories) == list(DESCRIPTIONS) + ["unknown"]
+    low = scores < threshold
+    assert 0 < low.sum() < adata.n_obs
+    assert (abstained.obs[KEY].astype(str).to_numpy()[low] == "unknown").all()
+    kept = abstained.obs[KEY].astype(str).to_numpy()[~low]
+    assert (kept == adata.obs[KEY].astype(str).to_numpy()[~low]).all()
+    # The score column keeps the best class's score also for abstaining cells.
+    np.testing.assert_allclose(abstained.obs[KEY + "_score"].to_numpy(), scores, atol=1e-7)
+    none = tl.annotate(
+        make_adata(), model, DESCRIPTIONS, threshold=0.0, unknown_label="unassigned", copy=True
+    )
+    assert not (none.obs[KEY] == "unassigned").any() and "unassigned" in none.obs[KEY].cat.categories
+    everything = tl.annotate(make_adata(), model, DESCRIPTIONS, threshold=1.0, copy=True)
+    assert (everything.obs[KEY] == "unknown").all()
+    with pytest.raises(LangCellError, match="unknown_label"):
+        tl.annotate(make_adata(), model, {**DESCRIPTIONS, "unknown": "no idea"}, threshold=0.5)
+
+
+def test_cell_type_names_are_resolved_through_the_cell_ontology(model):
+    labels = ["B cells", "CD14+ Monocytes", "NK cells"]
+    adata = tl.annotate(make_adata(), model, labels, copy=True)
+    uns = adata.uns[KEY]
+    assert uns["classes"] == labels and uns["params"]["aspect"] == "cell_type"
+    texts, table = ontology.label_texts(labels)
+    assert uns["texts"] == [texts[label] for label in labels]
+    assert uns["resolution"]["term_id"] == table["term_id"].tolist()
+    assert uns["resolution"]["term_id"][0] == "CL:0000236"
+
+
+def test_classes_from_an_ontology_column(model):
+    adata = tl.annotate(
+        make_adata(), model, classes_from="disease_ontology_term_id", key_added="disease", copy=True
+    )
+    uns = adata.uns["disease"]
+    terms = ["MONDO:0005061", "MONDO:0005097", "PATO:0000461"]  # "unknown" names no class
+    assert uns["classes"] == terms
+    assert uns["texts"] == [ontology.term_text(t, "disease") for t in terms]
+    assert (
+        uns["params"]["aspect"] == "disease" and uns["params"]["classes_from"] == "disease_ontology_term_id"
+    )
+    assert uns["resolution"]["term_label"][0] == "lung adenocarcinoma"
+    assert set(adata.obs["disease"].cat.categories) == set(terms)
+    # Same classes from a column whose name says nothing, with the aspect given; or as a term list.
+    other = tl.annotate(
+        make_adata(), model, classes_from="my_terms", aspect="disease", key_added="disease", copy=True
+    )
+    np.testing.assert_allclose(other.obsm["disease_probs"], adata.obsm["disease_probs"], atol=1e-6)
+    listed = tl.annotate(make_adata(), model, terms, aspect="disease", key_added="disease", copy=True)
+    np.testing.assert_allclose(listed.obsm["disease_probs"], adata.obsm["disease_probs"], atol=1e-6)
+    with pytest.raises(LangCellError, match="aspect"):
+        tl.annotate(make_adata(), model, classes_from="my_terms")
+    with pytest.raises(LangCellError, match="no column"):
+        tl.annotate(make_adata(), model, classes_from="tissue_ontology_term_id")
+
+
+def test_counts_layer_and_gene_column_are_passed_to_the_tokenizer(model, annotated):
+    adata = make_adata()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))  # normalised values: not counts
+    adata.var_names = [f"id{i}" for i in range(adata.n_vars)]  # the names are in var["symbol"]
+    tl.annotate(adata, model, DESCRIPTIONS, top_k=2, counts_layer="counts", gene_column="symbol")
+    np.testing.assert_allclose(adata.obsm[KEY + "_probs"], annotated.obsm[KEY + "_probs"], atol=1e-6)
+    assert adata.uns[KEY]["params"]["counts_layer"] == "counts"
+    with pytest.raises(LangCellError):
+        tl.annotate(adata, model, DESCRIPTIONS, gene_column="symbol")  # X holds log values
+
+
+def test_progress_bar(model, capsys):
+    tl.annotate(make_adata(n_cells=5), model, DESCRIPTIONS, progress=True)
+    assert "zero-shot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"labels": []}, "no labels"),
+        ({"labels": ["B cell", "T cell", "B cell"]}, "duplicated"),
+        ({"labels": "B cell"}, "not one string"),
+        ({"labels": {}}, "no labels"),
+        ({"labels": None}, "exactly one"),
+        ({"labels": DESCRIPTIONS, "classes_from": "disease_ontology_term_id"}, "exactly one"),
+        ({"labels": DESCRIPTIONS, "alpha": -0.1}, "alpha"),
+        ({"labels": DESCRIPTIONS, "alpha": 1.2}, "alpha"),
+        ({"labels": DESCRIPTIONS, "top_k": 0}, "top_k"),
+        ({"labels": DESCRIPTIONS, "mode": "quick"}, "mode"),
+        ({"labels": DESCRIPTIONS, "threshold": 1.5}, "threshold"),
+        ({"labels": DESCRIPTIONS, "aspect": "colour"}, "aspect"),
+        ({"labels": DESCRIPTIONS, "max_length": 0}, "max_length"),
+        ({"labels": ["not a real cell type xyz"]}, "could not be resolved"),
+        ({"labels": ["MONDO:0005061", "CL:0000236"], "aspect": "disease"}, "not a valid disease term"),
+    ],
+)
+def test_bad_inputs(model, kwargs, message):
+    labels = kwargs.pop("labels")
+    with pytest.raises(LangCellError, match=message):
+        tl.annotate(make_adata(n_cells=4), model, labels, **kwargs)
+
+
+def test_model_without_gene_tokenizer():
+    model = LangCell.from_config("tiny")
+    with pytest.raises(LangCellError, match="no gene tokenizer"):
+        tl.annotate(make_adata(n_cells=4), model, DESCRIPTIONS)
+
+
+def test_no_gene_in_the_vocabulary(model):
+    adata = make_adata(n_cells=4)
+    adata.var_names = [f"unrelated{i}" for i in range(adata.n_vars)]
+    with pytest.raises(LangCellError, match="vocabulary"):
+        tl.annotate(adata, model, DESCRIPTIONS)
+
+
+def test_not_an_anndata(model):
+    with pytest.raises(LangCellError, match="AnnData"):
+        tl.annotate(np.zeros((3, 3)), model, DESCRIPTIONS)
