@@ -70,8 +70,7 @@ def measure(args: argparse.Namespace) -> dict:
     config = load_recipe(args.size if args.size != "base" else "base")
     config.max_length = args.max_length
     config.gene_dropout = 0.0
-    model_config = config.model_config()
-    model_config.cell.vocab_size = corpus.tokenizer.vocab_size
+    model_config = config.model_config_for(corpus.tokenizer)
     model = LangCell.from_config(model_config, gene_tokenizer=corpus.tokenizer).to(device)
     _set_trainable(model, args.stage, False)
     model.train()
@@ -143,9 +142,9 @@ def main() -> None:
     parser.add_argument("--size", default="small", choices=["tiny", "small", "base"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cells", type=int, default=96, help="cells per measurement")
-    parser.add_argument("--batch-size", type=int, default=16, help="baseline batch size")
+    parser.add_argument("--batch-size", type=int, default=8, help="baseline batch size")
     parser.add_argument("--max-tokens", type=int, default=8192, help="langcell token budget per batch")
-    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--max-length", type=int, default=1024, help="cells cut to their top genes")
     parser.add_argument("--stages", default="cell,joint")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
@@ -168,7 +167,7 @@ def main() -> None:
                 ]
                 out = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), check=False)
                 if out.returncode != 0:
-                    sys.exit(out.stderr)
+                    sys.exit(f"{mode}/{stage} measurement failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
                 results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append((stage, results))
     unit = "GiB (CUDA max allocated)" if args.device.startswith("cuda") else "GiB (max RSS)"

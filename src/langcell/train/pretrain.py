@@ -166,6 +166,17 @@ class PretrainConfig:
             return LangCellConfig.preset(self.model)
         return LangCellConfig.from_dict(self.model)
 
+    def model_config_for(self, gene_tokenizer) -> LangCellConfig:
+        """The model's config with this recipe's vocabulary, attention dropout and checkpointing applied."""
+        model_config = self.model_config()
+        model_config.cell.vocab_size = gene_tokenizer.vocab_size
+        if self.attention_dropout is not None:
+            model_config.cell.attention_probs_dropout_prob = self.attention_dropout
+            model_config.text.attention_probs_dropout_prob = self.attention_dropout
+        model_config.cell.gradient_checkpointing = self.gradient_checkpointing
+        model_config.text.gradient_checkpointing = self.gradient_checkpointing
+        return model_config
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (what a recipe file holds)."""
         return dataclasses.asdict(self)
@@ -534,13 +545,7 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
 
-    model_config = config.model_config()
-    model_config.cell.vocab_size = corpus.tokenizer.vocab_size
-    if config.attention_dropout is not None:
-        model_config.cell.attention_probs_dropout_prob = config.attention_dropout
-        model_config.text.attention_probs_dropout_prob = config.attention_dropout
-    model_config.cell.gradient_checkpointing = config.gradient_checkpointing
-    model_config.text.gradient_checkpointing = config.gradient_checkpointing
+    model_config = config.model_config_for(corpus.tokenizer)
     if model_config.cell.max_position_embeddings < config.max_length:
         raise LangCellError(
             f"max_length={config.max_length} exceeds the model's {model_config.cell.max_position_embeddings} "
