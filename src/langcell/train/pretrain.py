@@ -645,7 +645,7 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=first_step, desc=f"pretrain {stage}", unit="step", dynamic_ncols=True)
-    window = {"cells": 0.0, "tokens": 0.0, "time": time.perf_counter()}
+    window = {"cells": 0.0, "tokens": 0.0, "steps": 0, "time": time.perf_counter()}
     sums: dict[str, float] = {}
     run_start = time.perf_counter()
     offset = sum(config.steps(s) for s in STAGES[: STAGES.index(stage)] if s in config.stages())
@@ -692,13 +692,14 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
         else:
             optimizer.step()
         scheduler.step()
+        window["steps"] += 1
         done = step + 1
         steps_this_call += 1
         if bar is not None:
             bar.update(1)
 
         if done % config.log_every == 0 or done == total:
-            n_steps = done - (done - 1) // config.log_every * config.log_every if done == total else config.log_every
+            n_steps = window["steps"]  # fewer than log_every after a resume or at a stage's end
             means = distributed.mean_over_ranks(ctx, {k: v / n_steps for k, v in sums.items()})
             counts = distributed.sum_over_ranks(ctx, {"cells": window["cells"], "tokens": window["tokens"]})
             elapsed = time.perf_counter() - window["time"]
@@ -709,7 +710,7 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
             if bar is not None:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")})
             sums = {}
-            window = {"cells": 0.0, "tokens": 0.0, "time": time.perf_counter()}
+            window = {"cells": 0.0, "tokens": 0.0, "steps": 0, "time": time.perf_counter()}
 
         stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
         if done % config.checkpoint_every == 0 or done == total or stopping:
