@@ -42,6 +42,7 @@ from ._atomic import atomic_directory
 from .batching import pad_sequences, token_budget_batches
 from .config import CellEncoderConfig, _dataclass_from_dict
 from .errors import LangCellError
+from .io import read_format_document
 from .models.cell_encoder import CellEncoder, init_bert_weights
 from .train.pretrain import _param_groups, _schedule
 
@@ -291,25 +292,17 @@ class CellTypeClassifier(nn.Module):
         if not path.is_dir():
             raise LangCellError(f"{str(path)!r} is not a directory; pass the directory the classifier was saved to")
         file = path / CONFIG_FILENAME
-        if not file.is_file():
-            raise LangCellError(
-                f"no {CONFIG_FILENAME} in {str(path)!r}; pass a directory written by CellTypeClassifier.save"
-            )
-        try:
-            document = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise LangCellError(f"{str(file)!r} is not valid JSON ({error}); {_REDO}") from None
-        if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-            raise LangCellError(
-                f"{str(file)!r} is not a langcell cell-type classifier (a LangCell model directory is loaded "
-                "with LangCell.from_pretrained); pass a directory written by CellTypeClassifier.save"
-            )
-        version = document.get("format_version")
-        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-            raise LangCellError(
-                f"{str(file)!r} has format version {version!r}; this langcell reads up to {FORMAT_VERSION}: "
-                "upgrade langcell"
-            )
+        document = read_format_document(
+            file,
+            format_name=FORMAT_NAME,
+            max_version=FORMAT_VERSION,
+            missing=f"no {CONFIG_FILENAME} in {str(path)!r}; pass a directory written by CellTypeClassifier.save",
+            wrong_format=(
+                "is not a langcell cell-type classifier (a LangCell model directory is loaded with "
+                "LangCell.from_pretrained); pass a directory written by CellTypeClassifier.save"
+            ),
+            redo=_REDO,
+        )
         missing = [key for key in ("cell", "pooling", "labels") if key not in document]
         if missing:
             raise LangCellError(f"{str(file)!r} lacks the fields {missing}; {_REDO}")

@@ -148,29 +148,57 @@ def save_pretrained(model: LangCell, path: str | os.PathLike, *, overwrite: bool
         model.text_tokenizer.save_pretrained(str(tmp / TEXT_TOKENIZER_DIRNAME))
 
 
-def read_config(path: str | os.PathLike) -> LangCellConfig:
-    """Read the :class:`LangCellConfig` of a saved model directory."""
-    file = Path(path) / CONFIG_FILENAME
+def read_format_document(
+    file: Path, *, format_name: str, max_version: int, missing: str, wrong_format: str, redo: str
+) -> dict[str, Any]:
+    """Read a langcell JSON document with ``format`` / ``format_version`` fields, refusing anything else.
+
+    Parameters
+    ----------
+    file
+        The JSON file.
+    format_name, max_version
+        The expected ``format`` and the newest ``format_version`` this langcell reads.
+    missing
+        The whole message when the file is missing.
+    wrong_format
+        What follows the file name when ``format`` differs (the problem and the fix).
+    redo
+        The fix for an unreadable file (e.g. "save it again").
+    """
     if not file.is_file():
-        raise LangCellError(
-            f"no {CONFIG_FILENAME} in {str(path)!r}; pass a directory written by LangCell.save_pretrained "
-            "(to convert the released checkpoint use import_official / `langcell import-official`)"
-        )
+        raise LangCellError(missing)
     try:
         document = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LangCellError(f"{str(file)!r} is not valid JSON ({error}); {_REDOWNLOAD}") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-        raise LangCellError(
-            f"{str(file)!r} is not a langcell model config; pass a directory written by save_pretrained "
-            "(the released checkpoint must first be converted with import_official)"
-        )
+        raise LangCellError(f"{str(file)!r} is not valid JSON ({error}); {redo}") from None
+    if not isinstance(document, dict) or document.get("format") != format_name:
+        raise LangCellError(f"{str(file)!r} {wrong_format}")
     version = document.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if not isinstance(version, int) or not 1 <= version <= max_version:
         raise LangCellError(
-            f"{str(file)!r} has format version {version!r}; this langcell reads up to {FORMAT_VERSION}: "
+            f"{str(file)!r} has format version {version!r}; this langcell reads up to {max_version}: "
             "upgrade langcell"
         )
+    return document
+
+
+def read_config(path: str | os.PathLike) -> LangCellConfig:
+    """Read the :class:`LangCellConfig` of a saved model directory."""
+    document = read_format_document(
+        Path(path) / CONFIG_FILENAME,
+        format_name=FORMAT_NAME,
+        max_version=FORMAT_VERSION,
+        missing=(
+            f"no {CONFIG_FILENAME} in {str(path)!r}; pass a directory written by LangCell.save_pretrained "
+            "(to convert the released checkpoint use import_official / `langcell import-official`)"
+        ),
+        wrong_format=(
+            "is not a langcell model config; pass a directory written by save_pretrained "
+            "(the released checkpoint must first be converted with import_official)"
+        ),
+        redo=_REDOWNLOAD,
+    )
     return LangCellConfig.from_dict(document.get("config"))
 
 
