@@ -251,10 +251,9 @@ def _add_annotate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_annotate(args: argparse.Namespace) -> int:
-    import json
 
     from . import tl
-    from ._atomic import atomic_file, check_output_parent
+    from ._atomic import check_output_parent
 
     check_output_parent(args.out)
     if args.report:
@@ -276,8 +275,7 @@ def _run_annotate(args: argparse.Namespace) -> int:
     report = _annotation_report(adata, args.key_added, args.truth_key)
     _write_h5ad(adata, args.out)
     if args.report:
-        with atomic_file(args.report) as tmp:
-            tmp.write_text(json.dumps(report, indent=2))
+        _write_json(args.report, report)
     for name, count in report["predicted"].items():
         _print(args, f"  {name:<45}{count:>8}")
     if "accuracy" in report:
@@ -367,10 +365,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    import json
 
     from . import tl
-    from ._atomic import atomic_file, check_output_parent
+    from ._atomic import check_output_parent
 
     for path in (args.out, args.write, args.report):
         if path:
@@ -386,8 +383,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         _write_h5ad(adata, args.write)
     summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "n_train", "n_test") if k in metrics}
     if args.report:
-        with atomic_file(args.report) as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2, default=float))
+        _write_json(args.report, metrics)
     _print(args, f"held-out accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f} "
                  f"({summary['n_test']} cells); classifier -> {args.out}")
     return 0
@@ -438,7 +434,7 @@ def _run_retrieve(args: argparse.Namespace) -> int:
     import json
 
     from . import tl
-    from ._atomic import atomic_file, check_output_parent
+    from ._atomic import check_output_parent
 
     if args.report:
         check_output_parent(args.report)
@@ -459,9 +455,18 @@ def _run_retrieve(args: argparse.Namespace) -> int:
             top = ", ".join(f"{name} ({score:.3f})" for name, score in zip(cells, scores, strict=True))
             _print(args, f"{text}: {top}")
     if args.report:
-        with atomic_file(args.report) as tmp:
-            tmp.write_text(json.dumps(result, indent=2, default=_json_default))
+        _write_json(args.report, result)
     return 0
+
+
+def _write_json(path: str, data) -> None:
+    """Write a JSON report atomically (numpy arrays and scalars become lists and numbers)."""
+    import json
+
+    from ._atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
 
 
 def _json_default(value):
