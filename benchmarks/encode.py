@@ -4,8 +4,9 @@ Baseline (what the released notebook does): ``transformers.BertModel`` with eage
 batches of 32 cells in file order, each padded to its longest cell, ``torch.no_grad``; the embedding is
 ``cell_proj`` of the first token, L2-normalised.
 
-Ours: the same weights in :class:`langcell.models.LangCell`; cells grouped by length into batches under a
-token budget (:func:`langcell.batching.token_budget_batches`), SDPA attention, ``torch.inference_mode``.
+Ours: the same weights in :class:`langcell.models.LangCell`, through the library's
+:func:`langcell.embedding.embed_cells` (what ``tl.embed`` runs): cells grouped by length into batches under
+a token budget, SDPA attention, ``torch.inference_mode``; ``--bf16`` adds its ``precision="bf16"``.
 
 The cells are real: the first ``--cells`` cells of the immune sample
 (``../shared/data/immune_sample_559cells_counts.h5ad``), tokenized with the released gene vocabulary
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from langcell.batching import pad_sequences, token_budget_batches
+from langcell.batching import pad_sequences
 from langcell.config import LangCellConfig
+from langcell.embedding import embed_cells
 from langcell.models import LangCell
 from langcell.tokenizer import GeneTokenizer
 
@@ -90,21 +92,14 @@ def run_baseline(hf, cell_proj, sequences) -> tuple[float, torch.Tensor]:
 
 
 def run_ours(model: LangCell, sequences, max_tokens: int, *, bf16: bool = False) -> tuple[float, torch.Tensor]:
-    """Length-bucketed, token-budgeted encoding; returns (seconds, embeddings in input order).
+    """The library's :func:`langcell.embedding.embed_cells`; returns (seconds, embeddings in input order).
 
-    ``bf16`` runs under CPU autocast to bfloat16 (different numerics: reported separately).
+    Length-bucketed under a token budget, inference mode, SDPA. ``bf16`` passes ``precision="bf16"``
+    (autocast to bfloat16: different numerics, reported separately).
     """
-    lengths = np.array([len(s) for s in sequences])
-    out = torch.empty(len(sequences), model.config.projection_dim)
     start = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for batch in token_budget_batches(lengths, max_tokens):
-            ids, mask = pad_sequences([sequences[i] for i in batch], pad_id=0)
-            embeddings, _ = model.encode_cells(
-                {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-            )
-            out[torch.from_numpy(batch)] = embeddings.float()
-    return time.perf_counter() - start, out
+    out = embed_cells(model, sequences, max_tokens=max_tokens, precision="bf16" if bf16 else "fp32")
+    return time.perf_counter() - start, torch.from_numpy(out)
 
 
 def main() -> None:
@@ -116,7 +111,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32 cells per preset")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--bf16", action="store_true", help="also time ours under bfloat16 autocast (not fp32: other numerics)"
+        "--bf16", action="store_true", help="also time ours with precision='bf16' (autocast: other numerics)"
     )
     args = parser.parse_args()
     if not SAMPLE.is_file():

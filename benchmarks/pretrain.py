@@ -60,9 +60,10 @@ def measure(args: argparse.Namespace) -> dict:
     from langcell.batching import pad_sequences
     from langcell.corpus import TokenCorpus
     from langcell.models.langcell import LangCell
+    from langcell.precision import autocast
     from langcell.train import load_recipe
     from langcell.train.data import CellTextTable, PretrainStream
-    from langcell.train.pretrain import PretrainObjective, _autocast, _set_trainable
+    from langcell.train.pretrain import PretrainObjective, _set_trainable
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -111,7 +112,7 @@ def measure(args: argparse.Namespace) -> dict:
             text_tokens = model.tokenize_texts([table.texts[i] for i in unique], config.text_max_length)
             text_tokens = {k: v.to(device) for k, v in text_tokens.items()}
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(precision, device):
+        with autocast(precision, device):
             losses = objective(inputs, args.stage, generator, text_tokens)
             loss = sum(losses.values())
         loss.backward()

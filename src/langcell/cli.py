@@ -211,10 +211,25 @@ def _write_h5ad(adata, path: str) -> None:
         adata.write_h5ad(tmp)
 
 
-def _load_model(path: str):
+def _load_model(path: str, device: str | None = None):
+    """The model in ``path``, on ``device`` ("auto" or None: CUDA when available, else CPU)."""
+    import torch
+
     from .models.langcell import LangCell
 
-    return LangCell.from_pretrained(path)
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise LangCellError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return LangCell.from_pretrained(path, map_location=device)
+
+
+def _add_compute_options(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="cpu, cuda, cuda:N, or auto (default: CUDA when available)")
+    if precision:
+        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="autocast of the model passes (default fp32; bf16 is faster on GPUs; fp16 needs CUDA)")
 
 
 def _add_counts_options(p: argparse.ArgumentParser) -> None:
@@ -247,6 +262,7 @@ def _add_annotate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truth-key", metavar="COL", help="obs column of true labels: adds accuracy/macro-F1 to the report")
     p.add_argument("--report", metavar="REPORT.json", help="write a JSON report (counts per class, metrics)")
     _add_counts_options(p)
+    _add_compute_options(p)
     p.set_defaults(func=_run_annotate)
 
 
@@ -259,7 +275,7 @@ def _run_annotate(args: argparse.Namespace) -> int:
     if args.report:
         check_output_parent(args.report)
     adata = _read_input(args.input)
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.device)
     labels = None
     if args.labels is not None:
         labels = [part.strip() for part in args.labels.split(";") if part.strip()]
@@ -270,7 +286,8 @@ def _run_annotate(args: argparse.Namespace) -> int:
     tl.annotate(
         adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, alpha=args.alpha,
         top_k=args.top_k, mode=args.mode, threshold=args.threshold, counts_layer=args.counts_layer,
-        gene_column=args.gene_column, progress=not args.quiet, key_added=args.key_added,
+        gene_column=args.gene_column, precision=args.precision, progress=not args.quiet,
+        key_added=args.key_added,
     )
     report = _annotation_report(adata, args.key_added, args.truth_key)
     _write_h5ad(adata, args.out)
@@ -322,6 +339,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-added", default="X_langcell", help="obsm key (default X_langcell)")
     p.add_argument("--backed", action="store_true", help="read the input backed (files larger than memory)")
     _add_counts_options(p)
+    _add_compute_options(p)
     p.set_defaults(func=_run_embed)
 
 
@@ -331,9 +349,9 @@ def _run_embed(args: argparse.Namespace) -> int:
 
     check_output_parent(args.out)
     adata = _read_input(args.input, backed=args.backed)
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.device)
     tl.embed(adata, model, counts_layer=args.counts_layer, gene_column=args.gene_column,
-             progress=not args.quiet, key_added=args.key_added)
+             precision=args.precision, progress=not args.quiet, key_added=args.key_added)
     if args.backed:
         embedding, params = adata.obsm[args.key_added], adata.uns[args.key_added]
         adata = adata.to_memory()
@@ -361,6 +379,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="REPORT.json", help="write the metrics as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_counts_options(p)
+    _add_compute_options(p, precision=False)
     p.set_defaults(func=_run_finetune)
 
 
@@ -373,7 +392,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         if path:
             check_output_parent(path)
     adata = _read_input(args.input)
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.device)
     classifier, metrics = tl.finetune(
         adata, model, args.label_key, mode=args.mode, epochs=args.epochs, seed=args.seed,
         counts_layer=args.counts_layer, gene_column=args.gene_column, progress=not args.quiet,
@@ -427,6 +446,7 @@ def _add_retrieve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-n", type=int, default=10, help="cells per query (default 10)")
     p.add_argument("--report", metavar="REPORT.json", help="write the result as JSON")
     _add_counts_options(p)
+    _add_compute_options(p)
     p.set_defaults(func=_run_retrieve)
 
 
@@ -439,17 +459,18 @@ def _run_retrieve(args: argparse.Namespace) -> int:
     if args.report:
         check_output_parent(args.report)
     adata = _read_input(args.input)
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.device)
     if args.label_key:
         result = tl.retrieval_recall(adata, model, args.label_key, counts_layer=args.counts_layer,
-                                     gene_column=args.gene_column, progress=not args.quiet)
+                                     gene_column=args.gene_column, precision=args.precision,
+                                     progress=not args.quiet)
         _print(args, json.dumps(result, indent=2, default=float))
     else:
         texts = [t.strip() for t in args.texts.split(";") if t.strip()]
         if not texts:
             raise LangCellError("--texts holds no query; pass texts separated by ';'")
         tl.retrieve_cells(adata, model, texts, top_n=args.top_n, counts_layer=args.counts_layer,
-                          gene_column=args.gene_column, progress=not args.quiet)
+                          gene_column=args.gene_column, precision=args.precision, progress=not args.quiet)
         result = adata.uns["langcell_retrieval"]
         for text, cells, scores in zip(texts, result["cell_names"], result["scores"], strict=True):
             top = ", ".join(f"{name} ({score:.3f})" for name, score in zip(cells, scores, strict=True))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .batching import pad_sequences, token_budget_batches
+from .precision import autocast, check_precision
 
 #: Cell tokens (batch size x padded length) per forward pass when embedding.
 DEFAULT_EMBED_MAX_TOKENS = 16_384
@@ -22,6 +23,7 @@ def embed_cells(
     *,
     max_tokens: int = DEFAULT_EMBED_MAX_TOKENS,
     max_length: int | None = None,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> np.ndarray:
     """L2-normalised cell embeddings ``[n_cells, projection_dim]`` (float32), in the input order.
@@ -37,9 +39,14 @@ def embed_cells(
         almost no compute goes to padding.
     max_length
         Cut cells to their first ``max_length`` tokens (default: the model's number of positions).
+    precision
+        ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the forward passes
+        (:mod:`langcell.precision`); embeddings are returned as float32 either way.
     progress
         Show a progress bar.
     """
+    device = model.logit_scale.device
+    precision = check_precision(precision, device)
     limit = model.config.cell.max_position_embeddings
     max_length = limit if max_length is None else min(int(max_length), limit)
     lengths = np.minimum(np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells)), max_length)
@@ -56,7 +63,7 @@ def embed_cells(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision, device):
             for index in batches:
                 ids, mask = pad_sequences([cells[int(i)] for i in index], pad_id, max_length)
                 emb, _ = model.encode_cells({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})

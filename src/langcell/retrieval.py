@@ -195,6 +195,7 @@ def retrieve_cells(
     n_counts_key: str | None = "n_counts",
     max_length: int | None = None,
     max_tokens: int = 16_384,
+    precision: str = "fp32",
     progress: bool = False,
     key_added: str = "langcell_retrieval",
     copy: bool = False,
@@ -219,8 +220,9 @@ def retrieve_cells(
         they are used (rows re-normalised) instead of running the cell encoder, and
         ``params["reused_embeddings"]`` says so. Their width must equal the model's projection size.
         ``None`` always computes the embeddings.
-    counts_layer, gene_column, n_counts_key, max_length, max_tokens
-        Tokenization and batching when the embeddings are computed (see :func:`langcell.tl.embed`).
+    counts_layer, gene_column, n_counts_key, max_length, max_tokens, precision
+        Tokenization, batching and precision when the embeddings are computed (see
+        :func:`langcell.tl.embed`); ``precision`` also applies to the text embeddings.
     progress
         Show a progress bar while embedding cells.
     key_added
@@ -248,9 +250,10 @@ def retrieve_cells(
     top_n = _check_k(top_n, "top_n")
     names, query_texts = _query_texts(texts, as_labels)
     cell_embeddings, reused, max_length = _cell_embeddings(
-        adata, model, use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens, progress
+        adata, model, use_rep, counts_layer=counts_layer, gene_column=gene_column, n_counts_key=n_counts_key,
+        max_length=max_length, max_tokens=max_tokens, precision=precision, progress=progress,
     )
-    similarity = cell_embeddings @ _text_embeddings(model, query_texts, names).T  # [n_cells, n_texts]
+    similarity = cell_embeddings @ _text_embeddings(model, query_texts, names, precision).T  # [n_cells, n_texts]
     order = top_k_indices(similarity.T, top_n)
     scores = np.take_along_axis(similarity.T, order, axis=1).astype(np.float32)
 
@@ -287,6 +290,7 @@ def retrieve_texts(
     n_counts_key: str | None = "n_counts",
     max_length: int | None = None,
     max_tokens: int = 16_384,
+    precision: str = "fp32",
     progress: bool = False,
     key_added: str = "langcell_text_retrieval",
     copy: bool = False,
@@ -295,7 +299,8 @@ def retrieve_texts(
 
     Parameters
     ----------
-    adata, model, texts, as_labels, use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens, progress
+    adata, model, texts, as_labels, use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens
+    precision, progress
         As in :func:`retrieve_cells`.
     top_n
         Texts per cell, at least 1; clamped to the number of texts.
@@ -331,9 +336,10 @@ def retrieve_texts(
     top_n = _check_k(top_n, "top_n")
     names, query_texts = _query_texts(texts, as_labels)
     cell_embeddings, reused, max_length = _cell_embeddings(
-        adata, model, use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens, progress
+        adata, model, use_rep, counts_layer=counts_layer, gene_column=gene_column, n_counts_key=n_counts_key,
+        max_length=max_length, max_tokens=max_tokens, precision=precision, progress=progress,
     )
-    similarity = (cell_embeddings @ _text_embeddings(model, query_texts, names).T).astype(np.float32)
+    similarity = (cell_embeddings @ _text_embeddings(model, query_texts, names, precision).T).astype(np.float32)
     order = top_k_indices(similarity, top_n)
 
     adata = adata.copy() if copy else adata
@@ -371,6 +377,7 @@ def retrieval_recall(
     n_counts_key: str | None = "n_counts",
     max_length: int | None = None,
     max_tokens: int = 16_384,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score cell-text retrieval on labelled cells: recall@k both ways and text -> cell precision@k.
@@ -406,7 +413,7 @@ def retrieval_recall(
         ``{label: text}`` for labels whose text you write yourself.
     mapping
         ``{label: term id}`` (or a JSON/TSV path) for labels the name resolver cannot place.
-    use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens, progress
+    use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens, precision, progress
         As in :func:`retrieve_cells`.
 
     Returns
@@ -447,11 +454,12 @@ def retrieval_recall(
     codes[labelled] = [text_index[label_text[v]] for v in values[labelled]]
 
     cell_embeddings, reused, _ = _cell_embeddings(
-        adata, model, use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens, progress
+        adata, model, use_rep, counts_layer=counts_layer, gene_column=gene_column, n_counts_key=n_counts_key,
+        max_length=max_length, max_tokens=max_tokens, precision=precision, progress=progress,
     )
     rows = np.flatnonzero(labelled)
     names = [f"text {i}" for i in range(len(candidate_texts))]  # texts may repeat words; names need not
-    similarity = cell_embeddings[rows] @ _text_embeddings(model, candidate_texts, names).T
+    similarity = cell_embeddings[rows] @ _text_embeddings(model, candidate_texts, names, precision).T
     result: dict[str, Any] = dict(retrieval_metrics(similarity, codes[rows], ks))
     result.update(
         ks=list(ks),
@@ -526,17 +534,19 @@ def _query_texts(texts: Any, as_labels: bool) -> tuple[list[str], list[str]]:
     return names, [" ".join(v.split()) for v in values]
 
 
-def _text_embeddings(model: Any, texts: list[str], names: list[str]) -> np.ndarray:
+def _text_embeddings(model: Any, texts: list[str], names: list[str], precision: str = "fp32") -> np.ndarray:
     """L2-normalised text embeddings ``float32 [n_texts, projection_dim]`` (eval mode, no gradients)."""
     from .zero_shot import encode_class_texts
 
-    return encode_class_texts(model, texts, names).embeddings.float().cpu().numpy()
+    return encode_class_texts(model, texts, names, precision=precision).embeddings.float().cpu().numpy()
 
 
-def _cell_embeddings(
-    adata, model, use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens, progress
-) -> tuple[np.ndarray, bool, int | None]:
-    """Unit cell embeddings, whether they were reused from obsm, and the max_length used (None if reused)."""
+def _cell_embeddings(adata, model, use_rep, **encode_options) -> tuple[np.ndarray, bool, int | None]:
+    """Unit cell embeddings, whether they were reused from obsm, and the max_length used (None if reused).
+
+    ``encode_options`` (counts_layer, gene_column, n_counts_key, max_length, max_tokens, precision,
+    progress) go to the embedding routine of :func:`langcell.tl.embed` when the cells are encoded.
+    """
     width = int(model.config.projection_dim)
     if use_rep is not None and use_rep in adata.obsm:
         embeddings = np.asarray(adata.obsm[use_rep], dtype=np.float32)
@@ -552,25 +562,10 @@ def _cell_embeddings(
                 f"obsm[{use_rep!r}] holds zero or non-finite rows; recompute them with tl.embed or pass use_rep=None"
             )
         return embeddings / norms, True, None
-    from .embedding import embed_cells
+    from .tl import _embedding_matrix
 
-    tokenizer = getattr(model, "gene_tokenizer", None)
-    if tokenizer is None:
-        raise LangCellError(
-            "the model has no gene tokenizer, so it cannot embed counts; load it with LangCell.from_pretrained, "
-            "attach one with model.set_gene_tokenizer(...), or put embeddings in obsm (tl.embed)"
-        )
-    limit = int(model.config.cell.max_position_embeddings)
-    if max_length is None:
-        max_length = limit
-    elif isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or max_length < 1:
-        raise LangCellError(f"max_length must be a positive integer number of tokens, got {max_length!r}")
-    max_length = int(min(max_length, limit))
-    cells = tokenizer.encode(
-        adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
-        max_length=max_length, progress=progress,
-    )
-    return embed_cells(model, cells, max_tokens=max_tokens, max_length=max_length, progress=progress), False, max_length
+    embeddings, max_length = _embedding_matrix(adata, model, **encode_options)
+    return embeddings, False, max_length
 
 
 def _check_matrix(matrix: Any, name: str) -> np.ndarray:

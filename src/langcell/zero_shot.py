@@ -67,6 +67,7 @@ import torch
 
 from .batching import pad_sequences, token_budget_batches
 from .errors import LangCellError
+from .precision import autocast, check_precision
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -197,6 +198,7 @@ def encode_class_texts(
     names: Sequence[str] | None = None,
     *,
     max_length: int | None = None,
+    precision: str = "fp32",
 ) -> ClassTexts:
     """Tokenise and embed the class texts once.
 
@@ -210,6 +212,8 @@ def encode_class_texts(
         Class names (default: the dict's keys, or the texts themselves).
     max_length
         Longest text in tokens (default and cap: the text tower's positions).
+    precision
+        Autocast of the text passes (:mod:`langcell.precision`); the embeddings are stored in float32.
 
     Returns
     -------
@@ -230,15 +234,16 @@ def encode_class_texts(
     if len(set(names)) != len(names):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         raise LangCellError(f"class names {duplicated[:5]} are repeated; give each class once")
-    tokens = model.tokenize_texts(texts, max_length=max_length)
     device = model.logit_scale.device
+    precision = check_precision(precision, device)
+    tokens = model.tokenize_texts(texts, max_length=max_length)
     input_ids = tokens["input_ids"].to(device)
     attention_mask = tokens["attention_mask"].to(device)
     classes = ClassTexts(names, texts, input_ids, attention_mask, embeddings=torch.empty(0))
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), _eval_mode(model), autocast(precision, device):
         # Texts of similar length together, each group padded to its own longest text.
         parts = [
-            (rows, model.encode_texts(classes.tokens(rows)))
+            (rows, model.encode_texts(classes.tokens(rows)).float())
             for rows in _greedy_groups(attention_mask.sum(dim=1), 1, DEFAULT_MAX_PAIR_TOKENS)
         ]
         embeddings = torch.empty(len(texts), parts[0][1].shape[1], dtype=parts[0][1].dtype, device=device)
@@ -342,7 +347,7 @@ class ZeroShotScores:
 
 def _match_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Probability of "match" (index 1) from CTM logits ``[..., 2]``."""
-    return torch.softmax(logits, dim=-1)[..., 1]
+    return torch.softmax(logits.float(), dim=-1)[..., 1]
 
 
 def _greedy_groups(
@@ -391,7 +396,7 @@ def _official_match(
     """
     n_cells, n_classes = states.shape[0], len(classes)
     text_lengths = classes.attention_mask.sum(dim=1)
-    out = states.new_empty(n_cells, n_classes)
+    out = torch.empty(n_cells, n_classes, dtype=torch.float32, device=states.device)
     for rows in _greedy_groups(text_lengths, 1, max_pair_tokens):
         tokens = classes.tokens(rows)
         cells_per_pass = max(1, max_pair_tokens // tokens["input_ids"].numel())
@@ -420,7 +425,7 @@ def _top_k_match(
     n_cells, k = top_classes.shape
     text_lengths = classes.attention_mask.sum(dim=1)
     cell_widths = text_lengths[top_classes].max(dim=1).values
-    match = torch.full((n_cells, len(classes)), float("nan"), dtype=states.dtype, device=states.device)
+    match = torch.full((n_cells, len(classes)), float("nan"), dtype=torch.float32, device=states.device)
     for cells in _greedy_groups(cell_widths, k, max_pair_tokens):
         cells = torch.sort(cells).values
         cell_states, cell_mask = _trimmed_cells(states, mask, cells)
@@ -524,7 +529,11 @@ def score_batch(
     embeddings, states = model.encode_cells(
         {"input_ids": torch.as_tensor(batch["input_ids"]), "attention_mask": mask}
     )
-    similarity = model.similarity(embeddings, classes.embeddings)
+    # Scores are combined in float32 even under a bf16/fp16 autocast: the similarities go through a
+    # softmax at temperature 0.05, which would magnify the rounding of a low-precision product.
+    embeddings = embeddings.float()
+    with torch.autocast(device.type, enabled=False):
+        similarity = model.similarity(embeddings, classes.embeddings.float())
     fully_scored = torch.ones(similarity.shape[0], dtype=torch.bool, device=similarity.device)
     if mode == "official":
         match = _official_match(model, states, mask, classes, max_pair_tokens)
@@ -563,6 +572,7 @@ def zero_shot_scores(
     max_batch_size: int | None = None,
     max_pair_tokens: int = DEFAULT_MAX_PAIR_TOKENS,
     exact_argmax: bool = False,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> ZeroShotScores:
     """Score tokenized cells against class texts with the released zero-shot formula.
@@ -595,6 +605,10 @@ def zero_shot_scores(
     exact_argmax
         Fast mode: score every class of each cell whose prediction could differ from the official
         one, so that the predictions equal ``mode="official"`` (module docstring).
+    precision
+        ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the model passes
+        (:mod:`langcell.precision`). The scores are combined in float32 either way; with bf16 the
+        similarities carry about 3 significant digits, so near-ties may resolve differently from fp32.
     progress
         Show a tqdm progress bar over cells.
 
@@ -604,6 +618,7 @@ def zero_shot_scores(
         Rows in the order of ``cells``.
     """
     mode = _check_mode(mode)
+    precision = check_precision(precision, model.logit_scale.device)
     alpha = check_alpha(alpha)
     top_k = check_top_k(top_k, len(classes))
     if max_pair_tokens < 1:
@@ -630,7 +645,7 @@ def zero_shot_scores(
     }
     bar = _progress_bar(n_cells, progress, mode)
     try:
-        with torch.inference_mode(), _eval_mode(model):
+        with torch.inference_mode(), _eval_mode(model), autocast(precision, model.logit_scale.device):
             for rows in batches:
                 input_ids, attention_mask = pad_sequences([sequences[i] for i in rows], pad_id, max_positions)
                 result = score_batch(

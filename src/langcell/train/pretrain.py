@@ -68,6 +68,7 @@ from ..losses import (
     sample_hard_negatives,
 )
 from ..models.langcell import LangCell
+from ..precision import autocast, check_precision
 from . import distributed
 from .data import CellTextTable, PretrainStream
 
@@ -121,8 +122,7 @@ class PretrainConfig:
         """Raise :class:`LangCellError` naming the first bad setting."""
         if self.stage not in ("cell", "joint", "both"):
             raise LangCellError(f"stage must be 'cell', 'joint' or 'both', got {self.stage!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise LangCellError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        check_precision(self.precision)
         for name in ("cell_steps", "joint_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise LangCellError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -453,13 +453,6 @@ def _step_seed(seed: int, stage: str, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, STAGES.index(stage), step, micro, rank]).generate_state(1)[0])
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def pretrain(
     corpus: str | os.PathLike | TokenCorpus,
     out_dir: str | os.PathLike,
@@ -665,7 +658,7 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
                 text_tokens = model.tokenize_texts([table.texts[i] for i in unique], config.text_max_length)
                 text_tokens = {k: v.to(ctx.device) for k, v in text_tokens.items()}
             sync = (micro == config.grad_accum - 1) or not ctx.distributed
-            with (contextlib.nullcontext() if sync else wrapped.no_sync()), _autocast(config.precision, ctx.device):
+            with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(config.precision, ctx.device):
                 losses = wrapped(inputs, stage, generator, text_tokens)
                 loss = combine(losses, weights) / config.grad_accum
             if not distributed.all_ranks_agree(ctx, bool(torch.isfinite(loss.detach()))):
