@@ -511,3 +511,10 @@ def test_organism_table_agrees_with_ncbitaxon():
         ncbi_label, ncbi_synonyms = taxonomy[term_id]
         assert label == ncbi_label, term_id
         assert {s.lower() for s in synonyms} <= {s.lower() for s in ncbi_synonyms}, term_id
+
+
+def test_term_label_names_known_terms_and_is_empty_for_unknown_ids():
+    assert ontology.term_label("CL:0000236") == "B cell"
+    assert ontology.term_label("UBERON:0000178") == "blood"
+    assert ontology.term_label("CL:9999999") == ""
+    assert ontology.term_label("not a term") == ""

@@ -106,6 +106,7 @@ __all__ = [
     "describe_cells",
     "label_texts",
     "resolve_labels",
+    "term_label",
     "term_text",
 ]
 
@@ -305,6 +306,18 @@ def _parser():
     from cellxgene_ontology_guide.ontology_parser import OntologyParser
 
     return OntologyParser()
+
+
+def term_label(term_id: str) -> str:
+    """The ontology label of a term id (``"CL:0000236"`` -> ``"B cell"``), or ``""`` when it has none.
+
+    CELLxGENE's special values keep the parser's answer ("unknown" -> "unknown"); ids the bundled
+    ontologies do not know give ``""`` rather than an error: callers show the label next to the id.
+    """
+    try:
+        return str(_parser().get_term_label(term_id))
+    except Exception:  # the parser raises ValueError for unknown ids and prefixes
+        return ""
 
 
 def _ontology_terms(ontology: str) -> dict[str, Any]:

@@ -317,7 +317,7 @@ def _class_texts(
         {
             "label": names,
             "term_id": names,
-            "term_label": [_term_label(t) for t in names],
+            "term_label": [ontology.term_label(t) for t in names],
             "how": ["term id"] * len(names),
         },
         columns=_RESOLUTION_COLUMNS,
@@ -376,7 +376,7 @@ def _classes_from_column(
         {
             "label": terms,
             "term_id": terms,
-            "term_label": [_term_label(t) for t in terms],
+            "term_label": [ontology.term_label(t) for t in terms],
             "how": ["obs column"] * len(terms),
         },
         columns=_RESOLUTION_COLUMNS,
@@ -394,15 +394,6 @@ def _term_text_or_raise(term: Any, aspect: str, where: str) -> str:
             f"{where}: {term!r} has no {aspect} text (it means 'unknown'/'not applicable'); leave it out"
         )
     return text
-
-
-def _term_label(term: str) -> str:
-    """The ontology label of a term id, or "" for special values without one ("PATO:0000461" has one)."""
-    try:
-        # The ontology module's shared parser: building a second one would read the ontologies again.
-        return str(ontology._parser().get_term_label(term))
-    except Exception:  # special values ("multiethnic") and taxa outside the bundled ontologies
-        return ""
 
 
 # --------------------------------------------------------------------------------------------------
