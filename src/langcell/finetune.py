@@ -39,12 +39,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._atomic import atomic_directory
+from ._checks import check_anndata as _check_anndata
+from ._checks import check_key_added as _check_key
 from .batching import pad_sequences, token_budget_batches
 from .config import CellEncoderConfig, _dataclass_from_dict
 from .errors import LangCellError
 from .io import read_format_document
 from .models.cell_encoder import CellEncoder, init_bert_weights
 from .train.pretrain import _param_groups, _schedule
+from .zero_shot import _as_sequences
 
 __all__ = [
     "CellTypeClassifier",
@@ -928,31 +931,6 @@ def _check_class_names(labels: Sequence[str]) -> list[str]:
     return names
 
 
-def _as_sequences(cells: Any) -> list[np.ndarray]:
-    if hasattr(cells, "offsets") and hasattr(cells, "ids"):
-        ids, offsets = np.asarray(cells.ids), np.asarray(cells.offsets)
-        return [ids[offsets[i] : offsets[i + 1]] for i in range(offsets.size - 1)]
-    sequences = [np.asarray(s) for s in cells]
-    for s in sequences:
-        if s.ndim != 1 or s.size == 0 or not np.issubdtype(s.dtype, np.integer):
-            raise LangCellError(
-                "every cell must be a non-empty 1-D array of integer token ids (<cls> first); tokenize the "
-                "cells with GeneTokenizer.encode"
-            )
-    return sequences
-
-
-def _check_anndata(adata: Any) -> None:
-    import anndata
-
-    if not isinstance(adata, anndata.AnnData):
-        raise LangCellError(
-            f"adata must be an AnnData, got {type(adata).__name__}; read one with anndata.read_h5ad(path)"
-        )
-    if adata.n_obs == 0:
-        raise LangCellError("the AnnData has no cells; pass data with at least one cell")
-
-
 def _gene_tokenizer(model: Any) -> Any:
     tokenizer = getattr(model, "gene_tokenizer", None)
     if tokenizer is None:
@@ -961,11 +939,6 @@ def _gene_tokenizer(model: Any) -> Any:
             "LangCell.from_pretrained or attach one with model.set_gene_tokenizer(...)"
         )
     return tokenizer
-
-
-def _check_key(key_added: Any) -> None:
-    if not isinstance(key_added, str) or not key_added:
-        raise LangCellError(f"key_added must be a non-empty string, got {key_added!r}")
 
 
 def _check_fraction(train_fraction: Any) -> None:

@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from . import ontology
+from ._checks import check_anndata as _check_anndata
+from ._checks import check_key_added as _check_key
 from .errors import LangCellError
 
 __all__ = [
@@ -600,17 +602,3 @@ def _check_ks(ks: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(_check_k(k, "every k") for k in ks))
 
 
-def _check_key(key_added: Any) -> None:
-    if not isinstance(key_added, str) or not key_added:
-        raise LangCellError(f"key_added must be a non-empty string, got {key_added!r}")
-
-
-def _check_anndata(adata: Any) -> None:
-    import anndata
-
-    if not isinstance(adata, anndata.AnnData):
-        raise LangCellError(
-            f"adata must be an AnnData, got {type(adata).__name__}; read one with anndata.read_h5ad(path)"
-        )
-    if adata.n_obs == 0:
-        raise LangCellError("the AnnData has no cells; pass data with at least one cell")

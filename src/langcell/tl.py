@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import ontology
+from ._checks import check_anndata as _check_anndata
 from .errors import LangCellError
 from .precision import check_precision
 from .zero_shot import (
@@ -272,17 +273,6 @@ def annotate(
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_anndata(adata: Any) -> None:
-    import anndata
-
-    if not isinstance(adata, anndata.AnnData):
-        raise LangCellError(
-            f"adata must be an AnnData, got {type(adata).__name__}; read one with anndata.read_h5ad(path)"
-        )
-    if adata.n_obs == 0:
-        raise LangCellError("the AnnData has no cells; pass data with at least one cell")
 
 
 def _class_texts(
