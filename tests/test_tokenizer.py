@@ -511,3 +511,26 @@ def test_no_warning_for_clean_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_tokenizer().encode(tiny_adata([[1, 6, 2, 0, 1]]))
+
+
+def test_tokenizing_keeps_the_torch_thread_count():
+    # numba's first parallel launch resets OpenMP's thread count, which torch reads; the tokenizer
+    # restores it so that a user's torch.set_num_threads survives tokenization.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, numpy as np, anndata as ad, scipy.sparse as sp\n"
+        "torch.set_num_threads(1)\n"
+        "assert torch.get_num_threads() == 1\n"  # torch's thread pool is live before numba's first launch
+        "from langcell.tokenizer import GeneTokenizer\n"
+        "x = sp.random(30, 40, density=0.3, format='csr', random_state=0, dtype=np.float64)\n"
+        "x.data = np.ceil(x.data * 10)\n"
+        "a = ad.AnnData(x)\n"
+        "a.var_names = [f'g{i}' for i in range(40)]\n"
+        "tok = GeneTokenizer.fit(a, gene_id_kind='custom')\n"
+        "tok.encode(a)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "1"

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -571,8 +572,26 @@ def _scan(rows: _CsrRows, column_map: np.ndarray) -> tuple[np.ndarray, np.ndarra
     n_expressed = np.empty(rows.n_rows, dtype=np.int64)
     row_max = np.empty(rows.n_rows, dtype=np.float64)
     flags = np.empty(rows.n_rows, dtype=np.uint8)
-    _scan_rows(rows.indptr, rows.indices, rows.data, column_map, totals, n_expressed, row_max, flags)
+    with _torch_threads_kept():
+        _scan_rows(rows.indptr, rows.indices, rows.data, column_map, totals, n_expressed, row_max, flags)
     return totals, n_expressed, row_max, flags
+
+
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """Run a numba parallel kernel without changing torch's thread count.
+
+    numba's first parallel launch in a process (of a cached kernel) resets the OpenMP thread count that
+    torch also reads, which would silently undo a user's ``torch.set_num_threads``. The tokenizer does
+    not import torch; it only restores the count when torch is already loaded.
+    """
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if torch is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _raise_on_bad_values(flags: np.ndarray, row_max: np.ndarray, label: str) -> None:
@@ -1053,19 +1072,20 @@ class GeneTokenizer:
         np.cumsum(lengths, out=offsets[1:])
         ids = np.empty(int(offsets[-1]), dtype=np.int32)
         rows = chunk.rows
-        _rank_rows(
-            rows.indptr,
-            rows.indices,
-            rows.data,
-            column_map,
-            np.ascontiguousarray(chunk.n_counts, dtype=np.float64),
-            self.medians,
-            chunk.n_expressed,
-            chunk.flags,
-            offsets,
-            ids,
-            np.int32(self.cls_id),
-        )
+        with _torch_threads_kept():
+            _rank_rows(
+                rows.indptr,
+                rows.indices,
+                rows.data,
+                column_map,
+                np.ascontiguousarray(chunk.n_counts, dtype=np.float64),
+                self.medians,
+                chunk.n_expressed,
+                chunk.flags,
+                offsets,
+                ids,
+                np.int32(self.cls_id),
+            )
         return ids, lengths
 
     def encode(
