@@ -36,18 +36,10 @@ Run from the repository root::
     python benchmarks/zero_shot.py --size small
 """
 
-# ruff: noqa: E402  (sys.path is fixed before the imports below; see the comment there)
 from __future__ import annotations
 
-import os
-import sys
-
-# Python puts this script's folder first on sys.path, where a sibling benchmark named like a standard
-# module (tokenize.py) would shadow it. Nothing is imported from this folder, so drop it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != _HERE]
-
 import argparse
+import os
 import time
 from pathlib import Path
 

@@ -138,3 +138,77 @@ def confusion_matrix(
     _save(fig, path)
     plt.close(fig)
     return counts
+
+
+#: How :func:`fewshot_curves` names the methods of :func:`langcell.tl.fewshot`.
+_FEWSHOT_METHOD_NAMES = {"langcell": "LangCell", "logistic_regression": "logistic regression", "knn": "kNN (PCA)"}
+
+
+def fewshot_curves(results, path: str | os.PathLike | None = None, *, metric: str = "macro_f1", title: str = ""):
+    """Few-shot curves: a metric against the training cells per class, one line per method.
+
+    Each point is the mean over the repeats, with a band of one standard deviation (when there are
+    several repeats); the x axis is logarithmic, with a tick at every number of shots.
+
+    Parameters
+    ----------
+    results
+        The table returned by :func:`langcell.tl.fewshot`, or what it stores in ``adata.uns[key]``
+        (the dict with ``"results"``, or the ``"results"`` dict itself).
+    path
+        The PNG file to write (atomically); ``None`` writes nothing.
+    metric
+        ``"macro_f1"`` or ``"accuracy"``.
+    title
+        Figure title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (not registered with pyplot, so it needs no closing).
+    """
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    if isinstance(results, dict) and "results" in results:
+        results = results["results"]
+    try:
+        table = pd.DataFrame(results)
+    except (TypeError, ValueError) as error:
+        raise LangCellError(
+            f"results must be the table from tl.fewshot or adata.uns[key] ({error}); pass one of those"
+        ) from None
+    if metric not in ("macro_f1", "accuracy"):
+        raise LangCellError(f"metric must be 'macro_f1' or 'accuracy', got {metric!r}")
+    missing = [column for column in ("method", "shots", metric) if column not in table.columns]
+    if missing or table.empty:
+        raise LangCellError(
+            f"the results lack the columns {missing} or hold no row; pass the table from tl.fewshot or "
+            "adata.uns[key]"
+        )
+    table = table.astype({"method": str, "shots": int, metric: float})
+    summary = table.groupby(["method", "shots"], sort=True)[metric].agg(["mean", "std"]).fillna(0.0)
+    fig = Figure(figsize=(5.6, 4.2))
+    ax = fig.add_subplot()
+    methods = list(dict.fromkeys(table["method"]))  # first-seen order: LangCell first
+    for method in methods:
+        rows = summary.loc[method]
+        shots, mean, std = rows.index.to_numpy(), rows["mean"].to_numpy(), rows["std"].to_numpy()
+        line = ax.plot(shots, mean, marker="o", label=_FEWSHOT_METHOD_NAMES.get(method, method))[0]
+        if np.any(std > 0):
+            ax.fill_between(shots, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    all_shots = sorted(set(table["shots"]))
+    ax.set_xscale("log")
+    ax.set_xticks(all_shots, [str(n) for n in all_shots])
+    ax.minorticks_off()
+    ax.set_xlabel("training cells per class")
+    ax.set_ylabel("macro-F1" if metric == "macro_f1" else "accuracy")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig

@@ -35,7 +35,10 @@ from .zero_shot import (
     zero_shot_scores,
 )
 
-__all__ = ["annotate", "embed", "finetune", "predict", "retrieval_recall", "retrieve_cells", "retrieve_texts"]
+__all__ = [
+    "annotate", "embed", "fewshot", "finetune", "predict", "retrieval_recall", "retrieve_cells", "retrieve_texts",
+    "evaluate", "integration_metrics", "per_type_accuracy",
+]
 
 #: Values of a ``*_ontology_term_id`` column that name no class (CELLxGENE's "not known"/"not applicable").
 _NO_CLASS_VALUES = frozenset({"unknown", "na", ""})
@@ -524,7 +527,9 @@ def _embedding_matrix(
 
 
 # --------------------------------------------------------------------------------------------------
-# Fine-tuning, few-shot annotation and retrieval live in their own modules; they are part of the tl
-# namespace.
+# Fine-tuning, few-shot annotation, retrieval and evaluation live in their own modules; they are part
+# of the tl namespace.
+from .evaluate import evaluate, integration_metrics, per_type_accuracy  # noqa: E402
+from .fewshot import fewshot  # noqa: E402
 from .finetune import finetune, predict  # noqa: E402
 from .retrieval import retrieval_recall, retrieve_cells, retrieve_texts  # noqa: E402
