@@ -209,3 +209,14 @@ def test_two_process_gloo_run_with_torchrun(corpus_dir, tmp_path):
     )
     assert state["world_size"] == 2
     assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+
+
+def test_the_model_gets_only_the_positions_its_recipe_trains(corpus_dir):
+    tokenizer = TokenCorpus(corpus_dir).tokenizer
+    demo = load_recipe("demo")  # small preset (2,048 positions), cells cut to 128 tokens
+    assert demo.model_config().cell.max_position_embeddings == 2048
+    config = demo.model_config_for(tokenizer)
+    assert config.cell.max_position_embeddings == demo.max_length == 128
+    assert config.cell.vocab_size == tokenizer.vocab_size
+    base = load_recipe("base")  # trains every position of its encoder
+    assert base.model_config_for(tokenizer).cell.max_position_embeddings == base.max_length == 2048

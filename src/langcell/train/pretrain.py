@@ -167,9 +167,16 @@ class PretrainConfig:
         return LangCellConfig.from_dict(self.model)
 
     def model_config_for(self, gene_tokenizer) -> LangCellConfig:
-        """The model's config with this recipe's vocabulary, attention dropout and checkpointing applied."""
+        """The model's config with this recipe's vocabulary, cell length, attention dropout and checkpointing.
+
+        The cell encoder gets no more positions than the recipe's ``max_length``: positions past it would
+        never see a token in training and keep their random initial values, yet inference
+        (``tl.annotate``, ``tl.embed``) reads cells up to the encoder's positions. With the table cut to
+        what was trained, inference cuts cells to the same length the model learned on.
+        """
         model_config = self.model_config()
         model_config.cell.vocab_size = gene_tokenizer.vocab_size
+        model_config.cell.max_position_embeddings = min(model_config.cell.max_position_embeddings, self.max_length)
         if self.attention_dropout is not None:
             model_config.cell.attention_probs_dropout_prob = self.attention_dropout
             model_config.text.attention_probs_dropout_prob = self.attention_dropout
