@@ -31,7 +31,6 @@ Writes ``OUT/report.json`` and ``OUT/fewshot.png`` (macro-F1 curves) and prints 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import pandas as pd
 import torch
 
 from langcell import pl, tl
-from langcell._atomic import atomic_file
+from langcell.cli import _write_json  # the CLI's atomic JSON writer (numpy values included)
 from langcell.datasets import pbmc68k
 from langcell.demo import held_out_split, log_normalised_features, logistic_regression_predict
 from langcell.finetune import classification_metrics
@@ -225,20 +224,11 @@ def main() -> None:
         "fine_tuned": tuned,
         "seconds": timings,
     }
-    with atomic_file(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=_json_default))
+    _write_json(str(out / "report.json"), report)
     pl.fewshot_curves(results, out / "fewshot.png",
                       title=f"few-shot annotation, held-out {args.data} cells ({len(kept)} types)")
     print(markdown_tables(report))
     print(f"\nwrote {out}/report.json and {out}/fewshot.png in {timings['total']:.0f} s", flush=True)
-
-
-def _json_default(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 if __name__ == "__main__":

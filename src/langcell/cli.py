@@ -204,6 +204,15 @@ def _read_input(path: str, *, backed: bool = False):
     return load(path, backed=backed)
 
 
+def _check_outputs(*paths: str | None) -> None:
+    """Refuse, before any work, output paths whose folder does not exist (``None`` = not requested)."""
+    from ._atomic import check_output_parent
+
+    for path in paths:
+        if path:
+            check_output_parent(path)
+
+
 def _write_h5ad(adata, path: str) -> None:
     from ._atomic import atomic_file
 
@@ -269,11 +278,7 @@ def _add_annotate(sub: argparse._SubParsersAction) -> None:
 def _run_annotate(args: argparse.Namespace) -> int:
 
     from . import tl
-    from ._atomic import check_output_parent
-
-    check_output_parent(args.out)
-    if args.report:
-        check_output_parent(args.report)
+    _check_outputs(args.out, args.report)
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
     labels = None
@@ -345,9 +350,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 def _run_embed(args: argparse.Namespace) -> int:
     from . import tl
-    from ._atomic import check_output_parent
-
-    check_output_parent(args.out)
+    _check_outputs(args.out)
     adata = _read_input(args.input, backed=args.backed)
     model = _load_model(args.model, args.device)
     tl.embed(adata, model, counts_layer=args.counts_layer, gene_column=args.gene_column,
@@ -386,11 +389,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 def _run_finetune(args: argparse.Namespace) -> int:
 
     from . import tl
-    from ._atomic import check_output_parent
-
-    for path in (args.out, args.write, args.report):
-        if path:
-            check_output_parent(path)
+    _check_outputs(args.out, args.write, args.report)
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
     classifier, metrics = tl.finetune(
@@ -420,10 +419,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from . import tl
-    from ._atomic import check_output_parent
     from .finetune import CellTypeClassifier
 
-    check_output_parent(args.out)
+    _check_outputs(args.out)
     adata = _read_input(args.input)
     classifier = CellTypeClassifier.load(args.classifier)
     tl.predict(adata, classifier, counts_layer=args.counts_layer, gene_column=args.gene_column,
@@ -454,10 +452,7 @@ def _run_retrieve(args: argparse.Namespace) -> int:
     import json
 
     from . import tl
-    from ._atomic import check_output_parent
-
-    if args.report:
-        check_output_parent(args.report)
+    _check_outputs(args.report)
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
     if args.label_key:
@@ -534,11 +529,7 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 def _run_fewshot(args: argparse.Namespace) -> int:
     from . import pl, tl
-    from ._atomic import check_output_parent
-
-    for path in (args.report, args.plot, args.out):
-        if path:
-            check_output_parent(path)
+    _check_outputs(args.report, args.plot, args.out)
     try:
         shots = [int(part) for part in args.shots.split(",") if part.strip()]
     except ValueError:
@@ -620,12 +611,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from . import tl
-    from ._atomic import check_output_parent
     from .evaluate import DEFAULT_METRICS
 
-    for path in (args.report, args.out):
-        if path:
-            check_output_parent(path)
+    _check_outputs(args.report, args.out)
     labels = _split_names(args.labels, "--labels")
     seen = _split_names(args.seen_types, "--seen-types")
     metrics = DEFAULT_METRICS
