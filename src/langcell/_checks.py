@@ -26,3 +26,15 @@ def check_key_added(key_added: Any) -> None:
     """Refuse a ``key_added`` that is not a non-empty string."""
     if not isinstance(key_added, str) or not key_added:
         raise LangCellError(f"key_added must be a non-empty string, got {key_added!r}")
+
+
+def gene_tokenizer_of(model: Any) -> Any:
+    """The model's gene tokenizer, or a clear error when it has none (it cannot turn counts into tokens)."""
+    tokenizer = getattr(model, "gene_tokenizer", None)
+    if tokenizer is None:
+        raise LangCellError(
+            "the model has no gene tokenizer, so it cannot turn counts into tokens; load the model with "
+            "LangCell.from_pretrained, which restores it, or attach the one it was trained with "
+            "(model.set_gene_tokenizer(GeneTokenizer.load(...)))"
+        )
+    return tokenizer

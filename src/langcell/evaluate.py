@@ -50,6 +50,7 @@ import pandas as pd
 
 from ._checks import check_anndata as _check_anndata
 from ._checks import check_key_added as _check_key
+from ._checks import gene_tokenizer_of
 from .errors import LangCellError
 from .retrieval import DEFAULT_KS
 
@@ -786,11 +787,7 @@ def evaluate(
     _check_anndata(adata)
     for key in (key_added, annotation_key, embedding_key):
         _check_key(key)
-    if getattr(model, "gene_tokenizer", None) is None:
-        raise LangCellError(
-            "the model has no gene tokenizer; load it with LangCell.from_pretrained or attach one with "
-            "model.set_gene_tokenizer(...)"
-        )
+    gene_tokenizer_of(model)
     ks = _check_ks(ks)
     truth = _obs_strings(adata, label_key, "label_key")
     labelled = ~np.isin(np.char.lower(truth.astype(str)), list(_NO_LABEL_VALUES))

@@ -41,6 +41,7 @@ from torch import nn
 from ._atomic import atomic_directory
 from ._checks import check_anndata as _check_anndata
 from ._checks import check_key_added as _check_key
+from ._checks import gene_tokenizer_of as _gene_tokenizer
 from .batching import pad_sequences, token_budget_batches
 from .config import CellEncoderConfig, _dataclass_from_dict
 from .errors import LangCellError
@@ -929,16 +930,6 @@ def _check_class_names(labels: Sequence[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise LangCellError(f"class names are duplicated: {pd.Index(names)[pd.Index(names).duplicated()].tolist()}")
     return names
-
-
-def _gene_tokenizer(model: Any) -> Any:
-    tokenizer = getattr(model, "gene_tokenizer", None)
-    if tokenizer is None:
-        raise LangCellError(
-            "the model has no gene tokenizer, so it cannot turn counts into tokens; load the model with "
-            "LangCell.from_pretrained or attach one with model.set_gene_tokenizer(...)"
-        )
-    return tokenizer
 
 
 def _check_fraction(train_fraction: Any) -> None:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import ontology
 from ._checks import check_anndata as _check_anndata
+from ._checks import check_key_added, gene_tokenizer_of
 from .errors import LangCellError
 from .precision import check_precision
 from .zero_shot import (
@@ -187,15 +188,8 @@ def annotate(
                 f"threshold must lie in [0, 1] (final scores are probabilities), got {threshold}; "
                 "pass e.g. 0.5, or None to never abstain"
             )
-    if not isinstance(key_added, str) or not key_added:
-        raise LangCellError(f"key_added must be a non-empty string, got {key_added!r}")
-    tokenizer = getattr(model, "gene_tokenizer", None)
-    if tokenizer is None:
-        raise LangCellError(
-            "the model has no gene tokenizer, so it cannot turn counts into tokens; attach the one it was "
-            "trained with (model.set_gene_tokenizer(GeneTokenizer.load(...))) or load the model with "
-            "LangCell.from_pretrained, which restores it"
-        )
+    check_key_added(key_added)
+    tokenizer = gene_tokenizer_of(model)
 
     check_precision(precision, model.logit_scale.device)
     names, texts, resolution, aspect = _class_texts(adata, labels, classes_from, aspect, mapping)
@@ -487,12 +481,7 @@ def _embedding_matrix(
     """
     from .embedding import embed_cells
 
-    tokenizer = getattr(model, "gene_tokenizer", None)
-    if tokenizer is None:
-        raise LangCellError(
-            "the model has no gene tokenizer, so it cannot embed counts; load it with LangCell.from_pretrained "
-            "or attach one with model.set_gene_tokenizer(...)"
-        )
+    tokenizer = gene_tokenizer_of(model)
     check_precision(precision, model.logit_scale.device)
     limit = int(model.config.cell.max_position_embeddings)
     if max_length is None:
