@@ -66,7 +66,7 @@ def embed_cells(
         with torch.inference_mode(), autocast(precision, device):
             for index in batches:
                 ids, mask = pad_sequences([cells[int(i)] for i in index], pad_id, max_length)
-                emb, _ = model.encode_cells({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
+                emb = model.cell_embeddings({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
                 out[index] = emb.float().cpu().numpy()
                 if bar is not None:
                     bar.update(len(index))

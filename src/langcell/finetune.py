@@ -179,9 +179,9 @@ class CellTypeClassifier(nn.Module):
         """Pooled cell states ``[B, hidden]`` of tokenized cells ``[B, L]`` (``<cls>`` first)."""
         input_ids = torch.as_tensor(input_ids).long().to(self.device)
         mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask).to(self.device)
-        states = self.cell_encoder(input_ids, mask)
         if self.pooling == "cls":
-            return states[:, 0]
+            return self.cell_encoder(input_ids, mask, first_token_only=True)
+        states = self.cell_encoder(input_ids, mask)
         weights = mask.to(states.dtype)[..., None]
         return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 

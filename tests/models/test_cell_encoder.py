@@ -6,7 +6,7 @@ from transformers import BertConfig, BertModel
 
 from langcell.config import CellEncoderConfig
 from langcell.errors import LangCellError
-from langcell.models.cell_encoder import CellEncoder, padding_mask
+from langcell.models.cell_encoder import CellEncoder, pack_cells, padding_mask
 
 
 def _tiny_config(**overrides):
@@ -108,3 +108,82 @@ def test_too_long_sequences_are_a_clear_error():
     ids = torch.full((1, config.max_position_embeddings + 1), 3)
     with pytest.raises(LangCellError, match="truncate"):
         model(ids)
+
+
+# Lengths with runs of equal-length cells (packed into one SDPA call each) and single cells.
+MIXED_LENGTHS = [40, 40, 31, 7, 7, 7, 19, 1, 40]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_both_paths_equal_hf_bert_and_first_token_only_equals_the_cls_state(pack):
+    config = _tiny_config(hidden_act="gelu")
+    hf = _hf_twin(config)
+    ours = CellEncoder(config).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ids, mask = _padded_batch(MIXED_LENGTHS, config.vocab_size)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask, pack=pack)
+        first = ours(ids, mask, pack=pack, first_token_only=True)
+    real = mask.bool()
+    assert torch.allclose(got[real], expected[real], atol=1e-5, rtol=0)
+    assert first.shape == (len(MIXED_LENGTHS), config.hidden_size)
+    assert torch.allclose(first, expected[:, 0], atol=1e-5, rtol=0)
+    if pack:
+        assert torch.equal(got[~real], torch.zeros_like(got[~real]))  # pad rows are zeros, not states
+
+
+def test_pack_cells_groups_consecutive_equal_lengths():
+    _, mask = _padded_batch([5, 5, 2, 2, 2, 5, 1], vocab_size=10)
+    packed = pack_cells(mask, *mask.shape)
+    # (first cell, cells, first packed row, length)
+    assert packed.runs == [(0, 2, 0, 5), (2, 3, 10, 2), (5, 1, 16, 5), (6, 1, 21, 1)]
+    assert packed.num_tokens == int(mask.sum())
+    assert packed.starts.tolist() == [0, 5, 10, 12, 14, 16, 21]
+    assert torch.equal(packed.pack(mask), torch.ones(int(mask.sum()), dtype=mask.dtype))
+    # No mask and an all-ones mask: one run, no gather.
+    for full in (None, torch.ones(3, 4, dtype=torch.long)):
+        packed = pack_cells(full, 3, 4)
+        assert packed.runs == [(0, 3, 0, 4)] and packed.token_index is None
+
+
+@pytest.mark.parametrize(
+    "rows", [[[1, 0, 1, 1]], [[0, 1, 1, 1]], [[1, 1, 1, 1], [0, 0, 0, 0]]], ids=["hole", "left", "empty"]
+)
+def test_masks_that_are_not_right_padding_take_the_masked_path(rows):
+    mask = torch.tensor(rows)
+    assert pack_cells(mask, *mask.shape) is None
+
+
+def test_a_mask_with_holes_still_equals_hf_bert():
+    config = _tiny_config()
+    hf = _hf_twin(config)
+    ours = CellEncoder(config).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ids, mask = _padded_batch([12, 9], config.vocab_size)
+    mask[0, 4] = 0  # a hole: not right padding, so the packed path cannot be used
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    real = mask.bool()
+    assert torch.allclose(got[real], expected[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("first_token_only", [False, True])
+def test_packed_and_masked_paths_give_the_same_gradients(first_token_only):
+    config = _tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, gradient_checkpointing=True)
+    models = {pack: CellEncoder(config).train() for pack in (True, False)}
+    models[False].load_state_dict(models[True].state_dict())
+    ids, mask = _padded_batch(MIXED_LENGTHS, config.vocab_size)
+    # A fixed random readout: (a LayerNorm output's sum of squares would be constant, its gradient noise).
+    readout = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(3))
+    for pack, model in models.items():
+        out = model(ids, mask, pack=pack, first_token_only=first_token_only)
+        # Real tokens only: the masked path's pad states are meaningless and must not count.
+        ((out if first_token_only else out[mask.bool()]) @ readout).square().sum().backward()
+    grads = {pack: dict(model.named_parameters()) for pack, model in models.items()}
+    for name, param in grads[True].items():
+        other = grads[False][name].grad
+        # Gradients reach 1e4 here: both paths agree with a float64 run to ~1e-7 of that scale.
+        scale = float(other.abs().max())
+        assert torch.allclose(param.grad, other, rtol=1e-4, atol=1e-5 + 1e-6 * scale), name

@@ -57,6 +57,17 @@ def test_encode_cells_and_texts_are_unit_vectors(tiny):
         assert torch.allclose(tiny.encode_texts(tokens), text_emb, atol=1e-6)
 
 
+def test_cell_embeddings_equal_those_of_encode_cells(tiny):
+    batch = _cells([12, 5, 5, 8])
+    with torch.no_grad():
+        expected, states = tiny.encode_cells(batch)
+        got = tiny.cell_embeddings(batch)
+    assert torch.allclose(got, expected, atol=1e-6)
+    # And both are cell_proj of the <cls> state, normalised (an independent computation).
+    direct = torch.nn.functional.normalize(states[:, 0] @ tiny.cell_proj.weight.T + tiny.cell_proj.bias, dim=-1)
+    assert torch.allclose(got, direct, atol=1e-6)
+
+
 def test_match_logits_for_many_texts_equal_each_pair_alone(tiny):
     batch = _cells([12, 5, 8])
     with torch.no_grad():

@@ -173,11 +173,24 @@ class LangCell(nn.Module):
         token_states : torch.Tensor
             ``[B, L, H_cell]`` last-layer states (for :meth:`match_logits` and :meth:`mgm_logits`).
         """
-        input_ids, attention_mask = _ids_and_mask(batch, "cells")
-        device = self.logit_scale.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        input_ids, attention_mask = self._cell_tokens(batch)
         states = self.cell_encoder(input_ids, attention_mask)
         return F.normalize(self.cell_proj(states[:, 0]), dim=-1), states
+
+    def cell_embeddings(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The embeddings of :meth:`encode_cells` alone, ``[B, projection_dim]``, for less work.
+
+        The last encoder layer computes only the ``<cls>`` state (keys and values of every token, the
+        rest for one token per cell), which saves most of that layer.
+        """
+        input_ids, attention_mask = self._cell_tokens(batch)
+        first = self.cell_encoder(input_ids, attention_mask, first_token_only=True)
+        return F.normalize(self.cell_proj(first), dim=-1)
+
+    def _cell_tokens(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, attention_mask = _ids_and_mask(batch, "cells")
+        device = self.logit_scale.device
+        return input_ids.to(device), attention_mask.to(device)
 
     def mgm_logits(self, token_states: torch.Tensor) -> torch.Tensor:
         """Masked-gene-modelling logits ``[..., vocab]`` for cell token states ``[..., H_cell]``."""
