@@ -164,6 +164,39 @@ def test_fewshot_loss_equals_a_pair_by_pair_computation(cbmc, model):
     assert float(got["loss"]) == pytest.approx(float(expected_similarity + expected_matching), rel=1e-4)
 
 
+def test_match_classes_restricts_the_matching_loss_to_the_own_class_and_hard_negatives(cbmc, model):
+    from langcell.batching import pad_sequences
+
+    sequences, labels = _training_cells(cbmc, model)
+    texts = [f"cell type: {kind}." for kind in TYPES] + ["cell type: platelet.", "cell type: erythrocyte."]
+    ids, mask = pad_sequences(sequences, model.config.cell.pad_token_id, MAX_LENGTH)
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    tokens = model.tokenize_texts(texts)
+    target = torch.from_numpy(labels)
+    with torch.no_grad():
+        full = fewshot_loss(model, batch, target, tokens)
+        # Independently: all K log-odds, then the own class and the m - 1 most similar others by numpy.
+        cell_embeddings, states = model.encode_cells(batch)
+        similarity = (cell_embeddings @ model.encode_texts(texts).T).numpy()
+        n_cells, n_classes = len(sequences), len(texts)
+        pair_tokens = {key: value.repeat(n_cells, 1) for key, value in tokens.items()}
+        cell_index = torch.arange(n_cells).repeat_interleave(n_classes)
+        pair_logits = model.match_logits(states, torch.from_numpy(mask), pair_tokens, cell_index=cell_index)
+        log_odds = (pair_logits[:, 1] - pair_logits[:, 0]).view(n_cells, n_classes).numpy()
+        for m in (2, 3):
+            got = fewshot_loss(model, batch, target, tokens, match_classes=m)
+            losses = []
+            for row, own in enumerate(labels):
+                others = [k for k in np.argsort(-similarity[row], kind="stable") if k != own][: m - 1]
+                scores = log_odds[row, [own, *others]]
+                losses.append(np.log(np.exp(scores - scores.max()).sum()) + scores.max() - scores[0])
+            assert float(got["matching"]) == pytest.approx(float(np.mean(losses)), rel=1e-4)
+            assert float(got["similarity"]) == pytest.approx(float(full["similarity"]), rel=1e-6)
+        # m = K is the full loss.
+        every = fewshot_loss(model, batch, target, tokens, match_classes=n_classes)
+    assert float(every["matching"]) == pytest.approx(float(full["matching"]), rel=1e-6)
+
+
 def test_tuning_lowers_the_loss_moves_both_encoders_and_leaves_the_model_alone(cbmc, model):
     sequences, labels = _training_cells(cbmc, model, n=1)
     texts = [f"cell type: {kind}." for kind in TYPES]
@@ -330,6 +363,8 @@ def test_same_seed_same_results_copy_and_descriptions(cbmc, model):
         (dict(labels=["B cell", "T cell"]), "do not occur"),
         (dict(labels="B cell"), "not one string"),
         (dict(alpha=2.0), "alpha"),
+        (dict(match_classes=1), "match_classes"),
+        (dict(match_classes=2.5), "match_classes"),
         (dict(key_added=""), "key_added"),
     ],
 )

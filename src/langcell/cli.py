@@ -518,6 +518,8 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     classes.add_argument("--descriptions", metavar="JSON", help="JSON file {class name: description}")
     p.add_argument("--mapping", metavar="FILE", help="JSON/TSV {label: term id} for labels that do not resolve")
     p.add_argument("--epochs", type=int, default=20, help="tuning epochs of LangCell (default 20)")
+    p.add_argument("--match-classes", type=int, metavar="M",
+                   help="matching loss over the own class and the M-1 most similar others (default: every class)")
     p.add_argument("--max-length", type=int, metavar="N", help="longest cell in tokens (default: the model's)")
     p.add_argument("--report", metavar="REPORT.json", help="write the results and settings as JSON")
     p.add_argument("--plot", metavar="CURVES.png", help="write the few-shot curves (macro-F1)")
@@ -545,8 +547,8 @@ def _run_fewshot(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.device)
     results = tl.fewshot(
         adata, model, args.label_key, shots=shots, repeats=args.repeats, labels=labels, mapping=args.mapping,
-        epochs=args.epochs, seed=args.seed, max_length=args.max_length, counts_layer=args.counts_layer,
-        gene_column=args.gene_column, progress=not args.quiet,
+        epochs=args.epochs, seed=args.seed, max_length=args.max_length, match_classes=args.match_classes,
+        counts_layer=args.counts_layer, gene_column=args.gene_column, progress=not args.quiet,
     )
     stored = adata.uns["langcell_fewshot"]
     if args.report:

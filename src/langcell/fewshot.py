@@ -202,6 +202,7 @@ def fewshot_loss(
     class_tokens: Mapping[str, torch.Tensor],
     *,
     tau: float = TEMPERATURE,
+    match_classes: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The few-shot objective of one batch: similarity cross-entropy plus matching cross-entropy.
 
@@ -219,13 +220,18 @@ def fewshot_loss(
         tower.
     tau
         Temperature of the similarity softmax (the release's 0.05).
+    match_classes
+        ``None`` (the protocol): the matching cross-entropy runs over all K classes, i.e. the
+        multimodal tower reads every (cell, class) pair. An integer m < K: over the cell's own class and
+        its m - 1 most similar other classes (hard negatives, chosen by the detached similarities), so
+        the multimodal tower reads m pairs per cell instead of K.
 
     Returns
     -------
     dict of torch.Tensor
         ``"similarity"``: ``CE(cos(cell, text_k) / tau)`` over the K classes; ``"matching"``: the
-        cross-entropy over the K classes of the matching scores ``logit_match - logit_no_match`` of
-        every (cell, class) pair (multimodal text tower, :meth:`LangCell.match_logits`);
+        cross-entropy of the matching scores ``logit_match - logit_no_match`` (multimodal text tower,
+        :meth:`LangCell.match_logits`) over the K classes, or the ``match_classes`` chosen ones;
         ``"loss"``: their sum. Each is a mean over the batch.
     """
     device = model.logit_scale.device
@@ -235,10 +241,58 @@ def fewshot_loss(
     )
     text_embeddings = model.encode_texts(class_tokens)
     labels = torch.as_tensor(labels).long().to(device)
-    similarity_loss = F.cross_entropy(model.similarity(cell_embeddings, text_embeddings) / tau, labels)
-    match_logits = model.match_logits(states, mask, class_tokens)  # [B, K, 2]
-    matching_loss = F.cross_entropy(match_logits[..., 1] - match_logits[..., 0], labels)
+    similarity = model.similarity(cell_embeddings, text_embeddings)
+    similarity_loss = F.cross_entropy(similarity / tau, labels)
+    n_classes = int(class_tokens["input_ids"].shape[0])
+    if match_classes is None or match_classes >= n_classes:
+        match_logits = model.match_logits(states, mask, class_tokens)  # [B, K, 2]
+        matching_loss = F.cross_entropy(match_logits[..., 1] - match_logits[..., 0], labels)
+    else:
+        chosen = hard_match_classes(similarity, labels, match_classes)  # [B, m], own class first
+        cell_index = torch.arange(chosen.shape[0], device=device).repeat_interleave(chosen.shape[1])
+        tokens = {key: value[chosen.flatten()] for key, value in class_tokens.items()}
+        match_logits = model.match_logits(states, mask, tokens, cell_index=cell_index).view(*chosen.shape, 2)
+        own = torch.zeros_like(labels)  # the own class is column 0 of ``chosen``
+        matching_loss = F.cross_entropy(match_logits[..., 1] - match_logits[..., 0], own)
     return {"loss": similarity_loss + matching_loss, "similarity": similarity_loss, "matching": matching_loss}
+
+
+def hard_match_classes(similarity: torch.Tensor, labels: torch.Tensor, match_classes: int) -> torch.Tensor:
+    """Each cell's own class, then its ``match_classes - 1`` most similar other classes.
+
+    Parameters
+    ----------
+    similarity
+        ``[B, K]`` cell-class similarities (read without gradient).
+    labels
+        ``[B]`` own class of every cell.
+    match_classes
+        Classes per cell, at most K.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, match_classes]`` long class indices; column 0 is ``labels``, the others by decreasing
+        similarity (ties by lower index).
+    """
+    ranked = similarity.detach().float().clone()
+    ranked.scatter_(1, labels[:, None], torch.inf)  # the own class always ranks first
+    return torch.topk(ranked, match_classes, dim=1, sorted=True).indices
+
+
+def check_match_classes(match_classes: Any, n_classes: int) -> int | None:
+    """``match_classes`` as ``None`` (all classes) or an integer in [2, K], else a clear error.
+
+    A value of K or more means every class (``None``): one default serves any class set.
+    """
+    if match_classes is None:
+        return None
+    if isinstance(match_classes, bool) or not isinstance(match_classes, int | np.integer) or match_classes < 2:
+        raise LangCellError(
+            f"match_classes must be None (every class) or an integer of at least 2 (the own class and at "
+            f"least one hard negative), got {match_classes!r}"
+        )
+    return None if match_classes >= n_classes else int(match_classes)
 
 
 def tune_langcell(
@@ -258,6 +312,7 @@ def tune_langcell(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_pair_tokens: int = DEFAULT_MAX_PAIR_TOKENS,
     max_length: int | None = None,
+    match_classes: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[Any, list[float]]:
@@ -267,8 +322,8 @@ def tune_langcell(
     LayerNorms, linear warm-up then cosine decay to 0, gradient clipping). The text tower's own weights
     learn at ``text_lr``, everything else (cell encoder, cross-attention, heads) at ``lr``. Cells are
     batched by length under ``max_tokens`` and reshuffled every epoch; a batch also holds at most
-    ``max_pair_tokens // (K x text length)`` cells, which bounds the multimodal pass over every
-    (cell, class) pair. Dropout is active while tuning.
+    ``max_pair_tokens // (K x text length)`` cells (``match_classes`` in place of K when it is set), which
+    bounds the multimodal pass over the (cell, class) pairs. Dropout is active while tuning.
 
     Parameters
     ----------
@@ -287,6 +342,8 @@ def tune_langcell(
         Batch limits (cell tokens, cells, text tokens of the matching pass).
     max_length
         Longest cell in tokens (default and cap: the cell encoder's positions).
+    match_classes
+        Classes per cell in the matching loss (:func:`fewshot_loss`); ``None``: all K.
     seed
         Seeds the batch order and dropout; the global torch random state is left as it was.
     progress
@@ -311,12 +368,13 @@ def tune_langcell(
     epochs = _check_positive_int(epochs, "epochs")
     _check_rates(lr=lr, text_lr=text_lr, tau=tau)
     max_length = _check_max_length(max_length, model.config.cell.max_position_embeddings)
+    match_classes = check_match_classes(match_classes, len(texts))
     device = _model_device(model)
     # The tokenizers are read-only: the copy shares them (a deep copy of a text tokenizer is slow).
     shared = {id(model.text_tokenizer): model.text_tokenizer, id(model.gene_tokenizer): model.gene_tokenizer}
     tuned = copy_module.deepcopy(model, shared)
     class_tokens = {key: value.to(device) for key, value in tuned.tokenize_texts(texts).items()}
-    pairs_per_cell = len(texts) * int(class_tokens["input_ids"].shape[1])
+    pairs_per_cell = (match_classes or len(texts)) * int(class_tokens["input_ids"].shape[1])
     batch_cap = max(1, min(int(max_batch_size), int(max_pair_tokens) // max(pairs_per_cell, 1)))
     lengths = np.minimum(np.fromiter((s.size for s in sequences), dtype=np.int64), max_length)
     with _seeded(seed, device):
@@ -345,6 +403,7 @@ def tune_langcell(
                         torch.from_numpy(labels[rows]),
                         class_tokens,
                         tau=tau,
+                        match_classes=match_classes,
                     )["loss"]
                     _step(loss, optimizer, scheduler, parameters, max_grad_norm)
                     loss_sum += float(loss.detach()) * len(rows)
@@ -396,6 +455,7 @@ def fewshot(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_pair_tokens: int = DEFAULT_MAX_PAIR_TOKENS,
     max_length: int | None = None,
+    match_classes: int | None = None,
     progress: bool = False,
     key_added: str = "langcell_fewshot",
     copy: bool = False,
@@ -464,6 +524,10 @@ def fewshot(
         Cell tokens per batch, cells per tuning step, text tokens per matching pass.
     max_length
         Longest cell in tokens, ``<cls>`` included (default and cap: the cell encoder's positions).
+    match_classes
+        ``None`` (the paper's protocol): the matching loss covers every class. An integer m: the own
+        class and the m - 1 most similar others per cell (:func:`fewshot_loss`), which makes each
+        tuning step's multimodal pass K / m times smaller.
     progress
         Show progress bars.
     key_added
@@ -481,7 +545,7 @@ def fewshot(
 
         ``"params"``
             the settings (label_key, shots, repeats, epochs, lr, text_lr, tau, alpha, mode, top_k,
-            weight_decay, warmup_fraction, max_grad_norm, max_batch_size, baselines, n_pcs used, n_neighbors,
+            match_classes, weight_decay, warmup_fraction, max_grad_norm, max_batch_size, baselines, n_pcs used, n_neighbors,
             min_test, seed, counts_layer, gene_column, max_length, n_classes).
         ``"results"``
             the results table as ``{column: list}``.
@@ -528,6 +592,7 @@ def fewshot(
 
     classes, codes, descriptions = _classes_and_codes(adata, label_key, labels)
     top_k = check_top_k(top_k, len(classes))
+    match_classes = check_match_classes(match_classes, len(classes))
     # Every class must be large enough for the largest n before any work starts.
     sample_shots(codes, max(shots), seed=seed, min_test=min_test, class_names=classes)
     from . import ontology
@@ -554,6 +619,7 @@ def fewshot(
         epochs=epochs, lr=lr, text_lr=text_lr, tau=tau, weight_decay=weight_decay,
         warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm, max_tokens=max_tokens,
         max_batch_size=max_batch_size, max_pair_tokens=max_pair_tokens, max_length=max_length,
+        match_classes=match_classes,
     )
     scoring = dict(
         alpha=alpha, top_k=top_k, mode=mode, max_tokens=max_tokens, max_pair_tokens=max_pair_tokens
@@ -611,6 +677,7 @@ def fewshot(
             "alpha": float(alpha),
             "mode": mode,
             "top_k": int(top_k) if mode == "fast" else len(classes),
+            "match_classes": len(classes) if match_classes is None else int(match_classes),
             "weight_decay": float(weight_decay),
             "warmup_fraction": float(warmup_fraction),
             "max_grad_norm": float(max_grad_norm),
