@@ -500,10 +500,12 @@ class CellEncoder(nn.Module):
             Return only the ``<cls>`` states ``[B, hidden]`` (the last layer then skips the other tokens'
             queries and feed-forward).
         pack
-            Pack the real tokens (module docstring). ``None`` (default) packs on the CPU, where each
-            SDPA call is cheap to launch; on a GPU the masked path runs one fused kernel per layer, which
-            beats one launch per distinct cell length there. Rows that are not right padding always
-            take the masked path. Both give the same states on real tokens.
+            Pack the real tokens (module docstring). ``None`` (default) packs on the CPU, where it was
+            measured (BENCHMARKS.md) and an SDPA call costs microseconds to launch. On a GPU the default
+            is the masked path, one fused kernel per layer, because packing launches one kernel per
+            distinct cell length per layer; whether packing pays there is not yet measured (no GPU so
+            far), so ``pack=True`` is there to try it. Rows that are not right padding always take the
+            masked path. Both paths give the same states on real tokens.
 
         Returns
         -------
