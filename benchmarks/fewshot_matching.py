@@ -26,6 +26,7 @@ import time
 import torch
 
 from langcell import datasets, ontology
+from langcell.config import LangCellConfig
 from langcell.fewshot import sample_shots, tune_langcell
 from langcell.models import LangCell
 from langcell.tokenizer import GeneTokenizer
@@ -48,8 +49,11 @@ def main() -> None:
     cells = tokenizer.encode(adata[train], max_length=args.max_length)
     text_of, _ = ontology.label_texts(classes)
     texts = [text_of[name] for name in classes]
+    config = LangCellConfig.preset("small")
+    config.cell.vocab_size = tokenizer.vocab_size  # the vocabulary fitted on these cells
+    config.cell.max_position_embeddings = args.max_length
     torch.manual_seed(0)
-    model = LangCell.from_config("small", gene_tokenizer=tokenizer)
+    model = LangCell.from_config(config, gene_tokenizer=tokenizer)
     print(
         f"pbmc68k: {len(classes)} classes, {train.size} training cells ({args.shots} per class), "
         f"{args.max_length} tokens at most; small model; torch {torch.__version__}, "
