@@ -19,6 +19,7 @@ Run from the repository root::
     python benchmarks/encode.py            # small and base, 96 cells each
     python benchmarks/encode.py --quick    # 32 cells each (about 5 minutes on 2 cores)
     python benchmarks/encode.py --bf16     # add a row for ours under bfloat16 autocast (other numerics)
+    python benchmarks/encode.py --device cuda --bf16 --cells 559   # on a GPU: both sides there
 """
 
 from __future__ import annotations
@@ -79,15 +80,25 @@ def hf_twin(model: LangCell):
     return hf.eval()
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that the clock measures it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_baseline(hf, cell_proj, sequences) -> tuple[float, torch.Tensor]:
     """Release-style encoding; returns (seconds, embeddings in input order)."""
+    device = cell_proj.weight.device
     out = []
+    _synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         for first in range(0, len(sequences), RELEASE_BATCH_SIZE):
             ids, mask = pad_sequences(sequences[first : first + RELEASE_BATCH_SIZE], pad_id=0)
-            states = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
-            out.append(F.normalize(cell_proj(states[:, 0]), dim=-1))
+            ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+            states = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+            out.append(F.normalize(cell_proj(states[:, 0]), dim=-1).cpu())
+    _synchronize(device)
     return time.perf_counter() - start, torch.cat(out)
 
 
@@ -97,9 +108,10 @@ def run_ours(model: LangCell, sequences, max_tokens: int, *, bf16: bool = False)
     Length-bucketed under a token budget, inference mode, SDPA. ``bf16`` passes ``precision="bf16"``
     (autocast to bfloat16: different numerics, reported separately).
     """
+    _synchronize(model.logit_scale.device)
     start = time.perf_counter()
     out = embed_cells(model, sequences, max_tokens=max_tokens, precision="bf16" if bf16 else "fp32")
-    return time.perf_counter() - start, torch.from_numpy(out)
+    return time.perf_counter() - start, torch.from_numpy(out)  # embed_cells returns host arrays: synced
 
 
 def main() -> None:
@@ -110,6 +122,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16_384, help="token budget per batch for ours")
     parser.add_argument("--quick", action="store_true", help="32 cells per preset")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="where both sides run, e.g. cuda (default cpu)")
     parser.add_argument(
         "--bf16", action="store_true", help="also time ours with precision='bf16' (autocast: other numerics)"
     )
@@ -131,8 +144,8 @@ def main() -> None:
         config = LangCellConfig.preset(preset)
         config.text.init_from = None  # the text tower is not used here: random init is enough
         torch.manual_seed(0)
-        model = LangCell(config, gene_tokenizer=gene_tokenizer).eval()
-        hf = hf_twin(model)
+        model = LangCell(config, gene_tokenizer=gene_tokenizer).eval().to(args.device)
+        hf = hf_twin(model).to(args.device)
         # Warm-up on one short cell each, so that one-time allocation is not timed.
         run_baseline(hf, model.cell_proj, sequences[:1])
         run_ours(model, sequences[:1], args.max_tokens)
