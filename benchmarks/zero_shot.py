@@ -4,9 +4,10 @@ Baseline (the released ``zero-shot.ipynb``): fixed batches of 32 cells in file o
 longest cell, fp32, ``torch.no_grad``. Per batch: every class text is tokenised and embedded again (one
 text at a time), the cells are encoded by ``transformers.BertModel`` with eager attention holding our cell
 encoder's weights (the release's ``cell_bert`` is such a model; ``--baseline-cell-encoder sdpa`` uses our
-own encoder instead, padded the same way, on its masked SDPA path), and for every class the text is tokenised again, repeated once per cell and run through the multimodal
-tower as (cell, text) pairs (``match_logits(..., cell_index=arange(B))``): each cell's cross-attention
-keys/values are projected anew for every class. Then ``p_sim = softmax(cos / 0.05)``,
+own encoder instead, padded the same way, on its masked SDPA path), and for every class the text is
+tokenised again, repeated once per cell and run through the multimodal tower as (cell, text) pairs
+(``match_logits(..., cell_index=arange(B))``): each cell's cross-attention keys/values are projected anew
+for every class. Then ``p_sim = softmax(cos / 0.05)``,
 ``p_ctm = softmax(match probabilities)``, ``0.1 * p_sim + 0.9 * p_ctm``.
 
 Ours: what ``langcell.tl.annotate`` does, in ``mode="fast"`` (CTM for each cell's ``top_k`` classes by

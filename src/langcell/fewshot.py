@@ -85,6 +85,7 @@ __all__ = [
     "RESULT_COLUMNS",
     "fewshot",
     "fewshot_loss",
+    "hard_match_classes",
     "sample_shots",
     "tune_langcell",
 ]

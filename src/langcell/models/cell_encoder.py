@@ -135,8 +135,10 @@ def pack_cells(
         prefix = torch.arange(padded_length, device=keep.device)[None, :] < lengths[:, None]
         if not torch.equal(keep, prefix) or bool((lengths == 0).any()):
             return None
-        token_index = None if bool(keep.all()) else torch.nonzero(keep.flatten()).flatten()
+        token_index = torch.nonzero(keep.flatten()).flatten()
     sizes = lengths.tolist()
+    if min(sizes, default=padded_length) == padded_length:
+        token_index = None  # nothing padded: the packed rows are the batch's rows, no gather needed
     runs, cell, row = [], 0, 0
     while cell < batch_size:
         end = cell + 1
