@@ -173,6 +173,27 @@ def test_embed_into_a_missing_directory_is_refused(model_and_cells, tmp_path, ca
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_finetune_passes_the_learning_rates_and_refuses_a_bad_one(model_and_cells, tmp_path, capsys):
+    import anndata as ad
+
+    model, cells = model_and_cells
+    written = tmp_path / "cells.h5ad"
+    code = main([
+        "finetune", str(cells), "--model", str(model), "--label-key", "cell_type", "--out", str(tmp_path / "c"),
+        "--mode", "full", "--epochs", "1", "--lr", "0.002", "--encoder-lr", "0.0001", "--write", str(written),
+        "--quiet",
+    ])
+    assert code == 0, capsys.readouterr().err
+    params = ad.read_h5ad(written).uns["langcell_ce"]["params"]
+    assert (params["epochs"], params["lr"], params["encoder_lr"]) == (1, 0.002, 0.0001)
+    bad = tmp_path / "bad"
+    code = main(["finetune", str(cells), "--model", str(model), "--label-key", "cell_type", "--out", str(bad),
+                 "--encoder-lr", "-1", "--quiet"])
+    assert code == 2
+    assert "encoder_lr must be a positive number" in capsys.readouterr().err
+    assert not bad.exists()
+
+
 def test_finetune_predict_and_retrieve_commands(model_and_cells, tmp_path, capsys):
     import json
 

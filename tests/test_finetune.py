@@ -19,6 +19,7 @@ from langcell.finetune import (
     CellTypeClassifier,
     classification_metrics,
     finetune,
+    full_finetuning_epochs,
     predict,
     stratified_split,
 )
@@ -231,6 +232,29 @@ def test_full_finetuning_changes_the_encoder_and_lowers_the_training_loss(cbmc, 
         return float(F.cross_entropy(torch.from_numpy(c.predict_logits(cells)), labels))
 
     assert loss(classifier) < 0.8 * loss(start)
+
+
+def test_full_finetuning_epochs_make_enough_steps_within_bounds():
+    # ceil(200 / steps) clipped to [3, 100]: a large training set keeps 3 passes, a small one gets more.
+    expected = {1: 100, 2: 100, 3: 67, 17: 12, 66: 4, 67: 3, 100: 3, 10_000: 3}
+    assert {steps: full_finetuning_epochs(steps) for steps in expected} == expected
+    for steps in range(1, 300):
+        epochs = full_finetuning_epochs(steps)
+        assert 3 <= epochs <= 100
+        assert epochs * steps >= 200 or epochs == 100  # enough steps, unless capped
+        assert epochs == 3 or (epochs - 1) * steps < 200  # and no more passes than needed
+    with pytest.raises(LangCellError, match="at least 1"):
+        full_finetuning_epochs(0)
+
+
+@needs_cbmc
+def test_full_finetuning_default_epochs_follow_the_training_set_size(cbmc, model):
+    # 60 training cells in batches of up to 32: 2 steps per pass, so the default makes 100 passes.
+    settings = {**FULL_SETTINGS, "epochs": None, "max_batch_size": 32}
+    _, metrics, annotated = finetune(cbmc[0], model, "cell_type", seed=0, copy=True, **settings)
+    assert metrics["n_train"] == 60
+    assert len(metrics["train_loss"]) == full_finetuning_epochs(2) == 100
+    assert annotated.uns["langcell_ce"]["params"]["epochs"] == 100
 
 
 @needs_cbmc

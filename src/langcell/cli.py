@@ -376,7 +376,11 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-key", required=True, metavar="COL", help="obs column with the cell labels")
     p.add_argument("--out", required=True, metavar="DIR", help="classifier directory to create")
     p.add_argument("--mode", choices=["full", "linear"], default="full", help="full fine-tuning or linear probe")
-    p.add_argument("--epochs", type=int, help="training epochs (default: by mode)")
+    p.add_argument("--epochs", type=int,
+                   help="training epochs (default: 100 for linear; for full, 3 or more to make >= 200 steps)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the classifier head (default 1e-3)")
+    p.add_argument("--encoder-lr", type=float,
+                   help="peak learning rate of the cell encoder, full mode only (default 5e-5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and training")
     p.add_argument("--write", metavar="OUT.h5ad", help="also write the cells with predictions and split")
     p.add_argument("--report", metavar="REPORT.json", help="write the metrics as JSON")
@@ -394,6 +398,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.device)
     classifier, metrics = tl.finetune(
         adata, model, args.label_key, mode=args.mode, epochs=args.epochs, seed=args.seed,
+        **{name: value for name, value in (("lr", args.lr), ("encoder_lr", args.encoder_lr)) if value is not None},
         counts_layer=args.counts_layer, gene_column=args.gene_column, progress=not args.quiet,
     )
     classifier.save(args.out, overwrite=args.overwrite)

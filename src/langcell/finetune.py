@@ -54,6 +54,7 @@ __all__ = [
     "CellTypeClassifier",
     "classification_metrics",
     "finetune",
+    "full_finetuning_epochs",
     "predict",
     "stratified_split",
 ]
@@ -64,9 +65,17 @@ CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
 MODES = ("full", "linear")
 POOLINGS = ("cls", "mean")
-#: Epochs when ``epochs=None``: the linear probe trains a small head on fixed features (cheap epochs);
-#: full fine-tuning moves the whole encoder, where a few epochs are the usual choice (Geneformer uses 1-3).
-DEFAULT_EPOCHS = {"linear": 100, "full": 3}
+#: Epochs of the linear probe when ``epochs=None``: it trains a small head on fixed features (cheap epochs).
+LINEAR_EPOCHS = 100
+#: Full fine-tuning when ``epochs=None`` (see :func:`full_finetuning_epochs`): at least this many passes,
+#: the usual choice on large training sets, where a pass is thousands of steps ...
+FULL_MIN_EPOCHS = 3
+#: ... and more passes on small ones, until the optimiser makes at least this many steps: 3 passes over a
+#: few hundred cells are a handful of steps, which leave the encoder and head close to their start
+#: (measured in BENCHMARKS.md: macro-F1 0.23 after 6 steps vs 0.67 after 200 on 84 pbmc68k cells) ...
+FULL_MIN_STEPS = 200
+#: ... but never more than this many passes over a tiny training set.
+FULL_MAX_EPOCHS = 100
 #: Cell tokens (batch size x padded length) per forward pass.
 DEFAULT_MAX_TOKENS = 8_192
 #: Names written to ``obs[key_added + "_split"]``.
@@ -486,7 +495,9 @@ def finetune(
     train_fraction
         Share of every class used for training, in (0, 1); the paper's split is 2/3.
     epochs
-        Passes over the training cells (default: 100 for the linear probe, 3 for full fine-tuning).
+        Passes over the training cells. Default: 100 for the linear probe; for full fine-tuning, 3, or
+        more on a small training set so that training makes at least 200 optimiser steps, and at most
+        100 (:func:`full_finetuning_epochs`). The number used is stored in ``uns[key_added]["params"]``.
     lr
         Peak learning rate of the head.
     encoder_lr
@@ -538,8 +549,8 @@ def finetune(
         ``uns[key_added]``
             ``"params"`` (the settings, with the epochs used and ``n_classes``), ``"classes"`` (class
             names) and ``"metrics"``: ``accuracy``, ``macro_f1`` and ``f1_per_class`` on the test cells
-            (:func:`classification_metrics`), ``n_train``, ``n_test``, ``n_unlabelled`` and
-            ``train_loss`` (the mean training cross-entropy of each epoch).
+            (:func:`classification_metrics`), ``n_train``, ``n_test``, ``n_unlabelled``,
+            ``n_steps`` (optimiser steps) and ``train_loss`` (the mean training cross-entropy of each epoch).
 
     Raises
     ------
@@ -553,7 +564,10 @@ def finetune(
     if pooling not in POOLINGS:
         raise LangCellError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     _check_fraction(train_fraction)
-    epochs = DEFAULT_EPOCHS[mode] if epochs is None else _check_positive_int(epochs, "epochs")
+    if epochs is not None:
+        epochs = _check_positive_int(epochs, "epochs")
+    elif mode == "linear":
+        epochs = LINEAR_EPOCHS
     for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
         if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
             raise LangCellError(f"{name} must be a positive number, got {value!r}")
@@ -587,13 +601,13 @@ def finetune(
     with _seeded(seed, _model_device(model)):
         classifier = CellTypeClassifier.from_langcell(model, classes, pooling=pooling)
         if mode == "linear":
-            train_loss, held_out_logits = _train_linear(
+            train_loss, held_out_logits, n_steps = _train_linear(
                 classifier, sequences, codes, train, held_out, epochs=epochs, lr=lr, weight_decay=weight_decay,
                 batch_size=batch_size, max_tokens=max_tokens, max_length=max_length,
                 warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm, seed=seed, progress=progress,
             )
         else:
-            train_loss = _train_full(
+            train_loss, epochs, n_steps = _train_full(
                 classifier, sequences, codes, train, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
                 weight_decay=weight_decay, max_tokens=max_tokens, max_batch_size=max_batch_size,
                 max_length=max_length, warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
@@ -613,6 +627,7 @@ def finetune(
         n_train=int(train.size),
         n_test=int(test.size),
         n_unlabelled=int(np.sum(codes < 0)),
+        n_steps=int(n_steps),
         train_loss=[float(v) for v in train_loss],
     )
     split = np.full(len(sequences), SPLIT_NAMES[2], dtype=object)
@@ -754,8 +769,11 @@ def predict(
 def _train_linear(
     classifier, sequences, codes, train, held_out, *, epochs, lr, weight_decay, batch_size, max_tokens,
     max_length, warmup_fraction, max_grad_norm, seed, progress,
-) -> tuple[list[float], np.ndarray]:
-    """Linear probe: encode every cell once with the frozen encoder, then fit the head alone."""
+) -> tuple[list[float], np.ndarray, int]:
+    """Linear probe: encode every cell once with the frozen encoder, then fit the head alone.
+
+    Returns the mean training loss of every epoch, the held-out cells' logits and the number of steps.
+    """
     for param in classifier.cell_encoder.parameters():
         param.requires_grad = False
     features = classifier.encode_features(sequences, max_tokens=max_tokens, max_length=max_length, progress=progress)
@@ -797,7 +815,7 @@ def _train_linear(
     with torch.inference_mode():
         held_out_logits = classifier.head(torch.from_numpy(features[held_out]).to(device)).float().cpu().numpy()
     _fold_standardisation(classifier.head, mean, std)
-    return losses, held_out_logits
+    return losses, held_out_logits, total
 
 
 def _fold_standardisation(head: nn.Linear, mean: np.ndarray, std: np.ndarray) -> None:
@@ -809,19 +827,43 @@ def _fold_standardisation(head: nn.Linear, mean: np.ndarray, std: np.ndarray) ->
         head.bias.copy_(bias.to(head.bias.dtype))
 
 
+def full_finetuning_epochs(steps_per_epoch: int) -> int:
+    """Passes of full fine-tuning when ``finetune(..., epochs=None)``: enough for ``FULL_MIN_STEPS`` steps.
+
+    ``ceil(FULL_MIN_STEPS / steps_per_epoch)``, clipped to ``[FULL_MIN_EPOCHS, FULL_MAX_EPOCHS]``: 3 passes
+    over a large training set, more over a small one (100 over 84 cells in batches of 64).
+
+    Parameters
+    ----------
+    steps_per_epoch
+        Optimiser steps of one pass over the training cells (at least 1).
+    """
+    if steps_per_epoch < 1:
+        raise LangCellError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+    return min(max(math.ceil(FULL_MIN_STEPS / steps_per_epoch), FULL_MIN_EPOCHS), FULL_MAX_EPOCHS)
+
+
 def _train_full(
     classifier, sequences, codes, train, *, epochs, lr, encoder_lr, weight_decay, max_tokens, max_batch_size,
     max_length, warmup_fraction, max_grad_norm, seed, progress,
-) -> list[float]:
-    """Full fine-tuning: the encoder and the head learn together, batches by length under a token budget."""
+) -> tuple[list[float], int, int]:
+    """Full fine-tuning: the encoder and the head learn together, batches by length under a token budget.
+
+    ``epochs=None`` chooses them with :func:`full_finetuning_epochs`. Returns the mean training loss of
+    every epoch, the number of epochs and the number of optimiser steps.
+    """
     lengths = np.minimum(np.fromiter((sequences[i].size for i in train), dtype=np.int64), max_length)
+
+    def batches_of(epoch: int) -> list[np.ndarray]:
+        batches = token_budget_batches(lengths, max_tokens, max_batch_size=max_batch_size, shuffle=True,
+                                       seed=seed + epoch)
+        return [train[b] for b in batches]
+
     # Shuffled anew each epoch; the batch count depends on the lengths only, so the schedule is exact.
-    epoch_batches = [
-        [train[b] for b in token_budget_batches(
-            lengths, max_tokens, max_batch_size=max_batch_size, shuffle=True, seed=seed + epoch
-        )]
-        for epoch in range(epochs)
-    ]
+    epoch_batches = [batches_of(0)]
+    if epochs is None:
+        epochs = full_finetuning_epochs(len(epoch_batches[0]))
+    epoch_batches += [batches_of(epoch) for epoch in range(1, epochs)]
     total = sum(len(batches) for batches in epoch_batches)
     optimizer = torch.optim.AdamW(
         _param_groups(classifier.cell_encoder, encoder_lr, 1.0, weight_decay)
@@ -849,7 +891,7 @@ def _train_full(
     if bar is not None:
         bar.close()
     classifier.eval()
-    return losses
+    return losses, epochs, total
 
 
 def _step(loss, optimizer, scheduler, parameters, max_grad_norm: float) -> None:
