@@ -837,6 +837,11 @@ def full_finetuning_epochs(steps_per_epoch: int) -> int:
     ----------
     steps_per_epoch
         Optimiser steps of one pass over the training cells (at least 1).
+
+    Returns
+    -------
+    int
+        The number of epochs.
     """
     if steps_per_epoch < 1:
         raise LangCellError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
