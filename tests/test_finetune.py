@@ -187,6 +187,7 @@ def test_linear_probe_learns_and_writes_the_contract(linear_run):
     assert metrics["macro_f1"] == pytest.approx(np.mean(f1))
     uns = adata.uns["langcell_ce"]
     assert uns["metrics"] is metrics and uns["params"]["mode"] == "linear" and uns["params"]["epochs"] == 60
+    assert metrics["n_steps"] == 60  # 60 training cells: one batch of up to 256 per epoch
 
 
 @needs_cbmc
@@ -254,6 +255,7 @@ def test_full_finetuning_default_epochs_follow_the_training_set_size(cbmc, model
     _, metrics, annotated = finetune(cbmc[0], model, "cell_type", seed=0, copy=True, **settings)
     assert metrics["n_train"] == 60
     assert len(metrics["train_loss"]) == full_finetuning_epochs(2) == 100
+    assert metrics["n_steps"] == 200
     assert annotated.uns["langcell_ce"]["params"]["epochs"] == 100
 
 
