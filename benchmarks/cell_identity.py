@@ -87,6 +87,20 @@ def zero_shot(adata: ad.AnnData, model, classes: list[str], max_length: int | No
     return metrics_of(truth, annotated.obs["langcell_cell_type"].astype(str).to_numpy(), classes)
 
 
+def logistic_regression_on_split(adata: ad.AnnData, key_added: str, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A logistic regression on log-normalised counts, on the train/test split ``tl.finetune`` wrote.
+
+    Returns its :func:`classification_metrics` on the test cells and the train and test rows.
+    """
+    split = adata.obs[key_added + "_split"].astype(str).to_numpy()
+    classes = list(adata.uns[key_added]["classes"])
+    codes = np.array([classes.index(v) for v in adata.obs[LABEL_KEY]])
+    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    features = log_normalised_features(adata)
+    predicted = logistic_regression_predict(features[train], codes[train], features[test], seed)
+    return classification_metrics(codes[test], predicted, len(classes)), train, test
+
+
 def fine_tuned(adata: ad.AnnData, model, seed: int, max_length: int | None, epochs: dict) -> dict:
     """LangCell-CE (linear and full) and a logistic regression on the same 2:1 split."""
     out = {}
@@ -101,12 +115,7 @@ def fine_tuned(adata: ad.AnnData, model, seed: int, max_length: int | None, epoc
         }
     split = adata.obs["ce_full_split"].astype(str).to_numpy()
     assert np.array_equal(split, adata.obs["ce_linear_split"].astype(str).to_numpy())  # one split, one seed
-    classes = list(adata.uns["ce_full"]["classes"])
-    codes = np.array([classes.index(v) for v in adata.obs[LABEL_KEY]])
-    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
-    features = log_normalised_features(adata)
-    predicted = logistic_regression_predict(features[train], codes[train], features[test], seed)
-    metrics = classification_metrics(codes[test], predicted, len(classes))
+    metrics, train, test = logistic_regression_on_split(adata, "ce_full", seed)
     out["logistic_regression"] = {
         "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
         "n_train": int(train.size), "n_test": int(test.size),

@@ -23,13 +23,15 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
-from cell_identity import CBMC, LABEL_KEY, held_out_cells  # benchmarks/ is on sys.path when run as a script
+from cell_identity import (  # benchmarks/ is on sys.path when run as a script
+    CBMC,
+    LABEL_KEY,
+    held_out_cells,
+    logistic_regression_on_split,
+)
 
 from langcell import tl
-from langcell.demo import log_normalised_features, logistic_regression_predict
-from langcell.finetune import classification_metrics
 from langcell.models.langcell import LangCell
 
 #: Classes kept by default: those that take part in the fine-tuned column of benchmarks/cell_identity.py
@@ -53,14 +55,8 @@ def one_seed(adata, model, seed: int, max_length: int | None) -> list[dict]:
         rows.append({"method": name, "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"],
                      "epochs": epochs, "steps": metrics["n_steps"], "seconds": seconds,
                      "n_train": metrics["n_train"], "n_test": metrics["n_test"]})
-    split = adata.obs["ce_split"].astype(str).to_numpy()  # the same seeded split for every setting
-    classes = list(adata.uns["ce"]["classes"])
-    codes = np.array([classes.index(v) for v in adata.obs[LABEL_KEY]])
-    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
-    features = log_normalised_features(adata)
-    start = time.perf_counter()
-    predicted = logistic_regression_predict(features[train], codes[train], features[test], seed)
-    metrics = classification_metrics(codes[test], predicted, len(classes))
+    start = time.perf_counter()  # the split finetune wrote: one seeded split for every setting
+    metrics, train, test = logistic_regression_on_split(adata, "ce", seed)
     rows.append({"method": "logistic regression", "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"],
                  "epochs": None, "steps": None, "seconds": time.perf_counter() - start,
                  "n_train": int(train.size), "n_test": int(test.size)})
