@@ -20,6 +20,12 @@ Run from the repository root::
     python benchmarks/encode.py --quick    # 32 cells each (about 5 minutes on 2 cores)
     python benchmarks/encode.py --bf16     # add a row for ours under bfloat16 autocast (other numerics)
     python benchmarks/encode.py --device cuda --bf16 --cells 559   # on a GPU: both sides there
+
+``--pack`` adds two rows for ours, the cell encoder called directly on the same batches with packing forced
+on and off (``CellEncoder.forward(pack=...)``; the default packs on the CPU only), to measure which
+path pays on the device. ``--bundle DIR`` reads the cells tokenized by ``benchmarks/gpu_bundle.py``
+instead of the h5ad (on a GPU machine without anndata or ``../shared``); ``--cells`` beyond the 559 cells
+of the sample repeats them, so that a GPU run lasts long enough to time.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from langcell.batching import pad_sequences
+from langcell.batching import pad_sequences, token_budget_batches
 from langcell.config import LangCellConfig
 from langcell.embedding import embed_cells
 from langcell.models import LangCell
+from langcell.precision import autocast
 from langcell.tokenizer import GeneTokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -45,15 +52,25 @@ GENEFORMER = SHARED / "reference" / "geneformer"
 RELEASE_BATCH_SIZE = 32
 
 
-def tokenized_cells(n_cells: int) -> tuple[list[np.ndarray], GeneTokenizer]:
-    """The first ``n_cells`` cells of the immune sample as rank-value token sequences (<cls> first)."""
-    import anndata
+def tokenized_cells(n_cells: int, bundle: str | None = None) -> tuple[list[np.ndarray], GeneTokenizer]:
+    """The first ``n_cells`` cells of the immune sample as rank-value token sequences (<cls> first).
 
-    tokenizer = GeneTokenizer.from_geneformer(
-        GENEFORMER / "token_dictionary.pkl", GENEFORMER / "gene_median_dictionary.pkl"
-    )
-    cells = tokenizer.encode(anndata.read_h5ad(SAMPLE), max_length=2048)
-    return [np.asarray(cells[i], dtype=np.int64) for i in range(min(n_cells, len(cells)))], tokenizer
+    Read from ``bundle`` (``benchmarks/gpu_bundle.py``) when given. Beyond the sample's cells, the sample
+    is repeated in order.
+    """
+    if bundle is not None:
+        from gpu_bundle import read_cells  # benchmarks/ is on sys.path when run as a script
+
+        cells, tokenizer = read_cells(Path(bundle) / "immune")
+    else:
+        import anndata
+
+        tokenizer = GeneTokenizer.from_geneformer(
+            GENEFORMER / "token_dictionary.pkl", GENEFORMER / "gene_median_dictionary.pkl"
+        )
+        encoded = tokenizer.encode(anndata.read_h5ad(SAMPLE), max_length=2048)
+        cells = [np.asarray(encoded[i], dtype=np.int64) for i in range(len(encoded))]
+    return [cells[i % len(cells)] for i in range(n_cells)], tokenizer
 
 
 def hf_twin(model: LangCell):
@@ -114,6 +131,25 @@ def run_ours(model: LangCell, sequences, max_tokens: int, *, bf16: bool = False)
     return time.perf_counter() - start, torch.from_numpy(out)  # embed_cells returns host arrays: synced
 
 
+def run_encoder(model: LangCell, sequences, max_tokens: int, *, pack: bool, bf16: bool) -> tuple[float, torch.Tensor]:
+    """The cell encoder called directly with packing forced on or off; same batches as ``embed_cells``."""
+    device = model.logit_scale.device
+    precision = "bf16" if bf16 else "fp32"
+    lengths = np.array([len(s) for s in sequences])
+    batches = token_budget_batches(lengths, max_tokens)
+    out = torch.zeros(len(sequences), model.config.projection_dim)
+    _synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(precision, device):
+        for index in batches:
+            ids, mask = pad_sequences([sequences[int(i)] for i in index], pad_id=0)
+            ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+            first = model.cell_encoder(ids, mask, first_token_only=True, pack=pack)
+            out[torch.from_numpy(index)] = F.normalize(model.cell_proj(first), dim=-1).float().cpu()
+    _synchronize(device)
+    return time.perf_counter() - start, out
+
+
 def main() -> None:
     """Parse arguments, time both pipelines per preset, print a table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -126,13 +162,15 @@ def main() -> None:
     parser.add_argument(
         "--bf16", action="store_true", help="also time ours with precision='bf16' (autocast: other numerics)"
     )
+    parser.add_argument("--pack", action="store_true", help="also time the cell encoder packed and not packed")
+    parser.add_argument("--bundle", help="cells and text tokenizer from benchmarks/gpu_bundle.py's folder")
     args = parser.parse_args()
-    if not SAMPLE.is_file():
+    if args.bundle is None and not SAMPLE.is_file():
         raise SystemExit(f"the immune sample is missing: {SAMPLE}")
     if args.threads:
         torch.set_num_threads(args.threads)
     n_cells = 32 if args.quick else args.cells
-    sequences, gene_tokenizer = tokenized_cells(n_cells)
+    sequences, gene_tokenizer = tokenized_cells(n_cells, args.bundle)
     lengths = np.array([len(s) for s in sequences])
     print(
         f"{len(sequences)} cells of {SAMPLE.name}: tokens per cell mean {lengths.mean():.0f}, median "
@@ -143,6 +181,8 @@ def main() -> None:
     for preset in args.presets:
         config = LangCellConfig.preset(preset)
         config.text.init_from = None  # the text tower is not used here: random init is enough
+        if args.bundle:
+            config.text.tokenizer_from = str(Path(args.bundle) / "text_tokenizer")
         torch.manual_seed(0)
         model = LangCell(config, gene_tokenizer=gene_tokenizer).eval().to(args.device)
         hf = hf_twin(model).to(args.device)
@@ -161,6 +201,16 @@ def main() -> None:
             rows.append((preset, "bf16 autocast", len(sequences) / base_seconds, len(sequences) / bf16_seconds,
                          difference))
             print(f"  {preset}: ours under bf16 autocast {bf16_seconds:.1f} s", flush=True)
+        if args.pack:
+            for bf16 in (False, True) if args.bf16 else (False,):
+                for pack in (True, False):
+                    run_encoder(model, sequences[:1], args.max_tokens, pack=pack, bf16=bf16)
+                    seconds, emb = run_encoder(model, sequences, args.max_tokens, pack=pack, bf16=bf16)
+                    difference = float((base_emb - emb).abs().max())
+                    label = f"{'bf16 autocast' if bf16 else 'fp32'}, cell encoder pack={pack}"
+                    rows.append((preset, label, len(sequences) / base_seconds, len(sequences) / seconds,
+                                 difference))
+                    print(f"  {preset}: {label} {seconds:.1f} s", flush=True)
         del model, hf
 
     print()

@@ -14,6 +14,10 @@ so that peak memory (max RSS; CUDA max allocated on a GPU) is its own.
 
     python benchmarks/pretrain.py                       # small, CPU
     python benchmarks/pretrain.py --size base --device cuda
+
+``--bundle DIR`` trains on the corpora, texts and text tokenizer that ``benchmarks/gpu_bundle.py`` wrote
+(a GPU machine has neither ``../shared`` nor the ontology and MiniLM packages); the text tower then starts
+from random weights, which changes nothing for speed.
 """
 
 from __future__ import annotations
@@ -72,12 +76,21 @@ def measure(args: argparse.Namespace) -> dict:
     config.max_length = args.max_length
     config.gene_dropout = 0.0
     model_config = config.model_config_for(corpus.tokenizer)
+    if args.bundle:  # no MiniLM package there: its tokenizer files from the bundle, random text weights
+        model_config.text.tokenizer_from = str(Path(args.bundle) / "text_tokenizer")
+        model_config.text.init_from = None
     model = LangCell.from_config(model_config, gene_tokenizer=corpus.tokenizer).to(device)
     _set_trainable(model, args.stage, False)
     model.train()
     objective = PretrainObjective(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    table = CellTextTable.from_obs(corpus.obs) if args.stage == "joint" else None
+    table = None
+    if args.stage == "joint" and args.bundle:
+        from gpu_bundle import read_text_table  # benchmarks/ is on sys.path when run as a script
+
+        table = read_text_table(Path(args.bundle) / "corpora" / "cbmc_texts.json")
+    elif args.stage == "joint":
+        table = CellTextTable.from_obs(corpus.obs)
     cells = np.arange(len(corpus)) if table is None else table.cells_with_cell_type_text()
     precision = "fp32"
     if args.mode == "langcell":
@@ -147,6 +160,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192, help="langcell token budget per batch")
     parser.add_argument("--max-length", type=int, default=1024, help="cells cut to their top genes")
     parser.add_argument("--stages", default="cell,joint")
+    parser.add_argument("--bundle", help="corpora, texts and text tokenizer from benchmarks/gpu_bundle.py's folder")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -156,7 +170,10 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        corpora = build_corpora(Path(tmp), args.max_length)
+        if args.bundle:
+            corpora = {"cell": Path(args.bundle) / "corpora" / "immune", "joint": Path(args.bundle) / "corpora" / "cbmc"}
+        else:
+            corpora = build_corpora(Path(tmp), args.max_length)
         rows = []
         for stage in args.stages.split(","):
             results = {}
@@ -164,7 +181,8 @@ def main() -> None:
                 command = [sys.executable, __file__, "--mode", mode, "--stage", stage,
                            "--corpus", str(corpora[stage])] + [
                     f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                    if k in ("size", "device", "cells", "batch_size", "max_tokens", "max_length")
+                    if k in ("size", "device", "cells", "batch_size", "max_tokens", "max_length", "bundle")
+                    and v is not None
                 ]
                 out = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), check=False)
                 if out.returncode != 0:
