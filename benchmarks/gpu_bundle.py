@@ -94,6 +94,9 @@ def main() -> None:
 
     out = Path(args.out)
     if out.exists():
+        # Replace only an earlier bundle, never some other folder passed by mistake.
+        if any(out.iterdir()) and not (out / "immune" / "cells.npz").is_file():
+            raise SystemExit(f"{out} exists and is not a bundle this script wrote; pass a new or empty --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
