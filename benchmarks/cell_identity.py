@@ -65,6 +65,17 @@ def held_out_cells(data: str, path: str, seed: int) -> ad.AnnData:
     return test
 
 
+def add_held_out_arguments(parser, *, required: bool = True, model_help: str | None = None) -> None:
+    """Add ``--model``, ``--data`` and ``--data-path``: a model and the data of :func:`held_out_cells`.
+
+    ``required=False`` makes ``--model`` optional and ``--data`` default to pbmc68k.
+    """
+    parser.add_argument("--model", required=required, help=model_help or "a pretrained langcell model directory")
+    parser.add_argument("--data", choices=["cbmc", "pbmc68k"], required=required,
+                        default=None if required else "pbmc68k")
+    parser.add_argument("--data-path", default=str(CBMC), help="cbmc_citeseq_500genes.h5ad (--data cbmc)")
+
+
 def quick_subset(adata: ad.AnnData, per_class: int, seed: int) -> ad.AnnData:
     """At most ``per_class`` cells of every class (seeded), for a smoke run."""
     rng = np.random.default_rng(seed)
@@ -158,9 +169,7 @@ def markdown_tables(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a pretrained langcell model directory")
-    parser.add_argument("--data", choices=["cbmc", "pbmc68k"], required=True)
-    parser.add_argument("--data-path", default=str(CBMC), help="cbmc_citeseq_500genes.h5ad (--data cbmc)")
+    add_held_out_arguments(parser)
     parser.add_argument("--out", help="output directory (default runs/cell_identity_<data>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the 80/20 split and of every method")
     parser.add_argument("--shots", default="1,3,5,10", help="training cells per class, comma-separated")

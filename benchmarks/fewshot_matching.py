@@ -34,7 +34,11 @@ import time
 
 import numpy as np
 import torch
-from cell_identity import CBMC, LABEL_KEY, held_out_cells  # benchmarks/ is on sys.path when run as a script
+from cell_identity import (  # benchmarks/ is on sys.path when run as a script
+    LABEL_KEY,
+    add_held_out_arguments,
+    held_out_cells,
+)
 
 from langcell import datasets, ontology, tl
 from langcell.config import LangCellConfig
@@ -146,9 +150,8 @@ def main() -> None:
     parser.add_argument("--match-classes", type=int, default=3, help="m of the cheaper run (default 3)")
     parser.add_argument("--epochs", type=int, help="tuning epochs per run (default 2; 20 with --model)")
     parser.add_argument("--max-length", type=int, help="tokens per cell (default 256; the model's with --model)")
-    parser.add_argument("--model", help="a pretrained model directory: compare scores instead of timing")
-    parser.add_argument("--data", choices=["cbmc", "pbmc68k"], default="pbmc68k", help="with --model")
-    parser.add_argument("--data-path", default=str(CBMC), help="cbmc_citeseq_500genes.h5ad (--data cbmc)")
+    add_held_out_arguments(parser, required=False,
+                           model_help="a pretrained model directory: compare scores instead of timing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the runs")
     parser.add_argument("--repeats", type=int, default=3, help="random few-shot splits per n (--model)")
     parser.add_argument("--min-test", type=int, default=3,

@@ -25,8 +25,8 @@ import time
 
 import torch
 from cell_identity import (  # benchmarks/ is on sys.path when run as a script
-    CBMC,
     LABEL_KEY,
+    add_held_out_arguments,
     held_out_cells,
     logistic_regression_on_split,
 )
@@ -75,9 +75,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a pretrained langcell model directory")
-    parser.add_argument("--data", choices=["cbmc", "pbmc68k"], required=True)
-    parser.add_argument("--data-path", default=str(CBMC), help="cbmc_citeseq_500genes.h5ad (--data cbmc)")
+    add_held_out_arguments(parser)
     parser.add_argument("--seeds", default="0,1", help="seeds of the 2:1 split and training, comma-separated")
     parser.add_argument("--min-cells", type=int, help="held-out cells a class needs to take part (default by data)")
     parser.add_argument("--max-length", type=int, default=128, help="longest cell in tokens (the recipes' 128)")
