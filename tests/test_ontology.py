@@ -244,7 +244,7 @@ class _CountingParser:
 @pytest.mark.parametrize("categorical", [True, False])
 def test_describe_cells_describes_each_unique_term_once(monkeypatch, parser, categorical):
     counting = _CountingParser(parser)
-    monkeypatch.setattr(ontology, "_parser", lambda: counting)
+    monkeypatch.setattr(ontology.texts, "ontology_parser", lambda: counting)
     # term_text itself is counted too: its own cache would hide a per-cell loop from the parser count.
     term_text_calls: Counter[str] = Counter()
     real_term_text = ontology.term_text
@@ -253,8 +253,8 @@ def test_describe_cells_describes_each_unique_term_once(monkeypatch, parser, cat
         term_text_calls[term_id] += 1
         return real_term_text(term_id, aspect, **kwargs)
 
-    monkeypatch.setattr(ontology, "term_text", counting_term_text)
-    ontology._term_text_cached.cache_clear()
+    monkeypatch.setattr(ontology.texts, "term_text", counting_term_text)
+    ontology.texts._term_text_cached.cache_clear()
     try:
         rng = np.random.default_rng(0)
         terms = ["CL:0000236", "CL:0000623", "CL:0000084", "unknown"]
@@ -262,7 +262,7 @@ def test_describe_cells_describes_each_unique_term_once(monkeypatch, parser, cat
         column = pd.Categorical(values) if categorical else values
         texts = ontology.describe_cells(pd.DataFrame({"cell_type_ontology_term_id": column}))
     finally:
-        ontology._term_text_cached.cache_clear()
+        ontology.texts._term_text_cached.cache_clear()
     assert term_text_calls == Counter({term: 1 for term in terms})
     assert counting.description_calls == Counter({"CL:0000236": 1, "CL:0000623": 1, "CL:0000084": 1})
     expected = {term: real_term_text(term) for term in terms}

@@ -63,14 +63,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import datasets, genes, io, losses, ontology, pl, tl, tokenizer, train  # noqa: F401
-    from .config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
-    from .corpus import TokenCorpus, write_corpus  # noqa: F401
-    from .errors import LangCellError  # noqa: F401
-    from .finetune import CellTypeClassifier  # noqa: F401
-    from .genes import GeneMappingReport, map_to_ensembl  # noqa: F401
-    from .io import import_official  # noqa: F401
-    from .models.langcell import LangCell  # noqa: F401
-    from .ontology import describe_cells, label_texts, resolve_labels, term_text  # noqa: F401
-    from .tokenizer import GeneTokenizer, TokenizedCells, read_geneformer_dictionary  # noqa: F401
-    from .train.pretrain import PretrainConfig, load_recipe, pretrain  # noqa: F401
+    from langcell import datasets, genes, io, losses, ontology, pl, tl, tokenizer, train  # noqa: F401
+    from langcell.config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
+    from langcell.corpus import TokenCorpus, write_corpus  # noqa: F401
+    from langcell.errors import LangCellError  # noqa: F401
+    from langcell.finetune import CellTypeClassifier  # noqa: F401
+    from langcell.genes import GeneMappingReport, map_to_ensembl  # noqa: F401
+    from langcell.io import import_official  # noqa: F401
+    from langcell.models.langcell import LangCell  # noqa: F401
+    from langcell.ontology import describe_cells, label_texts, resolve_labels, term_text  # noqa: F401
+    from langcell.tokenizer import GeneTokenizer, TokenizedCells, read_geneformer_dictionary  # noqa: F401
+    from langcell.train.pretrain import PretrainConfig, load_recipe, pretrain  # noqa: F401

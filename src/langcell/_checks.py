@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import LangCellError
+from langcell.errors import LangCellError
 
 
 def check_anndata(adata: Any) -> None:

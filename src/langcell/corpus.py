@@ -31,18 +31,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from ._atomic import atomic_directory
-from .batching import pad_sequences
-from .errors import LangCellError
-from .genes import GeneMappingReport
-from .tokenizer import (
-    DEFAULT_CHUNK_SIZE,
-    GeneTokenizer,
-    _as_source_list,
-    _count_source,
-    _opened,
-)
+from langcell import __version__
+from langcell._atomic import atomic_directory
+from langcell.batching import pad_sequences
+from langcell.errors import LangCellError
+from langcell.genes import GeneMappingReport
+from langcell.tokenizer import DEFAULT_CHUNK_SIZE, GeneTokenizer, _as_source_list, _count_source, _opened
 
 __all__ = ["TokenCorpus", "write_corpus", "MANIFEST_FILENAME"]
 

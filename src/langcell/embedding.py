@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .batching import pad_sequences, token_budget_batches
-from .precision import autocast, check_precision
+from langcell.batching import pad_sequences, token_budget_batches
+from langcell.precision import autocast, check_precision
 
 #: Cell tokens (batch size x padded length) per forward pass when embedding.
 DEFAULT_EMBED_MAX_TOKENS = 16_384

@@ -38,17 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._atomic import atomic_directory
-from ._checks import check_anndata as _check_anndata
-from ._checks import check_key_added as _check_key
-from ._checks import gene_tokenizer_of as _gene_tokenizer
-from .batching import pad_sequences, token_budget_batches
-from .config import CellEncoderConfig, _dataclass_from_dict
-from .errors import LangCellError
-from .io import read_format_document
-from .models.cell_encoder import CellEncoder, init_bert_weights
-from .train.pretrain import _param_groups, _schedule
-from .zero_shot import _as_sequences
+from langcell._atomic import atomic_directory
+from langcell._checks import check_anndata as _check_anndata
+from langcell._checks import check_key_added as _check_key
+from langcell._checks import gene_tokenizer_of as _gene_tokenizer
+from langcell.batching import pad_sequences, token_budget_batches
+from langcell.config import CellEncoderConfig, _dataclass_from_dict
+from langcell.errors import LangCellError
+from langcell.io import read_format_document
+from langcell.models.cell_encoder import CellEncoder, init_bert_weights
+from langcell.train.pretrain import _param_groups, _schedule
+from langcell.zero_shot import _as_sequences
 
 __all__ = [
     "CellTypeClassifier",
@@ -298,8 +298,8 @@ class CellTypeClassifier(nn.Module):
             missing or duplicated class names, an unknown pooling, a gene tokenizer whose vocabulary does
             not match the encoder, or missing / unexpected / misshapen / corrupt weights.
         """
-        from .io import load_state_strict, read_weights
-        from .tokenizer import TOKENIZER_FILENAME, GeneTokenizer
+        from langcell.io import load_state_strict, read_weights
+        from langcell.tokenizer import TOKENIZER_FILENAME, GeneTokenizer
 
         path = Path(path)
         if not path.is_dir():

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import LangCellError
+from langcell.errors import LangCellError
 
 __all__ = ["PRECISIONS", "autocast", "check_precision"]
 

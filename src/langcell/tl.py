@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import ontology
-from ._checks import check_anndata as _check_anndata
-from ._checks import check_key_added, gene_tokenizer_of
-from .errors import LangCellError
-from .precision import check_precision
-from .zero_shot import (
+from langcell import ontology
+from langcell._checks import check_anndata as _check_anndata
+from langcell._checks import check_key_added, gene_tokenizer_of
+from langcell.errors import LangCellError
+from langcell.precision import check_precision
+from langcell.zero_shot import (
     DEFAULT_ALPHA,
     DEFAULT_MAX_PAIR_TOKENS,
     DEFAULT_MAX_TOKENS,
@@ -479,7 +479,7 @@ def _embedding_matrix(
     Tokenizes and embeds ``chunk_size`` rows at a time (a backed AnnData streams from disk). Shared by
     :func:`embed` and the retrieval functions; validates the model and settings before any work.
     """
-    from .embedding import embed_cells
+    from langcell.embedding import embed_cells
 
     tokenizer = gene_tokenizer_of(model)
     check_precision(precision, model.logit_scale.device)
@@ -518,7 +518,7 @@ def _embedding_matrix(
 # --------------------------------------------------------------------------------------------------
 # Fine-tuning, few-shot annotation, retrieval and evaluation live in their own modules; they are part
 # of the tl namespace.
-from .evaluate import evaluate, integration_metrics, per_type_accuracy  # noqa: E402
-from .fewshot import fewshot  # noqa: E402
-from .finetune import finetune, predict  # noqa: E402
-from .retrieval import retrieval_recall, retrieve_cells, retrieve_texts  # noqa: E402
+from langcell.evaluate import evaluate, integration_metrics, per_type_accuracy  # noqa: E402
+from langcell.fewshot import fewshot  # noqa: E402
+from langcell.finetune import finetune, predict  # noqa: E402
+from langcell.retrieval import retrieval_recall, retrieve_cells, retrieve_texts  # noqa: E402

@@ -42,9 +42,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from . import genes as _genes
-from ._atomic import atomic_file
-from .errors import LangCellError
+from langcell import genes as _genes
+from langcell._atomic import atomic_file
+from langcell.errors import LangCellError
 
 __all__ = [
     "GeneTokenizer",

@@ -65,9 +65,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batching import pad_sequences, token_budget_batches
-from .errors import LangCellError
-from .precision import autocast, check_precision
+from langcell.batching import pad_sequences, token_budget_batches
+from langcell.errors import LangCellError
+from langcell.precision import autocast, check_precision
 
 __all__ = [
     "DEFAULT_ALPHA",

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import CellEncoderConfig, TextEncoderConfig
-from ..errors import LangCellError
+from langcell.config import CellEncoderConfig, TextEncoderConfig
+from langcell.errors import LangCellError
 
 BertSizes = CellEncoderConfig | TextEncoderConfig
 

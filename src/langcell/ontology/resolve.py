@@ -1,49 +1,7 @@
-"""Ontology terms to text, and free-text cell-type labels to Cell Ontology terms.
+"""Free-text cell-type labels to Cell Ontology terms (and so to the texts of :mod:`.texts`).
 
-LangCell pairs every cell with text about its identity. That text comes from the ontology terms that
-CELLxGENE-schema metadata already carries (``obs["<aspect>_ontology_term_id"]``), turned into plain
-sentences from each term's label, definition, synonyms and parents. Zero-shot annotation needs the
-reverse too: a user's own labels ("CD14+ Mono", "NK cells") resolved to Cell Ontology (CL) terms so
-that each class gets the same kind of text the model was trained on.
-
-Ontology data
--------------
-Everything comes from the PyPI package ``cellxgene-ontology-guide``, which ships the ontologies inside
-its wheel (no network). One :class:`~cellxgene_ontology_guide.ontology_parser.OntologyParser` is built
-per process, lazily, on first use; each ontology file is decompressed the first time one of its terms is
-asked for (measured on a 2-core machine: CL 0.02 s, UBERON 0.12 s, MONDO 0.17 s, EFO 0.06 s, the small
-ones less). NCBITaxon is the exception: 1.26 million terms, about 16 s and 3 GB of memory, so the
-organisms CELLxGENE actually uses are read from the small table :data:`ORGANISMS` (checked against
-NCBITaxon by the tests) and only other taxa fall back to the full taxonomy, with a warning.
-
-Aspects and templates
----------------------
-:data:`ASPECTS` lists the eight metadata aspects in a fixed order; each is read from the obs column
-``<aspect>_ontology_term_id``. :data:`TEMPLATES` holds one template per aspect. A template is a
-:meth:`str.format` string with four fields:
-
-``{label}``
-    the term's label (for several terms, as in multi-ethnic donors, the labels joined by " and ");
-``{definition}``
-    the term's definition, whitespace collapsed, ending with a full stop;
-``{synonyms}``
-    up to ``max_synonyms`` synonyms joined by ", ";
-``{parents}``
-    the labels of up to ``max_parents`` direct parents (distance-1 ancestors), joined by ", ".
-
-A part in square brackets is optional: it is kept (without the brackets) only when every field inside
-it has text, so "[ Also called: {synonyms}.]" disappears for a term without synonyms. Synonyms that
-differ from the label or from an earlier synonym only in case, hyphenation or "+" for "-positive"
-("B-cell" for "B cell"), and ImmGen-style codes without spaces ("T.4Nve.Sp"), are dropped because they
-add tokens, not meaning.
-The cell-type text of B cell (CL:0000236) is, for example::
-
-    cell type: B cell. A lymphocyte of B lineage that is capable of B cell mediated immunity.
-    Also called: B lymphocyte. A kind of: lymphocyte of B lineage.
-
-CELLxGENE's special values are handled: "unknown" and "na" give no text (the empty string);
-"PATO:0000461" (normal) as a disease and "multiethnic" as an ethnicity give the fixed sentences in
-:data:`SPECIAL_TEXTS`; a comma-separated list of ethnicity terms is described as one text.
+Zero-shot annotation needs a user's own labels ("CD14+ Mono", "NK cells") resolved to Cell Ontology (CL)
+terms, so that each class gets the same kind of text the model was trained on.
 
 Label resolution
 ----------------
@@ -80,109 +38,18 @@ import difflib
 import functools
 import json
 import re
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from .errors import LangCellError
+from langcell.errors import LangCellError
+from langcell.ontology.texts import EXAMPLE_TERM_IDS, ontology_parser, ontology_terms, term_prefix, term_text
 
-__all__ = [
-    "ABBREVIATIONS",
-    "ASPECTS",
-    "ASPECT_ONTOLOGIES",
-    "CURATED_LABELS",
-    "GENE_TO_CD",
-    "MARKER_ONLY_TYPES",
-    "ORGANISMS",
-    "SPECIAL_TEXTS",
-    "TEMPLATES",
-    "cell_description",
-    "describe_cells",
-    "label_texts",
-    "resolve_labels",
-    "term_label",
-    "term_text",
-]
-
-ASPECTS: tuple[str, ...] = (
-    "cell_type",
-    "tissue",
-    "disease",
-    "development_stage",
-    "sex",
-    "assay",
-    "organism",
-    "self_reported_ethnicity",
-)
-"""The metadata aspects, in the order used for multi-aspect descriptions."""
-
-TEMPLATES: dict[str, str] = {
-    "cell_type": "cell type: {label}.[ {definition}][ Also called: {synonyms}.][ A kind of: {parents}.]",
-    # UBERON parents mix is_a and part_of, hence "Belongs to" rather than "A kind of".
-    "tissue": "tissue: {label}.[ {definition}][ Also called: {synonyms}.][ Belongs to: {parents}.]",
-    "disease": "disease: {label}.[ {definition}][ Also called: {synonyms}.][ A kind of: {parents}.]",
-    "development_stage": "development stage: {label}.[ {definition}][ Also called: {synonyms}.]",
-    # PATO's definitions of female/male are long-winded and identical across cells: the label says it all.
-    "sex": "sex: {label}.",
-    "assay": "assay: {label}.[ {definition}][ Also called: {synonyms}.][ A kind of: {parents}.]",
-    "organism": "organism: {label}.[ Also called: {synonyms}.]",
-    "self_reported_ethnicity": "self-reported ethnicity: {label}.[ {definition}]",
-}
-"""One text template per aspect; see the module docstring for the fields and the ``[...]`` parts."""
-
-ASPECT_ONTOLOGIES: dict[str, tuple[str, ...]] = {
-    "cell_type": ("CL",),
-    # CELLxGENE allows CL terms as the tissue of cell cultures and organoids.
-    "tissue": ("UBERON", "CL"),
-    "disease": ("MONDO", "PATO"),
-    # Human, mouse, then the stage ontologies of the other organisms CELLxGENE accepts.
-    "development_stage": ("HsapDv", "MmusDv", "UBERON", "ZFS", "FBdv", "WBls"),
-    "sex": ("PATO",),
-    "assay": ("EFO",),
-    "organism": ("NCBITaxon",),
-    "self_reported_ethnicity": ("HANCESTRO", "AfPO"),
-}
-"""The ontology prefixes each aspect accepts (CELLxGENE schema 7)."""
-
-# CELLxGENE's placeholders for "not known" and "not applicable": no text at all, so that a pretraining
-# step never learns that "unknown" is a cell type.
-_NO_TEXT_VALUES = frozenset({"unknown", "na", ""})
-
-SPECIAL_TEXTS: dict[tuple[str, str], str] = {
-    ("disease", "PATO:0000461"): "disease: normal. The donor had no diagnosed disease (healthy tissue).",
-    ("self_reported_ethnicity", "multiethnic"): (
-        "self-reported ethnicity: multiethnic. The donor reported more than one ethnicity."
-    ),
-}
-"""Fixed texts for CELLxGENE's special values that carry meaning, keyed by (aspect, value)."""
-
-ORGANISMS: dict[str, tuple[str, tuple[str, ...]]] = {
-    # term id: (NCBITaxon label, synonyms as NCBITaxon gives them, most common name first)
-    "NCBITaxon:9606": ("Homo sapiens", ("human",)),
-    "NCBITaxon:10090": ("Mus musculus", ("house mouse", "mouse")),
-    "NCBITaxon:10116": ("Rattus norvegicus", ("Norway rat", "brown rat", "rat")),
-    "NCBITaxon:9544": ("Macaca mulatta", ("rhesus macaque", "Rhesus monkey")),
-    "NCBITaxon:9541": ("Macaca fascicularis", ("crab-eating macaque", "cynomolgus monkey")),
-    "NCBITaxon:9598": ("Pan troglodytes", ("chimpanzee",)),
-    "NCBITaxon:9483": ("Callithrix jacchus", ("common marmoset",)),
-    "NCBITaxon:30608": ("Microcebus murinus", ("gray mouse lemur",)),
-    "NCBITaxon:9823": ("Sus scrofa", ("pig", "swine")),
-    "NCBITaxon:9913": ("Bos taurus", ("cow", "bovine")),
-    "NCBITaxon:7955": ("Danio rerio", ("zebrafish",)),
-    "NCBITaxon:7227": ("Drosophila melanogaster", ("fruit fly",)),
-    "NCBITaxon:6239": ("Caenorhabditis elegans", ()),
-}
-"""Organisms described without loading NCBITaxon (1.26 M terms, ~16 s, ~3 GB)."""
-
-# ---------------------------------------------------------------------------------------------------
-# Label-resolution tables. Each entry was reviewed against CL (release shipped with
-# cellxgene-ontology-guide); keys are lower case.
+__all__ = ["ABBREVIATIONS", "CURATED_LABELS", "GENE_TO_CD", "MARKER_ONLY_TYPES", "label_texts", "resolve_labels"]
 
 ABBREVIATIONS: dict[str, str] = {
     # cell-type shorthands used in single-cell annotations (Seurat/10x PBMC tutorials, CELLxGENE authors)
@@ -221,6 +88,7 @@ ABBREVIATIONS: dict[str, str] = {
 }
 """Abbreviations expanded (whole words, case-insensitive, after singularising) before matching CL."""
 
+
 GENE_TO_CD: dict[str, str] = {
     # gene symbol: CD name, for markers written as genes ("FCGR3A+ Monocytes")
     "fcgr3a": "cd16",
@@ -238,6 +106,7 @@ GENE_TO_CD: dict[str, str] = {
 }
 """Gene symbols rewritten to CD names in marker phrases (CL names markers by CD)."""
 
+
 MARKER_ONLY_TYPES: dict[str, str] = {
     # lineage-defining marker: the cell type a label made of markers only means ("CD34+")
     "cd34": "hematopoietic precursor cell",
@@ -251,6 +120,7 @@ MARKER_ONLY_TYPES: dict[str, str] = {
 }
 """Cell types implied by a label that is only positive markers, checked in this order."""
 
+
 CURATED_LABELS: dict[str, str] = {
     # "CD16+ Mono" / "FCGR3A+ Mono" are the non-classical monocytes (CD14-low, CD16-high) in the Seurat and
     # 10x PBMC conventions, and CELLxGENE curators map them to CL:0002396; CL's synonym "CD16+ monocyte"
@@ -258,6 +128,7 @@ CURATED_LABELS: dict[str, str] = {
     "cd16-positive monocyte": "CL:0002396",
 }
 """Normalised labels whose CL term is fixed by review, checked before CL's own synonyms."""
+
 
 # Labels that are placeholders or exclusions, never cell types; refused with a dedicated message.
 _NOT_CELL_TYPES = frozenset(
@@ -286,373 +157,19 @@ _NOT_CELL_TYPES = frozenset(
     }
 )
 
+
 # Words a CL name may carry that a user's label usually leaves out.
 _OPTIONAL_WORDS = frozenset({"alpha-beta", "thymus-derived", "human", "mouse", "mammalian"})
 
+
 _SPECIES_WORDS = frozenset({"human", "mouse"})
+
 
 # Modifiers implied by a positive marker: "Naive Cytotoxic" with CD8 means a naive CD8 T cell.
 _IMPLIED_BY_MARKER = {"cytotoxic": "cd8", "helper": "cd4"}
 
+
 _T_LINEAGE_MARKERS = frozenset({"cd3", "cd4", "cd8"})
-
-# ---------------------------------------------------------------------------------------------------
-# The parser: one per process, built on first use.
-
-
-@functools.cache
-def _parser():
-    """Return the process-wide :class:`OntologyParser` (built on first call, then reused)."""
-    from cellxgene_ontology_guide.ontology_parser import OntologyParser
-
-    return OntologyParser()
-
-
-def term_label(term_id: str) -> str:
-    """The ontology label of a term id (``"CL:0000236"`` -> ``"B cell"``), or ``""`` when it has none.
-
-    CELLxGENE's special values keep the parser's answer ("unknown" -> "unknown"); ids the bundled
-    ontologies do not know give ``""`` rather than an error: callers show the label next to the id.
-    """
-    try:
-        return str(_parser().get_term_label(term_id))
-    except Exception:  # the parser raises ValueError for unknown ids and prefixes
-        return ""
-
-
-def _ontology_terms(ontology: str) -> dict[str, Any]:
-    """The raw term table of one ontology (decompressed once per process by the package's cache)."""
-    return _parser().cxg_schema.ontology(ontology)
-
-
-def _prefix(term_id: str) -> str:
-    return term_id.split(":", 1)[0] if ":" in term_id else ""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Term -> text
-
-
-def _clean_sentence(text: str | None) -> str:
-    """Collapse whitespace and end with a full stop; '' for no text."""
-    if not text:
-        return ""
-    text = " ".join(str(text).split())
-    if text and text[-1] not in ".!?":
-        text += "."
-    return text
-
-
-def _variant_key(text: str) -> str:
-    """What a name says, ignoring case, hyphens and "+" for "-positive" ("CD19+ B cell" = "CD19-positive B cell")."""
-    text = re.sub(r"(?<=\w)\+", "-positive", text.lower())
-    return " ".join(text.replace("-", " ").split())
-
-
-def _pick_synonyms(label: str, synonyms: Iterable[str], max_synonyms: int) -> list[str]:
-    """Synonyms worth showing: no case/hyphen variants of what is already said, no ImmGen codes."""
-    seen = {_variant_key(label)}
-    picked: list[str] = []
-    for synonym in synonyms:
-        if len(picked) >= max_synonyms:
-            break
-        synonym = " ".join(str(synonym).split())
-        key = _variant_key(synonym)
-        if not synonym or key in seen:
-            continue
-        if " " not in synonym and "." in synonym:  # "T.4Nve.Sp", "NK.49D+.Sp": sample codes, not names
-            continue
-        seen.add(key)
-        picked.append(synonym)
-    return picked
-
-
-_OPTIONAL_PART = re.compile(r"\[([^\[\]]*)\]")
-_FIELD = re.compile(r"\{(\w+)\}")
-
-
-def _render(template: str, fields: Mapping[str, str]) -> str:
-    """Fill a template, dropping each ``[...]`` part that has an empty field."""
-
-    def optional(match: re.Match) -> str:
-        part = match.group(1)
-        if all(fields.get(name) for name in _FIELD.findall(part)):
-            return part.format(**fields)
-        return ""
-
-    return _OPTIONAL_PART.sub(optional, template).format(**fields)
-
-
-def _check_aspect(aspect: str) -> None:
-    if aspect not in TEMPLATES:
-        raise LangCellError(f"unknown aspect {aspect!r}; use one of {', '.join(ASPECTS)}")
-
-
-def _check_term(term_id: str, aspect: str) -> str:
-    """Validate one term id for an aspect and return its ontology name."""
-    allowed = ASPECT_ONTOLOGIES[aspect]
-    prefix = _prefix(term_id)
-    if prefix not in allowed:
-        raise LangCellError(
-            f"{term_id!r} is not a valid {aspect} term id: {aspect} takes terms of "
-            f"{', '.join(allowed)} written as PREFIX:NUMBER (for example {_EXAMPLES[aspect]!r}), or 'unknown'; "
-            f"fix the {aspect}_ontology_term_id values (CELLxGENE schema)"
-        )
-    if prefix == "NCBITaxon" and term_id in ORGANISMS:
-        return prefix
-    parser = _parser()
-    if not parser.is_valid_term_id(term_id):
-        raise LangCellError(
-            f"{term_id!r} is not a term of {prefix} (release shipped with cellxgene-ontology-guide); "
-            f"check the id for typos, or map it to a current {prefix} term"
-        )
-    if parser.is_term_deprecated(term_id):
-        replacement = parser.get_term_replacement(term_id)
-        if replacement:
-            fix = f"replace it with {replacement} ({parser.get_term_label(replacement)!r})"
-        else:
-            consider = [
-                _tidy_term_id(other) for other in parser.get_term_metadata(term_id).get("consider") or []
-            ]
-            named = [
-                f"{other} ({parser.get_term_label(other)!r})" if parser.is_valid_term_id(other) else other
-                for other in consider
-            ]
-            fix = f"replace it with one of {', '.join(named)}" if named else f"choose a current {prefix} term"
-        raise LangCellError(
-            f"{term_id!r} ({parser.get_term_label(term_id)!r}) is deprecated in {prefix}; {fix}"
-        )
-    return prefix
-
-
-def _tidy_term_id(raw: str) -> str:
-    """'obo.HsapDv_0000226' (as some 'consider' lists write it) -> 'HsapDv:0000226'."""
-    match = re.fullmatch(r"(?:obo\.)?([A-Za-z]+)[_:](\d+)", raw.strip())
-    return f"{match.group(1)}:{match.group(2)}" if match else raw
-
-
-_EXAMPLES = {
-    "cell_type": "CL:0000236",
-    "tissue": "UBERON:0000178",
-    "disease": "MONDO:0005148",
-    "development_stage": "HsapDv:0000258",
-    "sex": "PATO:0000383",
-    "assay": "EFO:0009922",
-    "organism": "NCBITaxon:9606",
-    "self_reported_ethnicity": "HANCESTRO:0005",
-}
-
-_warned_taxonomy = False
-
-
-def _term_fields(term_id: str, aspect: str, max_synonyms: int, max_parents: int) -> dict[str, str]:
-    """Label, definition, synonyms and parents of one validated term, as template fields."""
-    global _warned_taxonomy
-    if aspect == "organism" and term_id in ORGANISMS:
-        label, synonyms = ORGANISMS[term_id]
-        return {
-            "label": label,
-            "definition": "",
-            "synonyms": ", ".join(_pick_synonyms(label, synonyms, max_synonyms)),
-            "parents": "",
-        }
-    if _prefix(term_id) == "NCBITaxon" and not _warned_taxonomy:
-        _warned_taxonomy = True
-        warnings.warn(
-            f"{term_id} is not in langcell.ontology.ORGANISMS: loading the full NCBI taxonomy "
-            "(about 16 s and 3 GB of memory, once per process)",
-            stacklevel=3,
-        )
-    parser = _parser()
-    label = parser.get_term_label(term_id)
-    fields = {
-        "label": label,
-        "definition": _clean_sentence(parser.get_term_description(term_id)),
-        "synonyms": ", ".join(_pick_synonyms(label, parser.get_term_synonyms(term_id), max_synonyms)),
-        "parents": "",
-    }
-    if max_parents > 0 and "{parents}" in TEMPLATES[aspect]:
-        parents = [parser.get_term_label(parent) for parent in parser.get_term_parents(term_id)[:max_parents]]
-        fields["parents"] = ", ".join(parents)
-    return fields
-
-
-@functools.lru_cache(maxsize=65536)
-def _term_text_cached(term_id: str, aspect: str, max_synonyms: int, max_parents: int) -> str:
-    special = SPECIAL_TEXTS.get((aspect, term_id))
-    if special is not None:
-        return special
-    if term_id.lower() in _NO_TEXT_VALUES:
-        return ""
-    if aspect == "self_reported_ethnicity" and "," in term_id:
-        # Schema 5+: a donor reporting several ethnicities carries a comma-separated list of terms.
-        parts = [part.strip() for part in term_id.split(",")]
-        labels = []
-        for part in parts:
-            _check_term(part, aspect)
-            labels.append(_term_fields(part, aspect, 0, 0)["label"])
-        return _render(
-            TEMPLATES[aspect],
-            {"label": " and ".join(labels), "definition": "", "synonyms": "", "parents": ""},
-        )
-    _check_term(term_id, aspect)
-    fields = _term_fields(term_id, aspect, max_synonyms, max_parents)
-    return _render(TEMPLATES[aspect], fields)
-
-
-def term_text(term_id: str, aspect: str = "cell_type", *, max_synonyms: int = 3, max_parents: int = 2) -> str:
-    """Describe one ontology term in words, using the aspect's template.
-
-    Parameters
-    ----------
-    term_id
-        An ontology term id such as ``"CL:0000236"``, or a CELLxGENE special value ("unknown", "na",
-        "multiethnic", "PATO:0000461" for a normal disease state).
-    aspect
-        One of :data:`ASPECTS`; picks the template and the ontologies allowed.
-    max_synonyms
-        At most this many synonyms are named.
-    max_parents
-        At most this many direct parents are named.
-
-    Returns
-    -------
-    str
-        The text, or ``""`` for "unknown"/"na" (no information to describe).
-
-    Raises
-    ------
-    LangCellError
-        For an unknown aspect, a term id of the wrong ontology or unknown to it, or a deprecated term
-        (the message names the replacement when the ontology gives one).
-
-    Examples
-    --------
-    >>> term_text("CL:0000236")  # doctest: +ELLIPSIS
-    'cell type: B cell. A lymphocyte of B lineage ... Also called: B lymphocyte. A kind of: ...'
-    """
-    _check_aspect(aspect)
-    if not isinstance(term_id, str):
-        raise LangCellError(
-            f"term ids must be strings like {_EXAMPLES[aspect]!r}, got {term_id!r} of type "
-            f"{type(term_id).__name__}; convert the column to strings"
-        )
-    if max_synonyms < 0 or max_parents < 0:
-        raise LangCellError("max_synonyms and max_parents must be >= 0; pass 0 to leave them out")
-    return _term_text_cached(term_id.strip(), aspect, int(max_synonyms), int(max_parents))
-
-
-# ---------------------------------------------------------------------------------------------------
-# obs -> texts
-
-
-def _check_aspects(aspects: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(aspects, str):
-        aspects = (aspects,)
-    aspects = tuple(aspects)
-    for aspect in aspects:
-        _check_aspect(aspect)
-    return aspects
-
-
-def describe_cells(
-    obs: pd.DataFrame, aspects: Iterable[str] = ASPECTS, *, strict: bool = False
-) -> pd.DataFrame:
-    """Texts for every cell, one column per aspect, from CELLxGENE-schema term id columns.
-
-    Each distinct term is described once (:func:`term_text`) and the texts are then spread over the
-    cells, so a million cells with a few hundred distinct terms take well under a second.
-
-    Parameters
-    ----------
-    obs
-        Cell metadata with columns ``<aspect>_ontology_term_id`` (CELLxGENE schema), e.g. ``adata.obs``.
-    aspects
-        The aspects wanted, from :data:`ASPECTS`.
-    strict
-        Raise when an aspect's column is missing; by default such aspects are skipped.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Same index as ``obs``; one object column per aspect found, named by the aspect
-        (``"cell_type"``, ``"tissue"``, ...), holding the text ("" for unknown / missing values).
-
-    Raises
-    ------
-    LangCellError
-        For a missing column when ``strict``, or an invalid or deprecated term id (naming the column).
-    """
-    if not isinstance(obs, pd.DataFrame):
-        raise LangCellError(f"obs must be a pandas DataFrame (adata.obs), got {type(obs).__name__}")
-    aspects = _check_aspects(aspects)
-    columns: dict[str, np.ndarray] = {}
-    for aspect in aspects:
-        column = f"{aspect}_ontology_term_id"
-        if column not in obs.columns:
-            if strict:
-                raise LangCellError(
-                    f"obs has no column {column!r}; CELLxGENE-schema data stores the {aspect} as ontology term "
-                    f"ids in that column: add it (e.g. {_EXAMPLES[aspect]!r} per cell), or pass strict=False "
-                    "or fewer aspects"
-                )
-            continue
-        values = obs[column]
-        if isinstance(values.dtype, pd.CategoricalDtype):
-            codes = values.cat.codes.to_numpy().astype(np.int64)
-            uniques = list(values.cat.categories)
-        else:
-            codes, uniques = pd.factorize(values, use_na_sentinel=True)
-            uniques = list(uniques)
-        # Only the terms some cell carries: a subset AnnData keeps unused categories, which need no text.
-        used = np.bincount(codes[codes >= 0], minlength=len(uniques)) > 0
-        texts = []
-        for term_id, is_used in zip(uniques, used, strict=True):
-            if not is_used:
-                texts.append("")
-                continue
-            try:
-                texts.append(term_text(str(term_id), aspect))
-            except LangCellError as error:
-                raise LangCellError(f"column {column!r}: {error}") from None
-        # One extra slot for missing values (code -1): no text, like "unknown".
-        lookup = np.asarray(texts + [""], dtype=object)
-        columns[aspect] = lookup[np.where(codes < 0, len(texts), codes)]
-    return pd.DataFrame(columns, index=obs.index)
-
-
-def cell_description(row_or_dict: Mapping[str, Any] | pd.Series, aspects: Iterable[str] = ASPECTS) -> str:
-    """One cell's multi-aspect description: the aspect texts joined in :data:`ASPECTS` order.
-
-    Parameters
-    ----------
-    row_or_dict
-        A row of ``obs`` (``obs.iloc[i]``) or a dict, keyed by ``<aspect>_ontology_term_id``.
-    aspects
-        The aspects to include; missing keys and unknown values are left out.
-
-    Returns
-    -------
-    str
-        The non-empty aspect texts separated by single spaces ("" when none has text).
-    """
-    aspects = _check_aspects(aspects)
-    texts = []
-    for aspect in aspects:
-        key = f"{aspect}_ontology_term_id"
-        if key not in row_or_dict:
-            continue
-        value = row_or_dict[key]
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            continue
-        text = term_text(str(value), aspect)
-        if text:
-            texts.append(text)
-    return " ".join(texts)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Label -> term
 
 
 @dataclass(frozen=True)
@@ -680,15 +197,21 @@ _SIGN_WORDS = {
     "++": "high",
     "+/-": "low",
 }
+
+
 # "CD8-alpha-positive", "Kit-positive", "CD56-bright": the CL style, any marker name.
 _WORD_MARKER = re.compile(
     r"(?<![\w.])([a-z][a-z0-9.]*(?:-alpha(?:-beta)?|-beta)?)-(positive|negative|low|high|bright|dim|intermediate)\b"
 )
+
+
 # "CD14+", "CD25-", "CD56bright", "CD14lo", "CD16+CD56+": a name with a digit, then a sign.
 _SYMBOL_MARKER = re.compile(
     r"(?<![\w.])([a-z][a-z0-9.]*?\d[a-z0-9.]*?)(\+\+|\+/-|\+|-(?=$|[\s/,;:)+]|cd\d)|lo|low|hi|high|dim|bright|int)"
     r"(?![a-z0-9])"
 )
+
+
 _BARE_CD = re.compile(r"(?<![\w.])(cd\d+[a-z]?)(?![\w+-])")
 
 
@@ -700,7 +223,7 @@ def _marker_name(name: str) -> str:
 @functools.cache
 def _singular_vocabulary(ontology: str) -> frozenset[str]:
     words = set()
-    for term in _ontology_terms(ontology).values():
+    for term in ontology_terms(ontology).values():
         for name in [term["label"], *term.get("synonyms", [])]:
             words.update(re.split(r"[\s,/()]+", name.lower()))
     return frozenset(words)
@@ -805,7 +328,7 @@ class _IndexEntry:
 def _name_index(ontology: str) -> tuple[_IndexEntry, ...]:
     """Every label and synonym of the live terms of an ontology, parsed once per process."""
     entries = []
-    for term_id, term in _ontology_terms(ontology).items():
+    for term_id, term in ontology_terms(ontology).items():
         if term.get("deprecated") or not term_id.startswith(f"{ontology}:"):
             continue
         entries.append(
@@ -947,11 +470,11 @@ _TERM_ID = re.compile(r"^([A-Za-z]+)[:_](\d+)$")
 
 def _checked_mapping_target(label: str, term_id: str, ontology: str) -> str:
     term_id = term_id.strip().replace("_", ":", 1) if _TERM_ID.match(term_id.strip()) else term_id.strip()
-    parser = _parser()
-    if _prefix(term_id) != ontology or not parser.is_valid_term_id(term_id, ontology):
+    parser = ontology_parser()
+    if term_prefix(term_id) != ontology or not parser.is_valid_term_id(term_id, ontology):
         raise LangCellError(
             f"mapping gives {term_id!r} for label {label!r}, which is not a {ontology} term id; "
-            f"use an id like {_EXAMPLES['cell_type'] if ontology == 'CL' else ontology + ':0000000'!r}"
+            f"use an id like {EXAMPLE_TERM_IDS['cell_type'] if ontology == 'CL' else ontology + ':0000000'!r}"
         )
     if parser.is_term_deprecated(term_id):
         replacement = parser.get_term_replacement(term_id)
@@ -964,7 +487,7 @@ def _checked_mapping_target(label: str, term_id: str, ontology: str) -> str:
 
 def _resolve_one(label: str, mapping: dict[str, str], ontology: str) -> tuple[str, str] | str:
     """(term id, how) for one label, or an error message naming the problem."""
-    parser = _parser()
+    parser = ontology_parser()
     if label in mapping:
         return _checked_mapping_target(label, mapping[label], ontology), "user mapping"
     stripped = label.strip()
@@ -1051,7 +574,7 @@ def resolve_labels(
     labels = _check_labels(labels)
     if (
         not isinstance(ontology, str)
-        or ontology not in _parser().cxg_schema.supported_ontologies
+        or ontology not in ontology_parser().cxg_schema.supported_ontologies
         or ontology in ("NCBITaxon",)
     ):
         raise LangCellError(
@@ -1069,7 +592,7 @@ def resolve_labels(
                 {
                     "label": label,
                     "term_id": term_id,
-                    "term_label": _parser().get_term_label(term_id),
+                    "term_label": ontology_parser().get_term_label(term_id),
                     "how": how,
                 }
             )

@@ -1,0 +1,43 @@
+"""Ontologies: terms to text (:mod:`.texts`) and free-text labels to Cell Ontology terms (:mod:`.resolve`).
+
+Everything comes from the ontologies shipped inside the ``cellxgene-ontology-guide`` wheel: no network.
+This package imports nothing of torch, the data layer or the models.
+"""
+
+from langcell.ontology.resolve import (
+    ABBREVIATIONS,
+    CURATED_LABELS,
+    GENE_TO_CD,
+    MARKER_ONLY_TYPES,
+    label_texts,
+    resolve_labels,
+)
+from langcell.ontology.texts import (
+    ASPECT_ONTOLOGIES,
+    ASPECTS,
+    ORGANISMS,
+    SPECIAL_TEXTS,
+    TEMPLATES,
+    cell_description,
+    describe_cells,
+    term_label,
+    term_text,
+)
+
+__all__ = [
+    "ABBREVIATIONS",
+    "ASPECTS",
+    "ASPECT_ONTOLOGIES",
+    "CURATED_LABELS",
+    "GENE_TO_CD",
+    "MARKER_ONLY_TYPES",
+    "ORGANISMS",
+    "SPECIAL_TEXTS",
+    "TEMPLATES",
+    "cell_description",
+    "describe_cells",
+    "label_texts",
+    "resolve_labels",
+    "term_label",
+    "term_text",
+]
