@@ -8,7 +8,7 @@ comes from cells the model never saw in pretraining:
     left out, split 80/20 stratified by ``cell_type`` with the seed (0), exactly as
     ``benchmarks/pretrain_cbmc.py`` splits before pretraining; the held-out 20 % is used.
 ``--data pbmc68k``
-    scanpy's 700 PBMCs (:func:`langcell.datasets.pbmc68k`), split as ``langcell demo`` splits them
+    scanpy's 700 PBMCs (:func:`langcell.data.datasets.pbmc68k`), split as ``langcell demo`` splits them
     (:func:`langcell.demo.held_out_split`); the held-out 20 % is used.
 
 On the held-out cells:
@@ -41,7 +41,7 @@ import torch
 
 from langcell import pl, tl
 from langcell.cli import _write_json  # the CLI's atomic JSON writer (numpy values included)
-from langcell.datasets import pbmc68k
+from langcell.data.datasets import pbmc68k
 from langcell.demo import held_out_split, log_normalised_features, logistic_regression_predict
 from langcell.finetune import classification_metrics
 from langcell.models.langcell import LangCell

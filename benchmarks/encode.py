@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from langcell.batching import pad_sequences, token_budget_batches
 from langcell.config import LangCellConfig
+from langcell.data.batching import pad_sequences, token_budget_batches
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.embedding import embed_cells
 from langcell.models import LangCell
 from langcell.precision import autocast
-from langcell.tokenizer import GeneTokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"

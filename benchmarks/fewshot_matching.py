@@ -7,7 +7,7 @@ per cell. This script times both on the same cells, model and split, in one proc
 ratio. It times the tuning only (what the option changes); annotating the test cells afterwards is the
 same in both.
 
-Cells: scanpy's bundled PBMCs (``langcell.datasets.pbmc68k``: 700 cells, 10 Cell Ontology types), 5
+Cells: scanpy's bundled PBMCs (``langcell.data.datasets.pbmc68k``: 700 cells, 10 Cell Ontology types), 5
 cells per class (seeded), each cut to its top ``--max-length`` genes. Model: the ``small`` preset (the
 packaged all-MiniLM-L6-v2 text tower, a random cell encoder: speed does not depend on the cell weights).
 
@@ -40,11 +40,12 @@ from cell_identity import (  # benchmarks/ is on sys.path when run as a script
     held_out_cells,
 )
 
-from langcell import datasets, ontology, tl
+from langcell import ontology, tl
 from langcell.config import LangCellConfig
+from langcell.data import datasets
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.fewshot import sample_shots, tune_langcell
 from langcell.models import LangCell
-from langcell.tokenizer import GeneTokenizer
 
 
 def speed(args: argparse.Namespace) -> None:

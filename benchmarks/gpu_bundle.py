@@ -51,7 +51,7 @@ def write_cells(directory: Path, cells, tokenizer) -> None:
 
 def read_cells(directory: str | Path) -> tuple[list[np.ndarray], object]:
     """The sequences and gene tokenizer :func:`write_cells` wrote (int64 arrays, input order)."""
-    from langcell.tokenizer import GeneTokenizer
+    from langcell.data.tokenizer import GeneTokenizer
 
     directory = Path(directory)
     with np.load(directory / "cells.npz") as data:
@@ -87,9 +87,9 @@ def main() -> None:
     from pretrain import build_corpora  # benchmarks/ is on sys.path when run as a script
 
     from langcell.config import PACKAGED_MINILM, LangCellConfig
-    from langcell.corpus import TokenCorpus
+    from langcell.data.corpus import TokenCorpus
+    from langcell.data.tokenizer import GeneTokenizer
     from langcell.models.text_encoder import resolve_hf_directory
-    from langcell.tokenizer import GeneTokenizer
     from langcell.train.data import CellTextTable
 
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """Novel cell types: zero-shot annotation of cell types whose cells and texts pretraining never saw.
 
-The experiment, on scanpy's 700 PBMCs (``langcell.datasets.pbmc68k``, 10 types resolved to the Cell
+The experiment, on scanpy's 700 PBMCs (``langcell.data.datasets.pbmc68k``, 10 types resolved to the Cell
 Ontology):
 
 1. the demo's split (:func:`langcell.demo.held_out_split`: stratified 80/20, seeded);
@@ -37,11 +37,11 @@ import torch
 
 from langcell import tl
 from langcell._atomic import atomic_file, check_output_parent
-from langcell.corpus import write_corpus
-from langcell.datasets import pbmc68k
+from langcell.data.corpus import write_corpus
+from langcell.data.datasets import pbmc68k
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.demo import held_out_split
 from langcell.errors import LangCellError
-from langcell.tokenizer import GeneTokenizer
 from langcell.train import load_recipe, pretrain
 
 LABEL_KEY = "cell_type"

@@ -39,8 +39,8 @@ def build_corpora(workdir: Path, max_length: int) -> dict[str, Path]:
     import anndata as ad
     import numpy as np
 
-    from langcell.corpus import write_corpus
-    from langcell.tokenizer import GeneTokenizer
+    from langcell.data.corpus import write_corpus
+    from langcell.data.tokenizer import GeneTokenizer
 
     corpora = {}
     immune = ad.read_h5ad(SHARED / "immune_sample_559cells_counts.h5ad")
@@ -61,8 +61,8 @@ def measure(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from langcell.batching import pad_sequences
-    from langcell.corpus import TokenCorpus
+    from langcell.data.batching import pad_sequences
+    from langcell.data.corpus import TokenCorpus
     from langcell.models.langcell import LangCell
     from langcell.precision import autocast
     from langcell.train import load_recipe

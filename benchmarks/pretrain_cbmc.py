@@ -30,11 +30,11 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 from langcell import tl
-from langcell.corpus import write_corpus
+from langcell.data.corpus import write_corpus
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.demo import logistic_regression_baseline
 from langcell.models.langcell import LangCell
 from langcell.ontology import term_text
-from langcell.tokenizer import GeneTokenizer
 from langcell.train import load_recipe, pretrain
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"

@@ -2,7 +2,7 @@
 
 The 559-cell immune sample (full transcriptome, gene symbols) is stacked onto itself to ``--cells``
 cells and tokenized with Geneformer's released dictionaries (25,424 genes, symbols mapped to Ensembl
-IDs by ``langcell.genes``). Modes, each in its own subprocess so that peak memory (``ru_maxrss``) of one
+IDs by ``langcell.data.genes``). Modes, each in its own subprocess so that peak memory (``ru_maxrss``) of one
 does not mask another:
 
 * ``baseline``: the release's shape on a ``--baseline-cells`` subset: densify cells x vocabulary
@@ -48,7 +48,7 @@ def max_rss_mib() -> float:
 
 
 def released_tokenizer():
-    from langcell.tokenizer import GeneTokenizer
+    from langcell.data.tokenizer import GeneTokenizer
 
     return GeneTokenizer.from_geneformer(
         GENEFORMER / "token_dictionary.pkl", GENEFORMER / "gene_median_dictionary.pkl"
@@ -71,7 +71,7 @@ def stacked_immune(n_cells: int):
 
 def vocabulary_columns(adata, tokenizer) -> np.ndarray:
     """Token id of every input column (-1 outside the vocabulary): the release gets these precomputed."""
-    from langcell import genes
+    from langcell.data import genes
 
     ensembl, _ = genes.map_to_ensembl(adata.var_names, organism="human", prefer=set(tokenizer.genes))
     return tokenizer.token_ids([g if g is not None else "" for g in ensembl], allow_missing=True)
@@ -85,7 +85,7 @@ def baseline_encode(
     The release densifies the whole matrix at once; densifying ``chunk`` cells at a time is twice as fast
     here (a 5,000 x 17,759 float64 matrix is 700 MB of page faults), so the baseline gets that advantage.
     """
-    from langcell import genes
+    from langcell.data import genes
 
     keep = np.flatnonzero(column_token >= 0)
     gene_tokens = np.unique(column_token[keep])
@@ -140,7 +140,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
     if mode == "write":
         stacked_immune(args.cells).write_h5ad(args.h5ad)
         return {"mode": mode}
-    from langcell.corpus import write_corpus
+    from langcell.data.corpus import write_corpus
 
     tokenizer = released_tokenizer()
     warm_start = time.perf_counter()

@@ -148,7 +148,7 @@ def provenance_markdown(rows: list[dict[str, object]]) -> str:
         "# Packaged gene tables",
         "",
         "`genes_human.tsv.gz` and `genes_mouse.tsv.gz` map gene symbols to Ensembl gene ids.",
-        "`langcell.genes.load_gene_table(organism)` reads them and `langcell.genes.map_to_ensembl` uses them.",
+        "`langcell.data.genes.load_gene_table(organism)` reads them and `langcell.data.genes.map_to_ensembl` uses them.",
         "",
         "This file is written by `scripts/build_gene_tables.py`; do not edit it by hand.",
         "",

@@ -32,11 +32,11 @@ import scipy.sparse as sp
 from langcell import tl
 from langcell.cli import main
 from langcell.config import LangCellConfig
-from langcell.corpus import TokenCorpus, write_corpus
+from langcell.data.corpus import TokenCorpus, write_corpus
+from langcell.data.genes import load_gene_table, map_to_ensembl
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
-from langcell.genes import load_gene_table, map_to_ensembl
 from langcell.models import LangCell
-from langcell.tokenizer import GeneTokenizer
 from langcell.train import load_recipe, pretrain
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

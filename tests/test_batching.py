@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from langcell.batching import pad_sequences, token_budget_batches
+from langcell.data.batching import pad_sequences, token_budget_batches
 from langcell.errors import LangCellError
 
 

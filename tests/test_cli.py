@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from langcell.cli import main
-from langcell.corpus import TokenCorpus
+from langcell.data.corpus import TokenCorpus
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 IMMUNE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"
@@ -102,8 +102,8 @@ def model_and_cells(tmp_path_factory):
     import torch
 
     from langcell.config import LangCellConfig
+    from langcell.data.tokenizer import GeneTokenizer
     from langcell.models.langcell import LangCell
-    from langcell.tokenizer import GeneTokenizer
 
     if not CBMC.is_file():
         pytest.skip(f"{CBMC} is missing")

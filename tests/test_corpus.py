@@ -1,4 +1,4 @@
-"""Tests for langcell.corpus: writing a sharded corpus from h5ad files and reading it back."""
+"""Tests for langcell.data.corpus: writing a sharded corpus from h5ad files and reading it back."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from langcell.corpus import MANIFEST_FILENAME, TokenCorpus, write_corpus
+from langcell.data.corpus import MANIFEST_FILENAME, TokenCorpus, write_corpus
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
-from langcell.tokenizer import GeneTokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from langcell import datasets
+from langcell.data import datasets
 from langcell.errors import LangCellError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

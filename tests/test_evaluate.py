@@ -43,7 +43,7 @@ def pbmc():
     """
     import scanpy as sc
 
-    from langcell.datasets import pbmc68k
+    from langcell.data.datasets import pbmc68k
 
     full = pbmc68k()
     reduced = sc.datasets.pbmc68k_reduced()
@@ -354,8 +354,8 @@ def small(pbmc):
     import torch
 
     from langcell.config import LangCellConfig
+    from langcell.data.tokenizer import GeneTokenizer
     from langcell.models.langcell import LangCell
-    from langcell.tokenizer import GeneTokenizer
 
     rows = np.concatenate([np.flatnonzero(pbmc.obs["cell_type"] == name)[:15] for name in TYPES])
     adata = pbmc[np.sort(rows)].copy()

@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file
 
 from langcell import _atomic
-from langcell.corpus import TokenCorpus, write_corpus
+from langcell.data.corpus import TokenCorpus, write_corpus
+from langcell.data.tokenizer import TOKENIZER_FILENAME, GeneTokenizer
 from langcell.models import LangCell
-from langcell.tokenizer import TOKENIZER_FILENAME, GeneTokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
@@ -246,7 +246,7 @@ def test_model_save_failing_mid_write_keeps_the_old_model(tmp_path, monkeypatch)
 
 
 def test_corpus_overwrite_failing_mid_write_keeps_the_old_corpus(tmp_path, monkeypatch):
-    import langcell.corpus as corpus_module
+    import langcell.data.corpus as corpus_module
 
     rng = np.random.default_rng(0)
     adata = ad.AnnData(rng.poisson(2.0, size=(30, 5)).astype(np.float32) + np.eye(30, 5, dtype=np.float32))

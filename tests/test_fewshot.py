@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from langcell import pl, tl
 from langcell.cli import main
 from langcell.config import LangCellConfig
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.fewshot import RESULT_COLUMNS, _run_seed, fewshot, fewshot_loss, sample_shots, tune_langcell
 from langcell.models.langcell import LangCell
-from langcell.tokenizer import GeneTokenizer
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 TYPES = ["B cell", "CD14-positive monocyte", "natural killer cell"]
@@ -127,7 +127,7 @@ def _training_cells(cbmc, model, n=3):
 
 
 def _eval_loss(model, sequences, labels, texts) -> float:
-    from langcell.batching import pad_sequences
+    from langcell.data.batching import pad_sequences
 
     ids, mask = pad_sequences(sequences, model.config.cell.pad_token_id, MAX_LENGTH)
     model.eval()
@@ -139,7 +139,7 @@ def _eval_loss(model, sequences, labels, texts) -> float:
 
 
 def test_fewshot_loss_equals_a_pair_by_pair_computation(cbmc, model):
-    from langcell.batching import pad_sequences
+    from langcell.data.batching import pad_sequences
 
     sequences, labels = _training_cells(cbmc, model)
     texts = [f"cell type: {kind}." for kind in TYPES]
@@ -165,7 +165,7 @@ def test_fewshot_loss_equals_a_pair_by_pair_computation(cbmc, model):
 
 
 def test_match_classes_restricts_the_matching_loss_to_the_own_class_and_hard_negatives(cbmc, model):
-    from langcell.batching import pad_sequences
+    from langcell.data.batching import pad_sequences
 
     sequences, labels = _training_cells(cbmc, model)
     texts = [f"cell type: {kind}." for kind in TYPES] + ["cell type: platelet.", "cell type: erythrocyte."]

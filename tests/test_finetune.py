@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from langcell.config import LangCellConfig
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.finetune import (
     CellTypeClassifier,
@@ -24,7 +25,6 @@ from langcell.finetune import (
     stratified_split,
 )
 from langcell.models.langcell import LangCell
-from langcell.tokenizer import GeneTokenizer
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 TYPES = ["B cell", "CD14-positive monocyte", "natural killer cell"]

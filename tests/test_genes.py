@@ -1,4 +1,4 @@
-"""Tests for langcell.genes and scripts/build_gene_tables.py."""
+"""Tests for langcell.data.genes and scripts/build_gene_tables.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from langcell import genes
+from langcell.data import genes
 from langcell.errors import LangCellError
 
 REPO = Path(__file__).resolve().parents[1]

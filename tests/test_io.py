@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.io import import_official, load_pretrained, save_pretrained
 from langcell.models import LangCell
-from langcell.tokenizer import GeneTokenizer
 
 TEXTS = ["cell type: B cell.", "cell type: natural killer cell. kills infected cells", "monocyte"]
 

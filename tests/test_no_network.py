@@ -15,9 +15,9 @@ import pytest
 
 from langcell import tl
 from langcell.config import LangCellConfig
-from langcell.datasets import pbmc68k
+from langcell.data.datasets import pbmc68k
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.models import LangCell
-from langcell.tokenizer import GeneTokenizer
 
 
 class NetworkUsed(RuntimeError):

@@ -27,8 +27,8 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from langcell.corpus import TokenCorpus, write_corpus
-from langcell.tokenizer import GeneTokenizer
+from langcell.data.corpus import TokenCorpus, write_corpus
+from langcell.data.tokenizer import GeneTokenizer
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MEDIAN_CHOICES = (0.5, 1.0, 2.0, 3.0, 7.5)  # few values: equal normalised values (ties) are common

@@ -11,6 +11,7 @@ import torch
 
 from langcell import ontology
 from langcell.config import LangCellConfig
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.embedding import embed_cells
 from langcell.errors import LangCellError
 from langcell.models.langcell import LangCell
@@ -23,7 +24,6 @@ from langcell.retrieval import (
     text_to_cell_metrics,
     top_k_indices,
 )
-from langcell.tokenizer import GeneTokenizer
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 needs_cbmc = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")

@@ -8,9 +8,9 @@ import scipy.sparse as sp
 import torch
 
 from langcell import ontology, tl
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.models import LangCell
-from langcell.tokenizer import GeneTokenizer
 from langcell.zero_shot import encode_class_texts, zero_shot_scores
 
 N_GENES = 97  # the tiny preset's vocabulary: 97 genes + <pad>, <mask>, <cls>

@@ -11,9 +11,9 @@ import torch
 
 from langcell import tl
 from langcell.config import LangCellConfig
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.models.langcell import LangCell
-from langcell.tokenizer import GeneTokenizer
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 pytestmark = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")

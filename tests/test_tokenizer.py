@@ -1,4 +1,4 @@
-"""Tests for langcell.tokenizer: rank-value encoding, medians, persistence, input checks.
+"""Tests for langcell.data.tokenizer: rank-value encoding, medians, persistence, input checks.
 
 Every expected sequence is computed by a plain per-cell implementation written here (dense row, mask,
 the value formula, ``np.lexsort`` by (token id, -value)), independent of the vectorised code.
@@ -18,9 +18,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from langcell import genes
+from langcell.data import genes
+from langcell.data.geneformer import read_geneformer_dictionary
+from langcell.data.tokenizer import TOKENIZER_FILENAME, GeneTokenizer, TokenizedCells
 from langcell.errors import LangCellError
-from langcell.tokenizer import TOKENIZER_FILENAME, GeneTokenizer, TokenizedCells, read_geneformer_dictionary
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GENEFORMER = SHARED / "reference" / "geneformer"
@@ -523,7 +524,7 @@ def test_tokenizing_keeps_the_torch_thread_count():
         "import torch, numpy as np, anndata as ad, scipy.sparse as sp\n"
         "torch.set_num_threads(1)\n"
         "assert torch.get_num_threads() == 1\n"  # torch's thread pool is live before numba's first launch
-        "from langcell.tokenizer import GeneTokenizer\n"
+        "from langcell.data.tokenizer import GeneTokenizer\n"
         "x = sp.random(30, 40, density=0.3, format='csr', random_state=0, dtype=np.float64)\n"
         "x.data = np.ceil(x.data * 10)\n"
         "a = ad.AnnData(x)\n"

@@ -4,7 +4,7 @@
   carries code is refused by :func:`langcell.io.read_weights`, by :func:`langcell.io.import_official`
   and by ``langcell import-official``, with a one-line error, and the code does not run.
 * Geneformer's pickled dictionaries are read only through
-  :func:`langcell.tokenizer.read_geneformer_dictionary` (a restricted unpickler); the same holds
+  :func:`langcell.data.geneformer.read_geneformer_dictionary` (a restricted unpickler); the same holds
   through ``langcell tokenize --token-dictionary``.
 * Corpus shards are ``.npy`` files read with ``allow_pickle=False``: an object array in their place is
   refused.
@@ -26,10 +26,11 @@ import torch
 
 import langcell
 from langcell.cli import main
-from langcell.corpus import TokenCorpus, write_corpus
+from langcell.data.corpus import TokenCorpus, write_corpus
+from langcell.data.geneformer import read_geneformer_dictionary
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.io import import_official, read_weights
-from langcell.tokenizer import GeneTokenizer, read_geneformer_dictionary
 
 PACKAGE = Path(langcell.__file__).resolve().parent
 
@@ -172,7 +173,7 @@ def test_a_corpus_shard_holding_pickled_objects_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- source scan
-ALLOWED_UNPICKLERS = {("tokenizer.py", "_DictionaryUnpickler")}  # read_geneformer_dictionary's restricted one
+ALLOWED_UNPICKLERS = {("geneformer.py", "_DictionaryUnpickler")}  # read_geneformer_dictionary's restricted one
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 
 
@@ -248,10 +249,10 @@ def test_the_scan_finds_unsafe_loads():
 
 def test_the_package_unpickles_only_through_the_documented_reader():
     files = sorted(PACKAGE.rglob("*.py"))
-    assert len(files) > 10 and (PACKAGE / "tokenizer.py") in files
+    assert len(files) > 10 and (PACKAGE / "data" / "geneformer.py") in files
     problems = [p for file in files for p in unsafe_loads(file.read_text(encoding="utf-8"), str(file))]
     assert not problems, "unsafe deserialisation:\n" + "\n".join(problems)
     # ...and the documented reader is still there, with its restricted unpickler.
-    tokenizer_source = (PACKAGE / "tokenizer.py").read_text(encoding="utf-8")
+    tokenizer_source = (PACKAGE / "data" / "geneformer.py").read_text(encoding="utf-8")
     assert "class _DictionaryUnpickler(pickle.Unpickler)" in tokenizer_source
     assert "def find_class" in tokenizer_source

@@ -200,7 +200,7 @@ def test_batching_and_chunking_do_not_change_results(model, cells, classes, mode
 
 
 def test_tokenized_cells_and_truncation(model, classes):
-    from langcell.tokenizer import TokenizedCells
+    from langcell.data.tokenizer import TokenizedCells
 
     rng = np.random.default_rng(1)
     long_cell = np.concatenate([[99], rng.integers(2, 99, 200)]).astype(np.int32)  # 201 > 128 positions

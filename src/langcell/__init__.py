@@ -25,13 +25,13 @@ _EXPORTS = {
     "LangCellConfig": "config",
     "CellEncoderConfig": "config",
     "TextEncoderConfig": "config",
-    "GeneTokenizer": "tokenizer",
-    "TokenizedCells": "tokenizer",
-    "read_geneformer_dictionary": "tokenizer",
-    "TokenCorpus": "corpus",
-    "write_corpus": "corpus",
-    "map_to_ensembl": "genes",
-    "GeneMappingReport": "genes",
+    "GeneTokenizer": "data.tokenizer",
+    "TokenizedCells": "data.tokenizer",
+    "read_geneformer_dictionary": "data.geneformer",
+    "TokenCorpus": "data.corpus",
+    "write_corpus": "data.corpus",
+    "map_to_ensembl": "data.genes",
+    "GeneMappingReport": "data.genes",
     "resolve_labels": "ontology",
     "term_text": "ontology",
     "describe_cells": "ontology",
@@ -42,7 +42,20 @@ _EXPORTS = {
     "pretrain": "train.pretrain",
     "load_recipe": "train.pretrain",
 }
-_SUBMODULES = ("tl", "pl", "datasets", "genes", "ontology", "tokenizer", "corpus", "losses", "train", "io")
+# public submodule name -> its module (the short names of the first layout stay valid: langcell.genes)
+_SUBMODULES = {
+    "tl": "tl",
+    "pl": "pl",
+    "data": "data",
+    "datasets": "data.datasets",
+    "genes": "data.genes",
+    "ontology": "ontology",
+    "tokenizer": "data.tokenizer",
+    "corpus": "data.corpus",
+    "losses": "losses",
+    "train": "train",
+    "io": "io",
+}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 
@@ -51,7 +64,7 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
+        value = importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     else:
         raise AttributeError(f"module 'langcell' has no attribute {name!r}")
     globals()[name] = value
@@ -63,14 +76,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from langcell import datasets, genes, io, losses, ontology, pl, tl, tokenizer, train  # noqa: F401
-    from langcell.config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
-    from langcell.corpus import TokenCorpus, write_corpus  # noqa: F401
-    from langcell.errors import LangCellError  # noqa: F401
-    from langcell.finetune import CellTypeClassifier  # noqa: F401
-    from langcell.genes import GeneMappingReport, map_to_ensembl  # noqa: F401
-    from langcell.io import import_official  # noqa: F401
-    from langcell.models.langcell import LangCell  # noqa: F401
-    from langcell.ontology import describe_cells, label_texts, resolve_labels, term_text  # noqa: F401
-    from langcell.tokenizer import GeneTokenizer, TokenizedCells, read_geneformer_dictionary  # noqa: F401
-    from langcell.train.pretrain import PretrainConfig, load_recipe, pretrain  # noqa: F401
+    from . import io, losses, ontology, pl, tl, train  # noqa: F401
+    from .config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
+    from .data import datasets, genes, tokenizer  # noqa: F401
+    from .data.corpus import TokenCorpus, write_corpus  # noqa: F401
+    from .data.geneformer import read_geneformer_dictionary  # noqa: F401
+    from .data.genes import GeneMappingReport, map_to_ensembl  # noqa: F401
+    from .data.tokenizer import GeneTokenizer, TokenizedCells  # noqa: F401
+    from .errors import LangCellError  # noqa: F401
+    from .finetune import CellTypeClassifier  # noqa: F401
+    from .io import import_official  # noqa: F401
+    from .models.langcell import LangCell  # noqa: F401
+    from .ontology import describe_cells, label_texts, resolve_labels, term_text  # noqa: F401
+    from .train.pretrain import PretrainConfig, load_recipe, pretrain  # noqa: F401

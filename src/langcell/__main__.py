@@ -2,6 +2,6 @@
 
 import sys
 
-from langcell.cli import main
+from .cli import main
 
 sys.exit(main())

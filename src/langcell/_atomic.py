@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from langcell.errors import LangCellError
+from .errors import LangCellError
 
 
 def _default_mode(directory: bool) -> int:

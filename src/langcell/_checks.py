@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from langcell.errors import LangCellError
+from .errors import LangCellError
 
 
 def check_anndata(adata: Any) -> None:

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from langcell.errors import LangCellError
+from .errors import LangCellError
 
 # Commands never reach the network: the text tower and tokenizer come from installed packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,8 +59,8 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tokenize(args: argparse.Namespace) -> int:
-    from langcell.corpus import write_corpus
-    from langcell.tokenizer import GeneTokenizer
+    from .data.corpus import write_corpus
+    from .data.tokenizer import GeneTokenizer
 
     if bool(args.token_dictionary) != bool(args.gene_median_dictionary):
         raise LangCellError(
@@ -130,7 +130,7 @@ def _add_import_official(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_import_official(args: argparse.Namespace) -> int:
-    from langcell.io import import_official
+    from .io import import_official
 
     model = import_official(
         args.ckpt,
@@ -173,7 +173,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from langcell.train import load_recipe, pretrain
+    from .train import load_recipe, pretrain
 
     config = load_recipe(args.config)
     overrides = {
@@ -199,14 +199,14 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------- annotate / embed
 def _read_input(path: str, *, backed: bool = False):
-    from langcell.datasets import load
+    from .data.datasets import load
 
     return load(path, backed=backed)
 
 
 def _check_outputs(*paths: str | None) -> None:
     """Refuse, before any work, output paths whose folder does not exist (``None`` = not requested)."""
-    from langcell._atomic import check_output_parent
+    from ._atomic import check_output_parent
 
     for path in paths:
         if path:
@@ -214,7 +214,7 @@ def _check_outputs(*paths: str | None) -> None:
 
 
 def _write_h5ad(adata, path: str) -> None:
-    from langcell._atomic import atomic_file
+    from ._atomic import atomic_file
 
     with atomic_file(path) as tmp:
         adata.write_h5ad(tmp)
@@ -224,7 +224,7 @@ def _load_model(path: str, device: str | None = None):
     """The model in ``path``, on ``device`` ("auto" or None: CUDA when available, else CPU)."""
     import torch
 
-    from langcell.models.langcell import LangCell
+    from .models.langcell import LangCell
 
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,7 +277,7 @@ def _add_annotate(sub: argparse._SubParsersAction) -> None:
 
 def _run_annotate(args: argparse.Namespace) -> int:
 
-    from langcell import tl
+    from . import tl
     _check_outputs(args.out, args.report)
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
@@ -349,7 +349,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    from langcell import tl
+    from . import tl
     _check_outputs(args.out)
     adata = _read_input(args.input, backed=args.backed)
     model = _load_model(args.model, args.device)
@@ -392,7 +392,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 def _run_finetune(args: argparse.Namespace) -> int:
 
-    from langcell import tl
+    from . import tl
     _check_outputs(args.out, args.write, args.report)
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
@@ -423,8 +423,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from langcell import tl
-    from langcell.finetune import CellTypeClassifier
+    from . import tl
+    from .finetune import CellTypeClassifier
 
     _check_outputs(args.out)
     adata = _read_input(args.input)
@@ -456,7 +456,7 @@ def _add_retrieve(sub: argparse._SubParsersAction) -> None:
 def _run_retrieve(args: argparse.Namespace) -> int:
     import json
 
-    from langcell import tl
+    from . import tl
     _check_outputs(args.report)
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
@@ -484,7 +484,7 @@ def _write_json(path: str, data) -> None:
     """Write a JSON report atomically (numpy arrays and scalars become lists and numbers)."""
     import json
 
-    from langcell._atomic import atomic_file
+    from ._atomic import atomic_file
 
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=_json_default))
@@ -535,7 +535,7 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_fewshot(args: argparse.Namespace) -> int:
-    from langcell import pl, tl
+    from . import pl, tl
     _check_outputs(args.report, args.plot, args.out)
     try:
         shots = [int(part) for part in args.shots.split(",") if part.strip()]
@@ -617,8 +617,8 @@ def _split_names(text: str | None, option: str) -> list[str] | None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from langcell import tl
-    from langcell.evaluate import DEFAULT_METRICS
+    from . import tl
+    from .evaluate import DEFAULT_METRICS
 
     _check_outputs(args.report, args.out)
     labels = _split_names(args.labels, "--labels")
@@ -669,7 +669,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from langcell.demo import run_demo
+    from .demo import run_demo
 
     run_demo(args.out, seed=args.seed, quiet=args.quiet)
     return 0
@@ -693,7 +693,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``langcell`` argument parser with every subcommand registered."""
-    from langcell import __version__
+    from . import __version__
 
     parser = argparse.ArgumentParser(
         prog="langcell",

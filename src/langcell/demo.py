@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from langcell._atomic import atomic_file, check_output_parent
+from ._atomic import atomic_file, check_output_parent
 
 DEMO_KEY = "langcell_cell_type"
 
@@ -39,9 +39,9 @@ def log_normalised_features(
     normalises), otherwise the cell's sum over the matrix. The counts are read where the tokenizer reads
     them (``counts_layer``: ``None`` = ``X``, a layer name, or ``"raw"``).
     """
-    from langcell.tokenizer import _count_source
+    from .data.sources import count_source
 
-    source = _count_source(
+    source = count_source(
         adata, "the AnnData", gene_column=None, counts_layer=counts_layer, n_counts_key=n_counts_key
     )
     counts = source.matrix
@@ -119,11 +119,11 @@ def run_demo(
     import torch
     from sklearn.metrics import accuracy_score, f1_score
 
-    from langcell import pl, tl
-    from langcell.corpus import write_corpus
-    from langcell.datasets import pbmc68k
-    from langcell.tokenizer import GeneTokenizer
-    from langcell.train import load_recipe, pretrain
+    from . import pl, tl
+    from .data.corpus import write_corpus
+    from .data.datasets import pbmc68k
+    from .data.tokenizer import GeneTokenizer
+    from .train import load_recipe, pretrain
 
     start = time.perf_counter()
     out = Path(out_dir)

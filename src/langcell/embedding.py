@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from langcell.batching import pad_sequences, token_budget_batches
-from langcell.precision import autocast, check_precision
+from .data.batching import pad_sequences, token_budget_batches
+from .precision import autocast, check_precision
 
 #: Cell tokens (batch size x padded length) per forward pass when embedding.
 DEFAULT_EMBED_MAX_TOKENS = 16_384
@@ -33,7 +33,7 @@ def embed_cells(
     model
         A :class:`~langcell.models.langcell.LangCell`; put in eval mode for the call.
     cells
-        Token sequences, ``<cls>`` first (e.g. a :class:`~langcell.tokenizer.TokenizedCells`).
+        Token sequences, ``<cls>`` first (e.g. a :class:`~langcell.data.tokenizer.TokenizedCells`).
     max_tokens
         Token budget of one forward pass: cells of similar length are batched together so that
         almost no compute goes to padding.

@@ -48,11 +48,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from langcell._checks import check_anndata as _check_anndata
-from langcell._checks import check_key_added as _check_key
-from langcell._checks import gene_tokenizer_of
-from langcell.errors import LangCellError
-from langcell.retrieval import DEFAULT_KS
+from ._checks import check_anndata as _check_anndata
+from ._checks import check_key_added as _check_key
+from ._checks import gene_tokenizer_of
+from .errors import LangCellError
+from .retrieval import DEFAULT_KS
 
 __all__ = [
     "BATCH_METRICS",
@@ -300,7 +300,7 @@ def baseline_pca(adata: Any, *, n_pcs: int = 50, counts_layer: str | None = None
     import scanpy as sc
     import scipy.sparse as sp
 
-    from langcell.tokenizer import _count_source
+    from .data.sources import count_source
 
     _check_anndata(adata)
     n_pcs = _check_positive_int(n_pcs, "n_pcs")
@@ -309,7 +309,7 @@ def baseline_pca(adata: Any, *, n_pcs: int = 50, counts_layer: str | None = None
             "the PCA baseline needs the counts in memory but the AnnData is backed; load it with "
             "adata.to_memory(), or put a precomputed baseline in obsm"
         )
-    source = _count_source(adata, "the AnnData", gene_column=None, counts_layer=counts_layer, n_counts_key=None)
+    source = count_source(adata, "the AnnData", gene_column=None, counts_layer=counts_layer, n_counts_key=None)
     counts = source.matrix
     counts = sp.csr_matrix(counts, dtype=np.float32, copy=True) if sp.issparse(counts) else np.array(
         counts, dtype=np.float32
@@ -579,7 +579,7 @@ def per_type_accuracy(
     LangCellError
         For a missing column, the same column twice, no scored cell, a bad ``seen`` or ``key_added``.
     """
-    from langcell.finetune import classification_metrics
+    from .finetune import classification_metrics
 
     _check_anndata(adata)
     if key_added is not None:
@@ -781,8 +781,8 @@ def evaluate(
         on the labelled cells (missing scib-metrics included); then what the annotation refuses
         (unknown label names, counts that are not raw counts) before anything is written.
     """
-    from langcell import tl
-    from langcell.retrieval import _check_ks, _label_texts
+    from . import tl
+    from .retrieval import _check_ks, _label_texts
 
     _check_anndata(adata)
     for key in (key_added, annotation_key, embedding_key):

@@ -51,10 +51,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from langcell._checks import check_anndata, check_key_added
-from langcell.batching import pad_sequences, token_budget_batches
-from langcell.errors import LangCellError
-from langcell.finetune import (
+from ._checks import check_anndata, check_key_added
+from .data.batching import pad_sequences, token_budget_batches
+from .errors import LangCellError
+from .finetune import (
     _check_max_length,
     _check_positive_int,
     _gene_tokenizer,
@@ -65,8 +65,8 @@ from langcell.finetune import (
     _step,
     classification_metrics,
 )
-from langcell.train.pretrain import _param_groups, _schedule
-from langcell.zero_shot import (
+from .train.pretrain import _param_groups, _schedule
+from .zero_shot import (
     DEFAULT_ALPHA,
     DEFAULT_MAX_PAIR_TOKENS,
     DEFAULT_TOP_K,
@@ -332,7 +332,7 @@ def tune_langcell(
         A :class:`~langcell.models.langcell.LangCell`; it is deep-copied (its tokenizers are shared
         with the copy, not copied) and never changed.
     cells
-        Tokenized training cells (:class:`~langcell.tokenizer.TokenizedCells` or 1-D token arrays).
+        Tokenized training cells (:class:`~langcell.data.tokenizer.TokenizedCells` or 1-D token arrays).
     labels
         Class index of every cell, in ``[0, K)``.
     class_texts
@@ -596,7 +596,7 @@ def fewshot(
     match_classes = check_match_classes(match_classes, len(classes))
     # Every class must be large enough for the largest n before any work starts.
     sample_shots(codes, max(shots), seed=seed, min_test=min_test, class_names=classes)
-    from langcell import ontology
+    from . import ontology
 
     text_of, _ = ontology.label_texts(classes, descriptions=descriptions, mapping=mapping)
     texts = [text_of[name] for name in classes]
@@ -610,7 +610,7 @@ def fewshot(
     features = pcs = None
     n_pcs_used = None
     if baselines:
-        from langcell.demo import log_normalised_features
+        from .demo import log_normalised_features
 
         features = log_normalised_features(adata, counts_layer=counts_layer, n_counts_key=n_counts_key)
         if "knn" in baselines:
@@ -644,7 +644,7 @@ def fewshot(
                 train_loss["repeat"].append(int(repeat))
                 train_loss["loss"].append([float(v) for v in losses])
                 if "logistic_regression" in baselines:
-                    from langcell.demo import logistic_regression_predict
+                    from .demo import logistic_regression_predict
 
                     predictions["logistic_regression"] = logistic_regression_predict(
                         features[train], codes[train], features[test], seed
@@ -790,7 +790,7 @@ def _classes_and_codes(
     adata: Any, label_key: str, labels: Any
 ) -> tuple[list[str], np.ndarray, dict[str, str] | None]:
     """The classes, every cell's code (-1: not used) and the user's descriptions, if any."""
-    from langcell.tl import _check_names
+    from .tl import _check_names
 
     present, codes = _label_codes(adata, label_key)
     if labels is None:

@@ -38,17 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from langcell._atomic import atomic_directory
-from langcell._checks import check_anndata as _check_anndata
-from langcell._checks import check_key_added as _check_key
-from langcell._checks import gene_tokenizer_of as _gene_tokenizer
-from langcell.batching import pad_sequences, token_budget_batches
-from langcell.config import CellEncoderConfig, _dataclass_from_dict
-from langcell.errors import LangCellError
-from langcell.io import read_format_document
-from langcell.models.cell_encoder import CellEncoder, init_bert_weights
-from langcell.train.pretrain import _param_groups, _schedule
-from langcell.zero_shot import _as_sequences
+from ._atomic import atomic_directory
+from ._checks import check_anndata as _check_anndata
+from ._checks import check_key_added as _check_key
+from ._checks import gene_tokenizer_of as _gene_tokenizer
+from .config import CellEncoderConfig, _dataclass_from_dict
+from .data.batching import pad_sequences, token_budget_batches
+from .errors import LangCellError
+from .io import read_format_document
+from .models.cell_encoder import CellEncoder, init_bert_weights
+from .train.pretrain import _param_groups, _schedule
+from .zero_shot import _as_sequences
 
 __all__ = [
     "CellTypeClassifier",
@@ -104,7 +104,7 @@ class CellTypeClassifier(nn.Module):
         summary (its ``cell_proj`` reads it too). ``"mean"``: the mean of the last-layer states over the
         cell's real tokens (``<cls>`` included, padding excluded).
     gene_tokenizer
-        The :class:`~langcell.tokenizer.GeneTokenizer` whose token ids the encoder reads; needed by
+        The :class:`~langcell.data.tokenizer.GeneTokenizer` whose token ids the encoder reads; needed by
         :func:`predict` and saved with the classifier. Its vocabulary must match ``cell_config``.
 
     Attributes
@@ -222,7 +222,7 @@ class CellTypeClassifier(nn.Module):
         Parameters
         ----------
         cells
-            A :class:`~langcell.tokenizer.TokenizedCells` or a list of 1-D token id arrays, ``<cls>`` first.
+            A :class:`~langcell.data.tokenizer.TokenizedCells` or a list of 1-D token id arrays, ``<cls>`` first.
         max_tokens
             Token budget of one forward pass (cells of similar length are batched together).
         max_length
@@ -298,8 +298,8 @@ class CellTypeClassifier(nn.Module):
             missing or duplicated class names, an unknown pooling, a gene tokenizer whose vocabulary does
             not match the encoder, or missing / unexpected / misshapen / corrupt weights.
         """
-        from langcell.io import load_state_strict, read_weights
-        from langcell.tokenizer import TOKENIZER_FILENAME, GeneTokenizer
+        from .data.tokenizer import TOKENIZER_FILENAME, GeneTokenizer
+        from .io import load_state_strict, read_weights
 
         path = Path(path)
         if not path.is_dir():

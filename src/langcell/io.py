@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from langcell._atomic import atomic_directory
-from langcell.config import CellEncoderConfig, LangCellConfig, TextEncoderConfig
-from langcell.errors import LangCellError
+from ._atomic import atomic_directory
+from .config import CellEncoderConfig, LangCellConfig, TextEncoderConfig
+from .errors import LangCellError
 
 if TYPE_CHECKING:
-    from langcell.models.langcell import LangCell
+    from .models.langcell import LangCell
 
 FORMAT_NAME = "langcell.LangCell"
 FORMAT_VERSION = 1
@@ -211,8 +211,8 @@ def load_pretrained(path: str | os.PathLike, *, map_location: str | torch.device
         Listing missing/unexpected tensors, shape mismatches (file vs config), a gene tokenizer whose
         vocabulary does not match, or a truncated/corrupt weights file.
     """
-    from langcell.models.langcell import LangCell
-    from langcell.models.text_encoder import load_text_tokenizer
+    from .models.langcell import LangCell
+    from .models.text_encoder import load_text_tokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -220,7 +220,7 @@ def load_pretrained(path: str | os.PathLike, *, map_location: str | torch.device
     config = read_config(path)
     gene_tokenizer = None
     if (path / GENE_TOKENIZER_FILENAME).is_file():
-        from langcell.tokenizer import GeneTokenizer
+        from .data.tokenizer import GeneTokenizer
 
         gene_tokenizer = GeneTokenizer.load(path)
         if gene_tokenizer.vocab_size != config.cell.vocab_size:
@@ -490,9 +490,9 @@ def import_official(
     Sizes are read from the weights (the text embedding may have more rows than the vocabulary file);
     head counts and activations from the towers' ``config.json``.
     """
-    from langcell.models.langcell import LangCell
-    from langcell.models.text_encoder import load_text_tokenizer
-    from langcell.tokenizer import GeneTokenizer
+    from .data.tokenizer import GeneTokenizer
+    from .models.langcell import LangCell
+    from .models.text_encoder import load_text_tokenizer
 
     ckpt = Path(ckpt_dir)
     for sub in ("cell_bert", "text_bert"):

@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from langcell.errors import LangCellError
+from .errors import LangCellError
 
 __all__ = [
     "IGNORE_INDEX",

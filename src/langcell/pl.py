@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from langcell._atomic import atomic_file
-from langcell.errors import LangCellError
+from ._atomic import atomic_file
+from .errors import LangCellError
 
 
 def _pyplot():

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from langcell.errors import LangCellError
+from .errors import LangCellError
 
 __all__ = ["PRECISIONS", "autocast", "check_precision"]
 

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from langcell import ontology
-from langcell._checks import check_anndata as _check_anndata
-from langcell._checks import check_key_added as _check_key
-from langcell.errors import LangCellError
+from . import ontology
+from ._checks import check_anndata as _check_anndata
+from ._checks import check_key_added as _check_key
+from .errors import LangCellError
 
 __all__ = [
     "cell_to_text_recall",
@@ -538,7 +538,7 @@ def _query_texts(texts: Any, as_labels: bool) -> tuple[list[str], list[str]]:
 
 def _text_embeddings(model: Any, texts: list[str], names: list[str], precision: str = "fp32") -> np.ndarray:
     """L2-normalised text embeddings ``float32 [n_texts, projection_dim]`` (eval mode, no gradients)."""
-    from langcell.zero_shot import encode_class_texts
+    from .zero_shot import encode_class_texts
 
     return encode_class_texts(model, texts, names, precision=precision).embeddings.float().cpu().numpy()
 
@@ -564,7 +564,7 @@ def _cell_embeddings(adata, model, use_rep, **encode_options) -> tuple[np.ndarra
                 f"obsm[{use_rep!r}] holds zero or non-finite rows; recompute them with tl.embed or pass use_rep=None"
             )
         return embeddings / norms, True, None
-    from langcell.tl import _embedding_matrix
+    from .tl import _embedding_matrix
 
     embeddings, max_length = _embedding_matrix(adata, model, **encode_options)
     return embeddings, False, max_length

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from langcell import ontology
-from langcell._checks import check_anndata as _check_anndata
-from langcell._checks import check_key_added, gene_tokenizer_of
-from langcell.errors import LangCellError
-from langcell.precision import check_precision
-from langcell.zero_shot import (
+from . import ontology
+from ._checks import check_anndata as _check_anndata
+from ._checks import check_key_added, gene_tokenizer_of
+from .errors import LangCellError
+from .precision import check_precision
+from .zero_shot import (
     DEFAULT_ALPHA,
     DEFAULT_MAX_PAIR_TOKENS,
     DEFAULT_MAX_TOKENS,
@@ -121,7 +121,7 @@ def annotate(
     unknown_label
         The label of abstaining cells; must not be a class name.
     counts_layer, gene_column, n_counts_key
-        Passed to :meth:`langcell.tokenizer.GeneTokenizer.encode`: where the raw counts are
+        Passed to :meth:`langcell.data.tokenizer.GeneTokenizer.encode`: where the raw counts are
         (``None`` = ``X``, a layer name, or ``"raw"``), the var column with gene names (``None`` =
         ``var_names``) and the obs column with each cell's total counts.
     max_length
@@ -171,7 +171,7 @@ def annotate(
 
     Examples
     --------
-    >>> adata = langcell.datasets.pbmc68k()                                      # doctest: +SKIP
+    >>> adata = langcell.data.datasets.pbmc68k()                                      # doctest: +SKIP
     >>> langcell.tl.annotate(adata, model, ["B cell", "CD14+ Monocyte", "NK cell"])  # doctest: +SKIP
     >>> adata.obs["langcell_cell_type"].value_counts()                           # doctest: +SKIP
     """
@@ -479,7 +479,7 @@ def _embedding_matrix(
     Tokenizes and embeds ``chunk_size`` rows at a time (a backed AnnData streams from disk). Shared by
     :func:`embed` and the retrieval functions; validates the model and settings before any work.
     """
-    from langcell.embedding import embed_cells
+    from .embedding import embed_cells
 
     tokenizer = gene_tokenizer_of(model)
     check_precision(precision, model.logit_scale.device)
@@ -518,7 +518,7 @@ def _embedding_matrix(
 # --------------------------------------------------------------------------------------------------
 # Fine-tuning, few-shot annotation, retrieval and evaluation live in their own modules; they are part
 # of the tl namespace.
-from langcell.evaluate import evaluate, integration_metrics, per_type_accuracy  # noqa: E402
-from langcell.fewshot import fewshot  # noqa: E402
-from langcell.finetune import finetune, predict  # noqa: E402
-from langcell.retrieval import retrieval_recall, retrieve_cells, retrieve_texts  # noqa: E402
+from .evaluate import evaluate, integration_metrics, per_type_accuracy  # noqa: E402
+from .fewshot import fewshot  # noqa: E402
+from .finetune import finetune, predict  # noqa: E402
+from .retrieval import retrieval_recall, retrieve_cells, retrieve_texts  # noqa: E402

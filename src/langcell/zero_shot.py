@@ -65,9 +65,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from langcell.batching import pad_sequences, token_budget_batches
-from langcell.errors import LangCellError
-from langcell.precision import autocast, check_precision
+from .data.batching import pad_sequences, token_budget_batches
+from .errors import LangCellError
+from .precision import autocast, check_precision
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -582,7 +582,7 @@ def zero_shot_scores(
     model
         A :class:`langcell.models.LangCell` (put in eval mode for the call, then restored).
     cells
-        A :class:`langcell.tokenizer.TokenizedCells` or a sequence of 1-D token id arrays (``<cls>``
+        A :class:`langcell.data.tokenizer.TokenizedCells` or a sequence of 1-D token id arrays (``<cls>``
         first); sequences longer than the cell encoder's positions are truncated to them (rank order:
         the top genes are kept).
     classes
@@ -597,7 +597,7 @@ def zero_shot_scores(
         Similarity temperature (0.05 in the release).
     max_tokens
         Cell tokens per batch (batch size x padded length); cells are grouped by length
-        (:func:`langcell.batching.token_budget_batches`).
+        (:func:`langcell.data.batching.token_budget_batches`).
     max_batch_size
         Optional cap on cells per batch.
     max_pair_tokens

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from langcell.config import LangCellConfig
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.models import LangCell
-from langcell.tokenizer import GeneTokenizer
 
 TEXTS = [
     "cell type: B cell. a lymphocyte of B lineage",

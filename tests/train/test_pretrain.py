@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from langcell.corpus import TokenCorpus, write_corpus
+from langcell.data.corpus import TokenCorpus, write_corpus
+from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
-from langcell.tokenizer import GeneTokenizer
 from langcell.train import PretrainConfig, load_recipe, pretrain
 from langcell.train.data import CellTextTable, PretrainStream
 

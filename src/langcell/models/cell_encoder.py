@@ -11,7 +11,7 @@ checkpoint loads by name. As in HF BERT, the token-type embedding's row 0 is add
 released weights were trained that way.
 
 Padding costs nothing. A batch of right-padded cells (every cell's tokens a prefix of its row, the
-layout :func:`langcell.batching.pad_sequences` makes) is *packed* before the first layer: the real tokens
+layout :func:`langcell.data.batching.pad_sequences` makes) is *packed* before the first layer: the real tokens
 of all cells, one cell after another, ``[T, H]`` with no padding row. Every per-token operation
 (embeddings, projections, feed-forward, LayerNorm) runs once over those T rows, and attention runs
 per run of equal-length cells (one SDPA call without a mask for each run), so neither the linear
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from langcell.config import CellEncoderConfig, TextEncoderConfig
-from langcell.errors import LangCellError
+from ..config import CellEncoderConfig, TextEncoderConfig
+from ..errors import LangCellError
 
 BertSizes = CellEncoderConfig | TextEncoderConfig
 

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from langcell.config import LangCellConfig
-from langcell.errors import LangCellError
-from langcell.models.cell_encoder import CellEncoder, activation, init_bert_weights
-from langcell.models.text_encoder import TextEncoder, load_text_tokenizer
+from ..config import LangCellConfig
+from ..errors import LangCellError
+from .cell_encoder import CellEncoder, activation, init_bert_weights
+from .text_encoder import TextEncoder, load_text_tokenizer
 
 TextsOrTokens = Sequence[str] | Mapping[str, torch.Tensor]
 
@@ -68,7 +68,7 @@ class LangCell(nn.Module):
         A Hugging Face tokenizer for the text tower. ``None`` loads the one the config names
         (``config.text.tokenizer_from``; by default the packaged all-MiniLM-L6-v2 tokenizer).
     gene_tokenizer
-        Optional :class:`langcell.tokenizer.GeneTokenizer`; kept as a plain attribute and saved with
+        Optional :class:`langcell.data.tokenizer.GeneTokenizer`; kept as a plain attribute and saved with
         the model. Its vocabulary size must equal ``config.cell.vocab_size``.
     """
 
@@ -127,13 +127,13 @@ class LangCell(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> LangCell:
         """Load a model written by :meth:`save_pretrained` (strict; clear errors on any mismatch)."""
-        from langcell.io import load_pretrained
+        from ..io import load_pretrained
 
         return load_pretrained(path, map_location=map_location)
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write config, weights and tokenizers to the directory ``path`` (atomically)."""
-        from langcell.io import save_pretrained
+        from ..io import save_pretrained
 
         save_pretrained(self, path, overwrite=overwrite)
 

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from langcell.config import PACKAGED_MINILM, TextEncoderConfig
-from langcell.errors import LangCellError
-from langcell.models.cell_encoder import (
+from ..config import PACKAGED_MINILM, TextEncoderConfig
+from ..errors import LangCellError
+from .cell_encoder import (
     Attention,
     AttentionOutput,
     Embeddings,
@@ -243,7 +243,7 @@ class TextEncoder(nn.Module):
         path
             A directory with ``model.safetensors`` or ``pytorch_model.bin`` (or :data:`PACKAGED_MINILM`).
         """
-        from langcell.io import read_weights  # io imports the models lazily; no import cycle
+        from ..io import read_weights  # io imports the models lazily; no import cycle
 
         directory = resolve_hf_directory(path)
         source = read_weights(directory)

@@ -4,15 +4,8 @@ Everything comes from the ontologies shipped inside the ``cellxgene-ontology-gui
 This package imports nothing of torch, the data layer or the models.
 """
 
-from langcell.ontology.resolve import (
-    ABBREVIATIONS,
-    CURATED_LABELS,
-    GENE_TO_CD,
-    MARKER_ONLY_TYPES,
-    label_texts,
-    resolve_labels,
-)
-from langcell.ontology.texts import (
+from .resolve import ABBREVIATIONS, CURATED_LABELS, GENE_TO_CD, MARKER_ONLY_TYPES, label_texts, resolve_labels
+from .texts import (
     ASPECT_ONTOLOGIES,
     ASPECTS,
     ORGANISMS,

@@ -46,8 +46,8 @@ from typing import Any
 
 import pandas as pd
 
-from langcell.errors import LangCellError
-from langcell.ontology.texts import EXAMPLE_TERM_IDS, ontology_parser, ontology_terms, term_prefix, term_text
+from ..errors import LangCellError
+from .texts import EXAMPLE_TERM_IDS, ontology_parser, ontology_terms, term_prefix, term_text
 
 __all__ = ["ABBREVIATIONS", "CURATED_LABELS", "GENE_TO_CD", "MARKER_ONLY_TYPES", "label_texts", "resolve_labels"]
 

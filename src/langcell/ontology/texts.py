@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from langcell.errors import LangCellError
+from ..errors import LangCellError
 
 __all__ = [
     "ASPECTS",

@@ -1,5 +1,5 @@
 """Training: LangCell pretraining (two stages, four losses, one CPU or many GPUs via torchrun)."""
 
-from langcell.train.pretrain import PretrainConfig, load_recipe, pretrain
+from .pretrain import PretrainConfig, load_recipe, pretrain
 
 __all__ = ["PretrainConfig", "load_recipe", "pretrain"]

@@ -20,10 +20,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from langcell.batching import pad_sequences, token_budget_batches
-from langcell.corpus import TokenCorpus
-from langcell.errors import LangCellError
-from langcell.ontology import ASPECTS, describe_cells
+from ..data.batching import pad_sequences, token_budget_batches
+from ..data.corpus import TokenCorpus
+from ..errors import LangCellError
+from ..ontology import ASPECTS, describe_cells
 
 #: Default probability of each aspect being the batch's text; aspects absent from the corpus are
 #: dropped and the rest renormalised. Cell type dominates because zero-shot annotation asks about it.

@@ -50,11 +50,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from langcell._atomic import atomic_directory, atomic_file
-from langcell.config import LangCellConfig
-from langcell.corpus import TokenCorpus
-from langcell.errors import LangCellError
-from langcell.losses import (
+from .._atomic import atomic_directory, atomic_file
+from ..config import LangCellConfig
+from ..data.corpus import TokenCorpus
+from ..errors import LangCellError
+from ..losses import (
     IGNORE_INDEX,
     CellCellContrastiveLoss,
     CellTextContrastiveLoss,
@@ -67,10 +67,10 @@ from langcell.losses import (
     mask_genes,
     sample_hard_negatives,
 )
-from langcell.models.langcell import LangCell
-from langcell.precision import autocast, check_precision
-from langcell.train import distributed
-from langcell.train.data import CellTextTable, PretrainStream
+from ..models.langcell import LangCell
+from ..precision import autocast, check_precision
+from . import distributed
+from .data import CellTextTable, PretrainStream
 
 log = logging.getLogger("langcell.pretrain")
 

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from langcell.errors import LangCellError
+from ..errors import LangCellError
 
 __all__ = [
     "ENSEMBL_PATTERN",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from langcell.errors import LangCellError
+from ..errors import LangCellError
 
 
 def token_budget_batches(

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from langcell.errors import LangCellError
+from ..errors import LangCellError
 
 #: obs columns of the CELLxGENE schema that langcell reads, by aspect.
 CELLXGENE_TERM_COLUMNS = {
@@ -81,7 +81,7 @@ def pbmc68k():
     import anndata as ad
     import scanpy as sc
 
-    from langcell.ontology import resolve_labels
+    from ..ontology import resolve_labels
 
     reduced = sc.datasets.pbmc68k_reduced()
     counts = counts_from_log1p(reduced.raw.X, reduced.obs["n_counts"].to_numpy())

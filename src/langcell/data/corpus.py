@@ -1,7 +1,7 @@
 """On-disk tokenized corpus: rank-value sequences of many cells, sharded, ragged, memory-mapped.
 
 :func:`write_corpus` streams one or many h5ad files (read backed, chunk by chunk) through a
-:class:`~langcell.tokenizer.GeneTokenizer` and writes::
+:class:`~langcell.data.tokenizer.GeneTokenizer` and writes::
 
     out_dir/
       manifest.json            format version, n_cells, n_tokens, shards (files, sizes, sha256), sources
@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from langcell import __version__
-from langcell._atomic import atomic_directory
-from langcell.batching import pad_sequences
-from langcell.errors import LangCellError
-from langcell.genes import GeneMappingReport
-from langcell.tokenizer import DEFAULT_CHUNK_SIZE, GeneTokenizer, _as_source_list, _count_source, _opened
+from .. import __version__
+from .._atomic import atomic_directory
+from ..errors import LangCellError
+from .batching import pad_sequences
+from .genes import GeneMappingReport
+from .sources import as_source_list, count_source, opened_source
+from .tokenizer import DEFAULT_CHUNK_SIZE, GeneTokenizer
 
 __all__ = ["TokenCorpus", "write_corpus", "MANIFEST_FILENAME"]
 
@@ -190,7 +191,7 @@ def write_corpus(
         ``.h5ad`` paths (read backed, so files larger than memory stream through), AnnData objects, or a
         list mixing them. All cells of all sources go into one corpus, in order.
     tokenizer
-        The :class:`~langcell.tokenizer.GeneTokenizer`; it is saved inside the corpus.
+        The :class:`~langcell.data.tokenizer.GeneTokenizer`; it is saved inside the corpus.
     out_dir
         The corpus directory. It appears only once complete.
     obs_columns
@@ -216,7 +217,7 @@ def write_corpus(
         )
     if shard_size < 1:
         raise LangCellError(f"shard_size must be a positive number of cells, got {shard_size}")
-    source_list = _as_source_list(sources)
+    source_list = as_source_list(sources)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         shard_dir = tmp / _SHARD_DIR
         shard_dir.mkdir()
@@ -229,8 +230,8 @@ def write_corpus(
         obs_parts: list[pd.DataFrame] = []
         source_entries: list[dict] = []
         for i, source in enumerate(source_list):
-            with _opened(source, f"input #{i}") as (adata, label):
-                counts = _count_source(
+            with opened_source(source, f"input #{i}") as (adata, label):
+                counts = count_source(
                     adata,
                     label,
                     gene_column=gene_column,
@@ -438,7 +439,7 @@ class TokenCorpus:
 
     @property
     def reports(self) -> list:
-        """How each source's genes were matched to the vocabulary (:class:`~langcell.genes.GeneMappingReport`)."""
+        """How each source's genes were matched to the vocabulary (:class:`~langcell.data.genes.GeneMappingReport`)."""
         known = {f.name for f in dataclasses.fields(GeneMappingReport)}
         return [
             GeneMappingReport(**{k: v for k, v in entry["gene_mapping"].items() if k in known})
