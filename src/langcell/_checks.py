@@ -1,11 +1,15 @@
-"""Argument checks shared by the AnnData-level functions (tl, finetune, retrieval, fewshot, evaluate).
+"""Argument checks shared across layers: AnnData inputs, keys, counts, class names.
 
 Each raises :class:`~langcell.errors.LangCellError` naming the problem and the fix, before any work.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+import pandas as pd
 
 from .errors import LangCellError
 
@@ -38,3 +42,37 @@ def gene_tokenizer_of(model: Any) -> Any:
             "(model.set_gene_tokenizer(GeneTokenizer.load(...)))"
         )
     return tokenizer
+
+
+def check_class_names(labels: Sequence[str]) -> list[str]:
+    """The classes of a classifier as a list: at least two distinct, non-empty strings."""
+    if isinstance(labels, str) or not isinstance(labels, Sequence | np.ndarray | pd.Index):
+        raise LangCellError("labels must be a list of class names")
+    names = list(labels)
+    if len(names) < 2:
+        raise LangCellError(f"a classifier needs at least two classes, got {names!r}")
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise LangCellError("class names must be non-empty strings")
+    if len(set(names)) != len(names):
+        raise LangCellError(f"class names are duplicated: {pd.Index(names)[pd.Index(names).duplicated()].tolist()}")
+    return names
+
+
+def check_fraction(train_fraction: Any) -> None:
+    """Refuse a training fraction outside the open interval (0, 1)."""
+    if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float) or not 0 < train_fraction < 1:
+        raise LangCellError(f"train_fraction must lie strictly between 0 and 1, got {train_fraction!r}; e.g. 2/3")
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` when it is a positive integer (not a bool), else an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise LangCellError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_max_length(max_length: Any, limit: int) -> int:
+    """A token-length cap: ``limit`` for ``None``, else the positive ``max_length`` clamped to ``limit``."""
+    if max_length is None:
+        return int(limit)
+    return min(check_positive_int(max_length, "max_length"), int(limit))

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ._progress import progress_bar
 from .data.batching import pad_sequences, token_budget_batches
 from .precision import autocast, check_precision
 
@@ -55,11 +56,7 @@ def embed_cells(
         return out
     pad_id = model.gene_tokenizer.pad_id if model.gene_tokenizer is not None else 0
     batches = token_budget_batches(lengths, max_tokens)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(cells), desc="embed", unit="cell")
+    bar = progress_bar(len(cells), progress, "embed", "cell")
     was_training = model.training
     model.eval()
     try:

@@ -50,7 +50,8 @@ import pandas as pd
 
 from ._checks import check_anndata as _check_anndata
 from ._checks import check_key_added as _check_key
-from ._checks import gene_tokenizer_of
+from ._checks import check_positive_int, gene_tokenizer_of
+from ._labels import NO_LABEL_VALUES
 from .errors import LangCellError
 from .retrieval import DEFAULT_KS
 
@@ -82,8 +83,6 @@ NEIGHBOR_METHODS = ("exact", "pynndescent")
 _NEIGHBORS_OF = {"graph_connectivity": 15, "kbet": 50, "clisi": 90, "ilisi": 90}
 #: Metrics that compare batches within each label: they need a label present in two batches.
 _WITHIN_LABEL_METRICS = ("silhouette_batch", "bras", "kbet")
-#: Labels that name no cell type (CELLxGENE's "not known"/"not applicable"): such cells are not scored.
-_NO_LABEL_VALUES = frozenset({"unknown", "na", ""})
 _INSTALL_HINT = 'pip install "langcell[integration]"'
 _PER_TYPE_COLUMNS = ("cell_type", "n_cells", "n_correct", "accuracy", "seen", "most_predicted", "most_predicted_share")
 
@@ -214,7 +213,7 @@ def _integration_table(
     metrics = _check_metrics(metrics)
     labels, batches = _integration_columns(adata, batch_key, label_key, metrics)
     _check_neighbors(neighbors)
-    n_pcs = _check_positive_int(n_pcs, "n_pcs")
+    n_pcs = check_positive_int(n_pcs, "n_pcs")
     names = _check_embedding_names(embeddings, baseline)
     matrices = {name: _embedding(adata, name) for name in names}
     baseline_computed = baseline not in adata.obsm
@@ -303,7 +302,7 @@ def baseline_pca(adata: Any, *, n_pcs: int = 50, counts_layer: str | None = None
     from .data.sources import count_source
 
     _check_anndata(adata)
-    n_pcs = _check_positive_int(n_pcs, "n_pcs")
+    n_pcs = check_positive_int(n_pcs, "n_pcs")
     if adata.isbacked:
         raise LangCellError(
             "the PCA baseline needs the counts in memory but the AnnData is backed; load it with "
@@ -484,12 +483,6 @@ def _embedding(adata: Any, key: str) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise LangCellError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _columns(table: pd.DataFrame) -> dict[str, list]:
     """A table as ``{column: list}`` of plain Python values (h5ad- and JSON-writable)."""
     return {str(column): [_plain(v) for v in table[column].tolist()] for column in table.columns}
@@ -589,7 +582,7 @@ def per_type_accuracy(
     truth = _obs_strings(adata, label_key, "label_key")
     predicted = _obs_strings(adata, prediction_key, "prediction_key")
     seen_set = None if seen is None else set(_check_names(seen, "seen"))
-    scored = ~np.isin(np.char.lower(truth.astype(str)), list(_NO_LABEL_VALUES))
+    scored = ~np.isin(np.char.lower(truth.astype(str)), list(NO_LABEL_VALUES))
     if not scored.any():
         raise LangCellError(
             f"obs[{label_key!r}] has no usable label (only missing, 'unknown' or 'na'); pass a labelled column"
@@ -790,7 +783,7 @@ def evaluate(
     gene_tokenizer_of(model)
     ks = _check_ks(ks)
     truth = _obs_strings(adata, label_key, "label_key")
-    labelled = ~np.isin(np.char.lower(truth.astype(str)), list(_NO_LABEL_VALUES))
+    labelled = ~np.isin(np.char.lower(truth.astype(str)), list(NO_LABEL_VALUES))
     present = list(dict.fromkeys(truth[labelled]))
     if len(present) < 2:
         raise LangCellError(

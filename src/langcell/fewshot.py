@@ -51,20 +51,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_anndata, check_key_added
-from .data.batching import pad_sequences, token_budget_batches
+from ._checks import check_anndata, check_key_added, check_max_length, check_positive_int
+from ._labels import label_codes
+from ._progress import progress_bar
+from .data.batching import as_sequences, pad_sequences, token_budget_batches
 from .errors import LangCellError
-from .finetune import (
-    _check_max_length,
-    _check_positive_int,
-    _gene_tokenizer,
-    _label_codes,
-    _model_device,
-    _progress_bar,
-    _seeded,
-    _step,
-    classification_metrics,
-)
+from .finetune import _model_device, _seeded, _step, classification_metrics
 from .train.pretrain import _param_groups, _schedule
 from .zero_shot import (
     DEFAULT_ALPHA,
@@ -72,7 +64,6 @@ from .zero_shot import (
     DEFAULT_TOP_K,
     MODES,
     TEMPERATURE,
-    _as_sequences,
     check_alpha,
     check_top_k,
     encode_class_texts,
@@ -162,8 +153,8 @@ def sample_shots(
     codes = np.asarray(codes)
     if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer):
         raise LangCellError("codes must be a 1-D integer array (one class code per item, -1 = unlabelled)")
-    n_per_class = _check_positive_int(n_per_class, "n_per_class (shots)")
-    min_test = _check_positive_int(min_test, "min_test")
+    n_per_class = check_positive_int(n_per_class, "n_per_class (shots)")
+    min_test = check_positive_int(min_test, "min_test")
     classes, counts = np.unique(codes[codes >= 0], return_counts=True)
     if classes.size == 0:
         raise LangCellError("no labelled item (every code is negative); label some cells")
@@ -357,7 +348,7 @@ def tune_langcell(
     losses : list of float
         The mean training loss of every epoch.
     """
-    sequences = _as_sequences(cells)
+    sequences = as_sequences(cells)
     labels = np.asarray(labels, dtype=np.int64)
     texts = list(class_texts)
     if labels.shape != (len(sequences),) or not sequences:
@@ -366,9 +357,9 @@ def tune_langcell(
         )
     if labels.min() < 0 or labels.max() >= len(texts):
         raise LangCellError(f"labels must lie in [0, {len(texts)}), one class text per label value")
-    epochs = _check_positive_int(epochs, "epochs")
+    epochs = check_positive_int(epochs, "epochs")
     _check_rates(lr=lr, text_lr=text_lr, tau=tau)
-    max_length = _check_max_length(max_length, model.config.cell.max_position_embeddings)
+    max_length = check_max_length(max_length, model.config.cell.max_position_embeddings)
     match_classes = check_match_classes(match_classes, len(texts))
     device = _model_device(model)
     # The tokenizers are read-only: the copy shares them (a deep copy of a text tokenizer is slow).
@@ -390,7 +381,7 @@ def tune_langcell(
         scheduler = _schedule(optimizer, int(warmup_fraction * total), total, 0.0)
         parameters = [p for p in tuned.parameters() if p.requires_grad]
         pad_id = int(tuned.config.cell.pad_token_id)
-        bar = _progress_bar(total, progress, "few-shot tuning", "step")
+        bar = progress_bar(total, progress, "few-shot tuning", "step")
         losses = []
         tuned.train()
         try:
@@ -570,9 +561,9 @@ def fewshot(
     check_anndata(adata)
     check_key_added(key_added)
     shots = _check_shots(shots)
-    repeats = _check_positive_int(repeats, "repeats")
-    epochs = _check_positive_int(epochs, "epochs")
-    min_test = _check_positive_int(min_test, "min_test")
+    repeats = check_positive_int(repeats, "repeats")
+    epochs = check_positive_int(epochs, "epochs")
+    min_test = check_positive_int(min_test, "min_test")
     _check_rates(lr=lr, text_lr=text_lr, tau=tau)
     alpha = check_alpha(alpha)
     if mode not in MODES:
@@ -582,14 +573,14 @@ def fewshot(
     if not 0 <= warmup_fraction < 1:
         raise LangCellError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
     baselines = _check_baselines(baselines)
-    n_pcs = _check_positive_int(n_pcs, "n_pcs")
+    n_pcs = check_positive_int(n_pcs, "n_pcs")
     if n_neighbors is not None:
-        n_neighbors = _check_positive_int(n_neighbors, "n_neighbors")
+        n_neighbors = check_positive_int(n_neighbors, "n_neighbors")
     for name, value in (("max_tokens", max_tokens), ("max_batch_size", max_batch_size),
                         ("max_pair_tokens", max_pair_tokens)):
-        _check_positive_int(value, name)
-    tokenizer = _gene_tokenizer(model)
-    max_length = _check_max_length(max_length, model.config.cell.max_position_embeddings)
+        check_positive_int(value, name)
+    tokenizer = gene_tokenizer_of(model)
+    max_length = check_max_length(max_length, model.config.cell.max_position_embeddings)
 
     classes, codes, descriptions = _classes_and_codes(adata, label_key, labels)
     top_k = check_top_k(top_k, len(classes))
@@ -605,7 +596,7 @@ def fewshot(
         adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
         max_length=max_length, progress=progress,
     )
-    sequences = _as_sequences(cells)
+    sequences = as_sequences(cells)
     labelled = np.flatnonzero(codes >= 0)
     features = pcs = None
     n_pcs_used = None
@@ -629,7 +620,7 @@ def fewshot(
     train_cells: dict[str, list[str]] = {}
     train_loss: dict[str, list] = {"shots": [], "repeat": [], "loss": []}
     obs_names = np.asarray(adata.obs_names, dtype=object)
-    bar = _progress_bar(len(shots) * repeats, progress, "few-shot runs", "run")
+    bar = progress_bar(len(shots) * repeats, progress, "few-shot runs", "run")
     try:
         for repeat in range(repeats):
             split_seed = _run_seed(seed, repeat)
@@ -792,7 +783,7 @@ def _classes_and_codes(
     """The classes, every cell's code (-1: not used) and the user's descriptions, if any."""
     from .tl import _check_names
 
-    present, codes = _label_codes(adata, label_key)
+    present, codes = label_codes(adata, label_key)
     if labels is None:
         return present, codes, None
     if isinstance(labels, str):

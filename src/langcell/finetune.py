@@ -40,15 +40,17 @@ from torch import nn
 
 from ._atomic import atomic_directory
 from ._checks import check_anndata as _check_anndata
+from ._checks import check_class_names, check_fraction, check_max_length, check_positive_int
 from ._checks import check_key_added as _check_key
 from ._checks import gene_tokenizer_of as _gene_tokenizer
+from ._labels import label_codes
+from ._progress import progress_bar
 from .config import CellEncoderConfig, _dataclass_from_dict
-from .data.batching import pad_sequences, token_budget_batches
+from .data.batching import as_sequences, pad_sequences, token_budget_batches
 from .errors import LangCellError
 from .io import read_format_document
 from .models.cell_encoder import CellEncoder, init_bert_weights
 from .train.pretrain import _param_groups, _schedule
-from .zero_shot import _as_sequences
 
 __all__ = [
     "CellTypeClassifier",
@@ -132,7 +134,7 @@ class CellTypeClassifier(nn.Module):
                 "CellTypeClassifier.from_langcell(model, labels) to start from a LangCell model"
             )
         cell_config.validate()
-        self.labels = _check_class_names(labels)
+        self.labels = check_class_names(labels)
         if pooling not in POOLINGS:
             raise LangCellError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if gene_tokenizer is not None and int(gene_tokenizer.vocab_size) != cell_config.vocab_size:
@@ -233,18 +235,18 @@ class CellTypeClassifier(nn.Module):
         return self._run(cells, self.forward, self.n_classes, max_tokens, max_length, progress, "predict")
 
     def _run(self, cells, function, width, max_tokens, max_length, progress, what) -> np.ndarray:
-        sequences = _as_sequences(cells)
-        max_length = _check_max_length(max_length, self.config.max_position_embeddings)
+        sequences = as_sequences(cells)
+        max_length = check_max_length(max_length, self.config.max_position_embeddings)
         out = np.zeros((len(sequences), width), dtype=np.float32)
         if not sequences:
             return out
         lengths = np.minimum(np.fromiter((s.size for s in sequences), dtype=np.int64), max_length)
-        bar = _progress_bar(len(sequences), progress, what, "cell")
+        bar = progress_bar(len(sequences), progress, what, "cell")
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode():
-                for rows in token_budget_batches(lengths, _check_positive_int(max_tokens, "max_tokens")):
+                for rows in token_budget_batches(lengths, check_positive_int(max_tokens, "max_tokens")):
                     ids, mask = pad_sequences([sequences[i] for i in rows], self.config.pad_token_id, max_length)
                     result = function(torch.from_numpy(ids), torch.from_numpy(mask))
                     out[rows] = result.float().cpu().numpy()
@@ -373,7 +375,7 @@ def stratified_split(
     codes = np.asarray(codes)
     if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer):
         raise LangCellError("codes must be a 1-D integer array (one class code per item, -1 = unlabelled)")
-    _check_fraction(train_fraction)
+    check_fraction(train_fraction)
     rng = np.random.default_rng(seed)
     train, test = [], []
     classes, counts = np.unique(codes[codes >= 0], return_counts=True)
@@ -563,9 +565,9 @@ def finetune(
         raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'linear' is the fast linear probe")
     if pooling not in POOLINGS:
         raise LangCellError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    _check_fraction(train_fraction)
+    check_fraction(train_fraction)
     if epochs is not None:
-        epochs = _check_positive_int(epochs, "epochs")
+        epochs = check_positive_int(epochs, "epochs")
     elif mode == "linear":
         epochs = LINEAR_EPOCHS
     for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
@@ -576,12 +578,12 @@ def finetune(
     if not 0 <= warmup_fraction < 1:
         raise LangCellError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
     for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("max_batch_size", max_batch_size)):
-        _check_positive_int(value, name)
+        check_positive_int(value, name)
     _check_key(key_added)
     tokenizer = _gene_tokenizer(model)
-    max_length = _check_max_length(max_length, model.config.cell.max_position_embeddings)
+    max_length = check_max_length(max_length, model.config.cell.max_position_embeddings)
 
-    classes, codes = _label_codes(adata, label_key)
+    classes, codes = label_codes(adata, label_key)
     try:
         train, test = stratified_split(codes, train_fraction, seed=seed)
     except LangCellError:
@@ -595,7 +597,7 @@ def finetune(
         adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
         max_length=max_length, progress=progress,
     )
-    sequences = _as_sequences(cells)
+    sequences = as_sequences(cells)
     held_out = np.setdiff1d(np.arange(len(sequences)), train)  # test and unlabelled cells
 
     with _seeded(seed, _model_device(model)):
@@ -735,7 +737,7 @@ def predict(
             "the classifier has no gene tokenizer, so it cannot tokenize counts; attach the one its encoder "
             "was trained with (classifier.gene_tokenizer = GeneTokenizer.load(...))"
         )
-    max_length = _check_max_length(max_length, classifier.config.max_position_embeddings)
+    max_length = check_max_length(max_length, classifier.config.max_position_embeddings)
     cells = classifier.gene_tokenizer.encode(
         adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
         max_length=max_length, progress=progress,
@@ -793,7 +795,7 @@ def _train_linear(
     total = epochs * steps_per_epoch
     scheduler = _schedule(optimizer, int(warmup_fraction * total), total, 0.0)
     generator = torch.Generator().manual_seed(seed)
-    bar = _progress_bar(epochs, progress, "linear probe", "epoch")
+    bar = progress_bar(epochs, progress, "linear probe", "epoch")
     losses = []
     classifier.head.train()
     for _ in range(epochs):
@@ -877,7 +879,7 @@ def _train_full(
     scheduler = _schedule(optimizer, int(warmup_fraction * total), total, 0.0)
     parameters = list(classifier.parameters())
     pad_id = classifier.config.pad_token_id
-    bar = _progress_bar(total, progress, "fine-tune", "step")
+    bar = progress_bar(total, progress, "fine-tune", "step")
     losses = []
     classifier.train()
     for batches in epoch_batches:
@@ -939,66 +941,3 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _label_codes(adata: Any, label_key: str) -> tuple[list[str], np.ndarray]:
-    """Class names (category order for a categorical column, else sorted) and each cell's code (-1: none)."""
-    if not isinstance(label_key, str) or label_key not in adata.obs.columns:
-        raise LangCellError(
-            f"obs has no column {label_key!r}; pass label_key=<the obs column with cell-type labels> "
-            f"(columns: {list(adata.obs.columns)[:10]})"
-        )
-    column = adata.obs[label_key]
-    values = column.astype(object).where(column.notna(), None)
-    text = np.array(["" if v is None else str(v).strip() for v in values], dtype=object)
-    labelled = text != ""
-    present = set(text[labelled])
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        classes = [str(c).strip() for c in column.cat.categories if str(c).strip() in present]
-        classes = list(dict.fromkeys(classes))
-    else:
-        classes = sorted(present)
-    if len(classes) < 2:
-        raise LangCellError(
-            f"obs[{label_key!r}] holds {len(classes)} class{'es' if len(classes) != 1 else ''} "
-            f"({classes!r}); a classifier needs at least two: pass a column with several cell types"
-        )
-    index = {name: code for code, name in enumerate(classes)}
-    codes = np.array([index[t] if t else -1 for t in text], dtype=np.int64)
-    return classes, codes
-
-
-def _check_class_names(labels: Sequence[str]) -> list[str]:
-    if isinstance(labels, str) or not isinstance(labels, Sequence | np.ndarray | pd.Index):
-        raise LangCellError("labels must be a list of class names")
-    names = list(labels)
-    if len(names) < 2:
-        raise LangCellError(f"a classifier needs at least two classes, got {names!r}")
-    if not all(isinstance(n, str) and n.strip() for n in names):
-        raise LangCellError("class names must be non-empty strings")
-    if len(set(names)) != len(names):
-        raise LangCellError(f"class names are duplicated: {pd.Index(names)[pd.Index(names).duplicated()].tolist()}")
-    return names
-
-
-def _check_fraction(train_fraction: Any) -> None:
-    if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float) or not 0 < train_fraction < 1:
-        raise LangCellError(f"train_fraction must lie strictly between 0 and 1, got {train_fraction!r}; e.g. 2/3")
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise LangCellError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_max_length(max_length: Any, limit: int) -> int:
-    if max_length is None:
-        return int(limit)
-    return min(_check_positive_int(max_length, "max_length"), int(limit))
-
-
-def _progress_bar(total: int, progress: bool, description: str, unit: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit=unit)

@@ -28,6 +28,8 @@ import pandas as pd
 from . import ontology
 from ._checks import check_anndata as _check_anndata
 from ._checks import check_key_added as _check_key
+from ._checks import check_positive_int
+from ._labels import NO_LABEL_VALUES
 from .errors import LangCellError
 
 __all__ = [
@@ -42,8 +44,6 @@ __all__ = [
 
 #: Default recall cut-offs (the paper reports recall@1/5/10).
 DEFAULT_KS = (1, 5, 10)
-#: Label values that name no cell type (CELLxGENE's "not known"/"not applicable"); such cells are left out.
-NO_LABEL_VALUES = frozenset({"unknown", "na", ""})
 _TERM_COLUMN_SUFFIX = "_ontology_term_id"
 
 
@@ -68,7 +68,7 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
         ``int64 [n_rows, min(k, n_columns)]``.
     """
     scores = _check_matrix(scores, "scores")
-    k = _check_k(k)
+    k = check_positive_int(k, "k")
     # A stable sort of the negated scores keeps equal scores in index order.
     return np.argsort(-scores, axis=1, kind="stable")[:, : min(k, scores.shape[1])].astype(np.int64)
 
@@ -249,7 +249,7 @@ def retrieve_cells(
     """
     _check_anndata(adata)
     _check_key(key_added)
-    top_n = _check_k(top_n, "top_n")
+    top_n = check_positive_int(top_n, "top_n")
     names, query_texts = _query_texts(texts, as_labels)
     cell_embeddings, reused, max_length = _cell_embeddings(
         adata, model, use_rep, counts_layer=counts_layer, gene_column=gene_column, n_counts_key=n_counts_key,
@@ -335,7 +335,7 @@ def retrieve_texts(
     """
     _check_anndata(adata)
     _check_key(key_added)
-    top_n = _check_k(top_n, "top_n")
+    top_n = check_positive_int(top_n, "top_n")
     names, query_texts = _query_texts(texts, as_labels)
     cell_embeddings, reused, max_length = _cell_embeddings(
         adata, model, use_rep, counts_layer=counts_layer, gene_column=gene_column, n_counts_key=n_counts_key,
@@ -588,17 +588,11 @@ def _check_labels(labels: Any, n_cells: int, n_texts: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _check_k(k: Any, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise LangCellError(f"{name} must be a positive integer, got {k!r}")
-    return int(k)
-
-
 def _check_ks(ks: Any) -> tuple[int, ...]:
     if isinstance(ks, int | np.integer) and not isinstance(ks, bool):
         ks = (ks,)
     if isinstance(ks, str) or not isinstance(ks, Sequence | np.ndarray) or len(ks) == 0:
         raise LangCellError(f"ks must be a list of positive integers such as (1, 5, 10), got {ks!r}")
-    return tuple(dict.fromkeys(_check_k(k, "every k") for k in ks))
+    return tuple(dict.fromkeys(check_positive_int(k, "every k") for k in ks))
 
 

@@ -21,6 +21,8 @@ import pandas as pd
 from . import ontology
 from ._checks import check_anndata as _check_anndata
 from ._checks import check_key_added, gene_tokenizer_of
+from ._labels import NO_LABEL_VALUES
+from ._progress import progress_bar
 from .errors import LangCellError
 from .precision import check_precision
 from .zero_shot import (
@@ -41,8 +43,6 @@ __all__ = [
     "evaluate", "integration_metrics", "per_type_accuracy",
 ]
 
-#: Values of a ``*_ontology_term_id`` column that name no class (CELLxGENE's "not known"/"not applicable").
-_NO_CLASS_VALUES = frozenset({"unknown", "na", ""})
 
 _RESOLUTION_COLUMNS = ["label", "term_id", "term_label", "how"]
 
@@ -352,7 +352,7 @@ def _classes_from_column(
         aspect = inferred
     values = adata.obs[column]
     present = pd.Series(values.astype(object)).dropna().astype(str).str.strip()
-    terms = sorted(set(present) - _NO_CLASS_VALUES)
+    terms = sorted(set(present) - NO_LABEL_VALUES)
     if not terms:
         raise LangCellError(
             f"obs[{column!r}] holds no ontology term (only missing, 'unknown' or 'na' values); "
@@ -490,11 +490,7 @@ def _embedding_matrix(
         raise LangCellError(f"max_length must be a positive integer number of tokens, got {max_length!r}")
     max_length = int(min(max_length, limit))
     result = np.zeros((adata.n_obs, model.config.projection_dim), dtype=np.float32)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=adata.n_obs, desc="embed", unit="cell")
+    bar = progress_bar(adata.n_obs, progress, "embed", "cell")
     try:
         for start in range(0, adata.n_obs, chunk_size):
             stop = min(start + chunk_size, adata.n_obs)

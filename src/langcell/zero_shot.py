@@ -58,14 +58,15 @@ official computation. With ``exact_argmax=True`` the predictions therefore alway
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .data.batching import pad_sequences, token_budget_batches
+from ._progress import progress_bar
+from .data.batching import as_sequences, pad_sequences, token_budget_batches
 from .errors import LangCellError
 from .precision import autocast, check_precision
 
@@ -627,7 +628,7 @@ def zero_shot_scores(
         )
     if not temperature > 0:
         raise LangCellError(f"temperature must be positive, got {temperature}; the release uses 0.05")
-    sequences = _as_sequences(cells)
+    sequences = as_sequences(cells)
     if not sequences:
         raise LangCellError("no cells to score; pass at least one tokenized cell")
     max_positions = int(model.config.cell.max_position_embeddings)
@@ -643,7 +644,7 @@ def zero_shot_scores(
         **{key: np.empty((n_cells, n_classes), dtype=np.float32) for key in _MATRICES},
         "fully_scored": np.empty(n_cells, dtype=bool),
     }
-    bar = _progress_bar(n_cells, progress, mode)
+    bar = progress_bar(n_cells, progress, f"zero-shot ({mode})", "cell")
     try:
         with torch.inference_mode(), _eval_mode(model), autocast(precision, model.logit_scale.device):
             for rows in batches:
@@ -676,31 +677,3 @@ def zero_shot_scores(
 _MATRICES = ("similarity", "match_prob", "p_sim", "p_ctm", "scores")
 
 
-def _as_sequences(cells: Any) -> list[np.ndarray]:
-    """Cells as a list of 1-D integer arrays (TokenizedCells, or any sequence of sequences)."""
-    if hasattr(cells, "offsets") and hasattr(cells, "ids"):
-        ids, offsets = np.asarray(cells.ids), np.asarray(cells.offsets)
-        return [ids[offsets[i] : offsets[i + 1]] for i in range(offsets.size - 1)]
-    if isinstance(cells, np.ndarray) and cells.ndim == 2:
-        return list(cells)
-    if not isinstance(cells, Iterable):
-        raise LangCellError(
-            f"cells must be TokenizedCells or a list of token id arrays, got {type(cells).__name__}; "
-            "tokenize them with GeneTokenizer.encode"
-        )
-    sequences = [np.asarray(s) for s in cells]
-    for s in sequences:
-        if s.ndim != 1 or s.size == 0 or not np.issubdtype(s.dtype, np.integer):
-            raise LangCellError(
-                "every cell must be a non-empty 1-D array of integer token ids (<cls> first); "
-                "tokenize the cells with GeneTokenizer.encode"
-            )
-    return sequences
-
-
-def _progress_bar(total: int, progress: bool, mode: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"zero-shot ({mode})", unit="cell")

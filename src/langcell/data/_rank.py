@@ -16,6 +16,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from .._progress import progress_bar
 from ..errors import LangCellError
 from .sources import CountSource, CsrRows, read_rows
 
@@ -265,30 +266,33 @@ def iter_scanned(
     if chunk_size < 1:
         raise LangCellError(f"chunk_size must be a positive number of cells, got {chunk_size}")
     starts = range(0, source.n_obs, chunk_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="chunk", total=len(starts))
-    for start in starts:
-        stop = min(start + chunk_size, source.n_obs)
-        rows = read_rows(source.matrix, start, stop)
-        totals, n_expressed, row_max, flags = _scan(rows, column_map)
-        if (flags & _NON_CANONICAL).any():
-            # Unsorted or repeated column indices within a row: let scipy sort and sum them (on a copy,
-            # the input stays untouched), then scan again.
-            fixed = sp.csr_matrix(
-                (rows.data.copy(), rows.indices.copy(), rows.indptr.copy()),
-                shape=(stop - start, rows.n_columns),
-            )
-            fixed.sum_duplicates()
-            rows = CsrRows.from_scipy(fixed)
+    bar = progress_bar(len(starts), progress, desc, "chunk")
+    try:
+        for start in starts:
+            stop = min(start + chunk_size, source.n_obs)
+            rows = read_rows(source.matrix, start, stop)
             totals, n_expressed, row_max, flags = _scan(rows, column_map)
-        _raise_on_bad_values(flags, row_max, source.label)
-        n_counts = totals if source.n_counts is None else source.n_counts[start:stop]
-        bad = (n_expressed > 0) & ~(np.isfinite(n_counts) & (n_counts > 0))
-        if bad.any():
-            raise LangCellError(
-                f"{source.label}: obs[{n_counts_key!r}] is missing, zero or negative for {int(bad.sum())} cells "
-                "that have counts; fix that column or pass n_counts_key=None to compute totals from the matrix"
-            )
-        yield ScannedRows(start, rows, n_counts, n_expressed, flags)
+            if (flags & _NON_CANONICAL).any():
+                # Unsorted or repeated column indices within a row: let scipy sort and sum them (on a copy,
+                # the input stays untouched), then scan again.
+                fixed = sp.csr_matrix(
+                    (rows.data.copy(), rows.indices.copy(), rows.indptr.copy()),
+                    shape=(stop - start, rows.n_columns),
+                )
+                fixed.sum_duplicates()
+                rows = CsrRows.from_scipy(fixed)
+                totals, n_expressed, row_max, flags = _scan(rows, column_map)
+            _raise_on_bad_values(flags, row_max, source.label)
+            n_counts = totals if source.n_counts is None else source.n_counts[start:stop]
+            bad = (n_expressed > 0) & ~(np.isfinite(n_counts) & (n_counts > 0))
+            if bad.any():
+                raise LangCellError(
+                    f"{source.label}: obs[{n_counts_key!r}] is missing, zero or negative for {int(bad.sum())} cells "
+                    "that have counts; fix that column or pass n_counts_key=None to compute totals from the matrix"
+                )
+            yield ScannedRows(start, rows, n_counts, n_expressed, flags)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()

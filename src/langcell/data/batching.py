@@ -8,7 +8,8 @@ cost and nearly free of padding. Both the encoder (inference) and pretraining us
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -123,3 +124,25 @@ def pad_sequences(
     input_ids[rows, cols] = flat
     attention_mask[rows, cols] = 1
     return input_ids, attention_mask
+
+
+def as_sequences(cells: Any) -> list[np.ndarray]:
+    """Cells as a list of 1-D integer arrays (TokenizedCells, or any sequence of sequences)."""
+    if hasattr(cells, "offsets") and hasattr(cells, "ids"):
+        ids, offsets = np.asarray(cells.ids), np.asarray(cells.offsets)
+        return [ids[offsets[i] : offsets[i + 1]] for i in range(offsets.size - 1)]
+    if isinstance(cells, np.ndarray) and cells.ndim == 2:
+        return list(cells)
+    if not isinstance(cells, Iterable):
+        raise LangCellError(
+            f"cells must be TokenizedCells or a list of token id arrays, got {type(cells).__name__}; "
+            "tokenize them with GeneTokenizer.encode"
+        )
+    sequences = [np.asarray(s) for s in cells]
+    for s in sequences:
+        if s.ndim != 1 or s.size == 0 or not np.issubdtype(s.dtype, np.integer):
+            raise LangCellError(
+                "every cell must be a non-empty 1-D array of integer token ids (<cls> first); "
+                "tokenize the cells with GeneTokenizer.encode"
+            )
+    return sequences

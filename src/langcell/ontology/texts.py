@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
 
 __all__ = [
@@ -113,9 +114,6 @@ ASPECT_ONTOLOGIES: dict[str, tuple[str, ...]] = {
 }
 """The ontology prefixes each aspect accepts (CELLxGENE schema 7)."""
 
-# CELLxGENE's placeholders for "not known" and "not applicable": no text at all, so that a pretraining
-# step never learns that "unknown" is a cell type.
-_NO_TEXT_VALUES = frozenset({"unknown", "na", ""})
 
 SPECIAL_TEXTS: dict[tuple[str, str], str] = {
     ("disease", "PATO:0000461"): "disease: normal. The donor had no diagnosed disease (healthy tissue).",
@@ -334,7 +332,7 @@ def _term_text_cached(term_id: str, aspect: str, max_synonyms: int, max_parents:
     special = SPECIAL_TEXTS.get((aspect, term_id))
     if special is not None:
         return special
-    if term_id.lower() in _NO_TEXT_VALUES:
+    if term_id.lower() in NO_LABEL_VALUES:
         return ""
     if aspect == "self_reported_ethnicity" and "," in term_id:
         # Schema 5+: a donor reporting several ethnicities carries a comma-separated list of terms.

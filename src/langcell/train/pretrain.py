@@ -51,6 +51,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .._atomic import atomic_directory, atomic_file
+from .._progress import progress_bar
 from ..config import LangCellConfig
 from ..data.corpus import TokenCorpus
 from ..errors import LangCellError
@@ -640,11 +641,9 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
     batches = stream.iterate(first_step * config.grad_accum)
     weights = LossWeights(**config.loss_weights)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=first_step, desc=f"pretrain {stage}", unit="step", dynamic_ncols=True)
+    bar = progress_bar(
+        total, progress and ctx.is_main, f"pretrain {stage}", "step", initial=first_step, dynamic_ncols=True
+    )
     window = {"cells": 0.0, "tokens": 0.0, "steps": 0, "time": time.perf_counter()}
     sums: dict[str, float] = {}
     run_start = time.perf_counter()
