@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_anndata, check_key_added, check_max_length, check_positive_int
+from ._checks import check_anndata, check_key_added, check_max_length, check_positive_int, gene_tokenizer_of
 from ._labels import label_codes
 from ._progress import progress_bar
 from .data.batching import as_sequences, pad_sequences, token_budget_batches
