@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from langcell.config import LangCellConfig
 from langcell.data.batching import pad_sequences, token_budget_batches
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.embedding import embed_cells
 from langcell.models import LangCell
+from langcell.models.config import LangCellConfig
 from langcell.precision import autocast
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

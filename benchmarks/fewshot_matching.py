@@ -41,11 +41,11 @@ from cell_identity import (  # benchmarks/ is on sys.path when run as a script
 )
 
 from langcell import ontology, tl
-from langcell.config import LangCellConfig
 from langcell.data import datasets
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.fewshot import sample_shots, tune_langcell
 from langcell.models import LangCell
+from langcell.models.config import LangCellConfig
 
 
 def speed(args: argparse.Namespace) -> None:

@@ -86,10 +86,10 @@ def main() -> None:
     import anndata as ad
     from pretrain import build_corpora  # benchmarks/ is on sys.path when run as a script
 
-    from langcell.config import PACKAGED_MINILM, LangCellConfig
     from langcell.data.corpus import TokenCorpus
     from langcell.data.tokenizer import GeneTokenizer
-    from langcell.models.text_encoder import resolve_hf_directory
+    from langcell.models.config import PACKAGED_MINILM, LangCellConfig
+    from langcell.models.serialization import resolve_hf_directory
     from langcell.train.data import CellTextTable
 
     out = Path(args.out)

@@ -51,10 +51,10 @@ import torch
 from encode import hf_twin  # the sibling script: run this one as `python benchmarks/zero_shot.py`
 
 from langcell import ontology, tl
-from langcell.config import LangCellConfig
 from langcell.data.batching import pad_sequences
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.models import LangCell
+from langcell.models.config import LangCellConfig
 from langcell.zero_shot import encode_class_texts, zero_shot_scores
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -31,12 +31,12 @@ import scipy.sparse as sp
 
 from langcell import tl
 from langcell.cli import main
-from langcell.config import LangCellConfig
 from langcell.data.corpus import TokenCorpus, write_corpus
 from langcell.data.genes import load_gene_table, map_to_ensembl
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.models import LangCell
+from langcell.models.config import LangCellConfig
 from langcell.train import load_recipe, pretrain
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -533,7 +533,7 @@ def case_truncated_safetensors_in_the_release(tmp: Path) -> Case:
         "token_dictionary": tmp / "token_dictionary.pkl",
         "gene_median_dictionary": tmp / "gene_median_dictionary.pkl",
     }
-    from langcell.io import import_official
+    from langcell.convert import import_official
 
     return Case(
         "import-official",

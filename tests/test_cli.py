@@ -101,8 +101,8 @@ def model_and_cells(tmp_path_factory):
     import anndata as ad
     import torch
 
-    from langcell.config import LangCellConfig
     from langcell.data.tokenizer import GeneTokenizer
+    from langcell.models.config import LangCellConfig
     from langcell.models.langcell import LangCell
 
     if not CBMC.is_file():

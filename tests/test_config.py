@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from langcell.config import PACKAGED_MINILM, CellEncoderConfig, LangCellConfig, TextEncoderConfig
 from langcell.errors import LangCellError
+from langcell.models.config import PACKAGED_MINILM, CellEncoderConfig, LangCellConfig, TextEncoderConfig
 
 
 @pytest.mark.parametrize("name", LangCellConfig.preset_names())

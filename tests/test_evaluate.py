@@ -353,8 +353,8 @@ def small(pbmc):
     """15 cells of each of the four types, and a tiny model whose vocabulary was fitted on them."""
     import torch
 
-    from langcell.config import LangCellConfig
     from langcell.data.tokenizer import GeneTokenizer
+    from langcell.models.config import LangCellConfig
     from langcell.models.langcell import LangCell
 
     rows = np.concatenate([np.flatnonzero(pbmc.obs["cell_type"] == name)[:15] for name in TYPES])

@@ -391,7 +391,7 @@ def test_every_output_file_is_written_under_a_temporary_name():
 @pytest.mark.slow
 def test_killed_annotate_leaves_the_old_result_or_the_complete_new_one(tmp_path):
     """SIGKILL `annotate` while its output is being written: OUT.h5ad is the old file or a whole new one."""
-    from langcell.config import LangCellConfig
+    from langcell.models.config import LangCellConfig
 
     cells = ad.read_h5ad(CBMC)
     cells = cells[cells.obs["cell_type_ontology_term_id"] != "unknown"][:300].copy()

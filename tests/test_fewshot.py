@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from langcell import pl, tl
 from langcell.cli import main
-from langcell.config import LangCellConfig
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.fewshot import RESULT_COLUMNS, _run_seed, fewshot, fewshot_loss, sample_shots, tune_langcell
+from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"

@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from langcell.config import LangCellConfig
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.finetune import (
-    CellTypeClassifier,
     classification_metrics,
     finetune,
     full_finetuning_epochs,
     predict,
     stratified_split,
 )
+from langcell.models.classifier import CellTypeClassifier
+from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"

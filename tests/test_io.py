@@ -13,10 +13,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from langcell.convert import import_official
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
-from langcell.io import import_official, load_pretrained, save_pretrained
 from langcell.models import LangCell
+from langcell.models.serialization import load_pretrained, save_pretrained
 
 TEXTS = ["cell type: B cell.", "cell type: natural killer cell. kills infected cells", "monocyte"]
 
@@ -96,7 +97,7 @@ def test_shape_mismatch_lists_both_shapes(saved):
     document["config"]["cell"]["intermediate_size"] = 80
     (saved / "config.json").write_text(json.dumps(document))
     with pytest.raises(LangCellError, match=r"intermediate\.dense\.weight: file \(64, 32\) vs model \(80, 32\)"):
-        load_pretrained(saved)
+        load_pretrained(LangCell, saved)
 
 
 def test_missing_and_unexpected_tensors_are_listed(saved):

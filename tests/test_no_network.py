@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from langcell import tl
-from langcell.config import LangCellConfig
 from langcell.data.datasets import pbmc68k
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.models import LangCell
+from langcell.models.config import LangCellConfig
 
 
 class NetworkUsed(RuntimeError):

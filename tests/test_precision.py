@@ -11,10 +11,10 @@ import torch
 
 from langcell import tl
 from langcell.cli import main
-from langcell.config import LangCellConfig
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.embedding import embed_cells
 from langcell.errors import LangCellError
+from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 from langcell.precision import autocast, check_precision
 from langcell.zero_shot import encode_class_texts, zero_shot_scores

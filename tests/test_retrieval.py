@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from langcell import ontology
-from langcell.config import LangCellConfig
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.embedding import embed_cells
 from langcell.errors import LangCellError
+from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 from langcell.retrieval import (
     cell_to_text_recall,

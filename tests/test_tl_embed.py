@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from langcell import tl
-from langcell.config import LangCellConfig
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
+from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"

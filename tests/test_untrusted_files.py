@@ -1,7 +1,7 @@
 """Untrusted files: weights and dictionaries a user hands us never run code.
 
 * Weights load only through safetensors or ``torch.load(weights_only=True)``: a ``.bin`` pickle that
-  carries code is refused by :func:`langcell.io.read_weights`, by :func:`langcell.io.import_official`
+  carries code is refused by :func:`langcell.models.serialization.read_weights`, by :func:`langcell.convert.import_official`
   and by ``langcell import-official``, with a one-line error, and the code does not run.
 * Geneformer's pickled dictionaries are read only through
   :func:`langcell.data.geneformer.read_geneformer_dictionary` (a restricted unpickler); the same holds
@@ -26,11 +26,12 @@ import torch
 
 import langcell
 from langcell.cli import main
+from langcell.convert import import_official
 from langcell.data.corpus import TokenCorpus, write_corpus
 from langcell.data.geneformer import read_geneformer_dictionary
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
-from langcell.io import import_official, read_weights
+from langcell.models.serialization import read_weights
 
 PACKAGE = Path(langcell.__file__).resolve().parent
 

@@ -22,9 +22,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LangCellError": "errors",
     "LangCell": "models.langcell",
-    "LangCellConfig": "config",
-    "CellEncoderConfig": "config",
-    "TextEncoderConfig": "config",
+    "LangCellConfig": "models.config",
+    "CellEncoderConfig": "models.config",
+    "TextEncoderConfig": "models.config",
     "GeneTokenizer": "data.tokenizer",
     "TokenizedCells": "data.tokenizer",
     "read_geneformer_dictionary": "data.geneformer",
@@ -36,8 +36,8 @@ _EXPORTS = {
     "term_text": "ontology",
     "describe_cells": "ontology",
     "label_texts": "ontology",
-    "import_official": "io",
-    "CellTypeClassifier": "finetune",
+    "import_official": "convert",
+    "CellTypeClassifier": "models.classifier",
     "PretrainConfig": "train.pretrain",
     "pretrain": "train.pretrain",
     "load_recipe": "train.pretrain",
@@ -54,7 +54,9 @@ _SUBMODULES = {
     "corpus": "data.corpus",
     "losses": "losses",
     "train": "train",
-    "io": "io",
+    "io": "models.serialization",
+    "convert": "convert",
+    "models": "models",
 }
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
@@ -76,16 +78,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import io, losses, ontology, pl, tl, train  # noqa: F401
-    from .config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
+    from . import losses, ontology, pl, tl, train  # noqa: F401
+    from .convert import import_official  # noqa: F401
     from .data import datasets, genes, tokenizer  # noqa: F401
     from .data.corpus import TokenCorpus, write_corpus  # noqa: F401
     from .data.geneformer import read_geneformer_dictionary  # noqa: F401
     from .data.genes import GeneMappingReport, map_to_ensembl  # noqa: F401
     from .data.tokenizer import GeneTokenizer, TokenizedCells  # noqa: F401
     from .errors import LangCellError  # noqa: F401
-    from .finetune import CellTypeClassifier  # noqa: F401
-    from .io import import_official  # noqa: F401
+    from .models import serialization  # noqa: F401
+    from .models.classifier import CellTypeClassifier  # noqa: F401
+    from .models.config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
     from .models.langcell import LangCell  # noqa: F401
     from .ontology import describe_cells, label_texts, resolve_labels, term_text  # noqa: F401
     from .train.pretrain import PretrainConfig, load_recipe, pretrain  # noqa: F401

@@ -130,7 +130,7 @@ def _add_import_official(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_import_official(args: argparse.Namespace) -> int:
-    from .io import import_official
+    from .convert import import_official
 
     model = import_official(
         args.ckpt,
@@ -424,7 +424,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from . import tl
-    from .finetune import CellTypeClassifier
+    from .models.classifier import CellTypeClassifier
 
     _check_outputs(args.out)
     adata = _read_input(args.input)

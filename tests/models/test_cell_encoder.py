@@ -4,9 +4,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from langcell.config import CellEncoderConfig
 from langcell.errors import LangCellError
-from langcell.models.cell_encoder import CellEncoder, pack_cells, padding_mask
+from langcell.models.cell_encoder import CellEncoder
+from langcell.models.config import CellEncoderConfig
+from langcell.models.layers import padding_mask
+from langcell.models.packing import pack_cells
 
 
 def _tiny_config(**overrides):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from langcell.config import LangCellConfig
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 from langcell.models import LangCell
+from langcell.models.config import LangCellConfig
 
 TEXTS = [
     "cell type: B cell. a lymphocyte of B lineage",

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from langcell.config import TextEncoderConfig
 from langcell.errors import LangCellError
+from langcell.models.config import TextEncoderConfig
 from langcell.models.text_encoder import TextEncoder
 
 

@@ -5,7 +5,7 @@
 >>> text_emb = model.encode_texts(["cell type: B cell."])                              # doctest: +SKIP
 >>> logits = model.match_logits(states, mask, ["cell type: B cell.", "cell type: T cell."])  # doctest: +SKIP
 
-Heads (sizes from :class:`~langcell.config.LangCellConfig`):
+Heads (sizes from :class:`~langcell.models.config.LangCellConfig`):
 
 ``cell_proj``  Linear(H_cell, 256): ``<cls>`` state -> shared space (then L2-normalised).
 ``text_proj``  Linear(H_text, 256): ``[CLS]`` state of the unimodal pass -> shared space (L2-normalised).
@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LangCellConfig
 from ..errors import LangCellError
-from .cell_encoder import CellEncoder, activation, init_bert_weights
-from .text_encoder import TextEncoder, load_text_tokenizer
+from .cell_encoder import CellEncoder
+from .config import LangCellConfig
+from .layers import activation, init_bert_weights
+from .serialization import load_pretrained, load_text_tokenizer, save_pretrained
+from .text_encoder import TextEncoder
 
 TextsOrTokens = Sequence[str] | Mapping[str, torch.Tensor]
 
@@ -61,7 +63,7 @@ class LangCell(nn.Module):
     Parameters
     ----------
     config
-        The sizes (:class:`~langcell.config.LangCellConfig`). Weights start random; use
+        The sizes (:class:`~langcell.models.config.LangCellConfig`). Weights start random; use
         :meth:`from_config` (which also loads a pretrained text tower when the config names one) or
         :meth:`from_pretrained`.
     text_tokenizer
@@ -127,14 +129,10 @@ class LangCell(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> LangCell:
         """Load a model written by :meth:`save_pretrained` (strict; clear errors on any mismatch)."""
-        from ..io import load_pretrained
-
-        return load_pretrained(path, map_location=map_location)
+        return load_pretrained(cls, path, map_location=map_location)
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write config, weights and tokenizers to the directory ``path`` (atomically)."""
-        from ..io import save_pretrained
-
         save_pretrained(self, path, overwrite=overwrite)
 
     def set_gene_tokenizer(self, gene_tokenizer: Any) -> None:

