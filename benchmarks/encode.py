@@ -5,7 +5,7 @@ batches of 32 cells in file order, each padded to its longest cell, ``torch.no_g
 ``cell_proj`` of the first token, L2-normalised.
 
 Ours: the same weights in :class:`langcell.models.LangCell`, through the library's
-:func:`langcell.embedding.embed_cells` (what ``tl.embed`` runs): cells grouped by length into batches under
+:func:`langcell.inference.embed.embed_cells` (what ``tl.embed`` runs): cells grouped by length into batches under
 a token budget, SDPA attention, ``torch.inference_mode``; ``--bf16`` adds its ``precision="bf16"``.
 
 The cells are real: the first ``--cells`` cells of the immune sample
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from langcell.data.batching import pad_sequences, token_budget_batches
 from langcell.data.tokenizer import GeneTokenizer
-from langcell.embedding import embed_cells
+from langcell.inference.embed import embed_cells
 from langcell.models import LangCell
 from langcell.models.config import LangCellConfig
 from langcell.precision import autocast
@@ -120,7 +120,7 @@ def run_baseline(hf, cell_proj, sequences) -> tuple[float, torch.Tensor]:
 
 
 def run_ours(model: LangCell, sequences, max_tokens: int, *, bf16: bool = False) -> tuple[float, torch.Tensor]:
-    """The library's :func:`langcell.embedding.embed_cells`; returns (seconds, embeddings in input order).
+    """The library's :func:`langcell.inference.embed.embed_cells`; returns (seconds, embeddings in input order).
 
     Length-bucketed under a token budget, inference mode, SDPA. ``bf16`` passes ``precision="bf16"``
     (autocast to bfloat16: different numerics, reported separately).

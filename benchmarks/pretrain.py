@@ -67,7 +67,8 @@ def measure(args: argparse.Namespace) -> dict:
     from langcell.precision import autocast
     from langcell.train import load_recipe
     from langcell.train.data import CellTextTable, PretrainStream
-    from langcell.train.pretrain import PretrainObjective, _set_trainable
+    from langcell.train.objective import PretrainObjective
+    from langcell.train.pretrain import set_trainable
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -80,7 +81,7 @@ def measure(args: argparse.Namespace) -> dict:
         model_config.text.tokenizer_from = str(Path(args.bundle) / "text_tokenizer")
         model_config.text.init_from = None
     model = LangCell.from_config(model_config, gene_tokenizer=corpus.tokenizer).to(device)
-    _set_trainable(model, args.stage, False)
+    set_trainable(model, args.stage, False)
     model.train()
     objective = PretrainObjective(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

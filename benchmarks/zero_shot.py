@@ -12,7 +12,7 @@ for every class. Then ``p_sim = softmax(cos / 0.05)``,
 
 Ours: what ``langcell.tl.annotate`` does, in ``mode="fast"`` (CTM for each cell's ``top_k`` classes by
 similarity) and ``mode="official"`` (CTM for every class): tokenise the AnnData and the class texts once,
-embed the texts once, then :func:`langcell.zero_shot.zero_shot_scores` (keys/values projected once per
+embed the texts once, then :func:`langcell.inference.zero_shot.zero_shot_scores` (keys/values projected once per
 cell, cells grouped by length under a token budget, ``torch.inference_mode``). The one-time work is
 charged per cell over the ``--cells`` cells in both modes. The script checks that these pieces give
 ``annotate``'s own output.
@@ -53,9 +53,9 @@ from encode import hf_twin  # the sibling script: run this one as `python benchm
 from langcell import ontology, tl
 from langcell.data.batching import pad_sequences
 from langcell.data.tokenizer import GeneTokenizer
+from langcell.inference.zero_shot import encode_class_texts, zero_shot_scores
 from langcell.models import LangCell
 from langcell.models.config import LangCellConfig
-from langcell.zero_shot import encode_class_texts, zero_shot_scores
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"

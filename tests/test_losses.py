@@ -1,4 +1,4 @@
-"""Tests for langcell.losses: every number is checked against an independent computation written here."""
+"""Tests for langcell.train.losses: every number is checked against an independent computation written here."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from langcell.errors import LangCellError
-from langcell.losses import (
-    IGNORE_INDEX,
+from langcell.train.losses import (
     CellCellContrastiveLoss,
     CellTextContrastiveLoss,
     CellTextMatchingLoss,
@@ -27,10 +26,9 @@ from langcell.losses import (
     ctm_pairs,
     gather_with_grad,
     gather_without_grad,
-    gene_dropout,
-    mask_genes,
     sample_hard_negatives,
 )
+from langcell.train.masking import IGNORE_INDEX, gene_dropout, mask_genes
 
 # A Geneformer-like layout: <pad>=0, <mask>=1, genes 2..999, <cls>=1000; id 7 is an extra special token
 # placed inside the gene range to check that specials are excluded even there.

@@ -12,12 +12,12 @@ import torch
 from langcell import tl
 from langcell.cli import main
 from langcell.data.tokenizer import GeneTokenizer
-from langcell.embedding import embed_cells
 from langcell.errors import LangCellError
+from langcell.inference.embed import embed_cells
+from langcell.inference.zero_shot import encode_class_texts, zero_shot_scores
 from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 from langcell.precision import autocast, check_precision
-from langcell.zero_shot import encode_class_texts, zero_shot_scores
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 needs_cbmc = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")

@@ -11,8 +11,8 @@ import torch
 
 from langcell import ontology
 from langcell.data.tokenizer import GeneTokenizer
-from langcell.embedding import embed_cells
 from langcell.errors import LangCellError
+from langcell.inference.embed import embed_cells
 from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 from langcell.retrieval import (

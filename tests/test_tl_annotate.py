@@ -10,8 +10,8 @@ import torch
 from langcell import ontology, tl
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
+from langcell.inference.zero_shot import encode_class_texts, zero_shot_scores
 from langcell.models import LangCell
-from langcell.zero_shot import encode_class_texts, zero_shot_scores
 
 N_GENES = 97  # the tiny preset's vocabulary: 97 genes + <pad>, <mask>, <cls>
 GENES = [f"GENE{i}" for i in range(N_GENES)]

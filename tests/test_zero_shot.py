@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from langcell.errors import LangCellError
-from langcell.models import LangCell
-from langcell.zero_shot import (
+from langcell.inference.zero_shot import (
     ClassTexts,
     check_alpha,
     check_top_k,
@@ -17,6 +16,7 @@ from langcell.zero_shot import (
     uncertified_cells,
     zero_shot_scores,
 )
+from langcell.models import LangCell
 
 TEXTS = {
     "B cell": "cell type: B cell. A lymphocyte of B lineage.",

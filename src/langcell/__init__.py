@@ -38,9 +38,9 @@ _EXPORTS = {
     "label_texts": "ontology",
     "import_official": "convert",
     "CellTypeClassifier": "models.classifier",
-    "PretrainConfig": "train.pretrain",
+    "PretrainConfig": "train.config",
     "pretrain": "train.pretrain",
-    "load_recipe": "train.pretrain",
+    "load_recipe": "train.config",
 }
 # public submodule name -> its module (the short names of the first layout stay valid: langcell.genes)
 _SUBMODULES = {
@@ -78,7 +78,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import losses, ontology, pl, tl, train  # noqa: F401
+    from . import ontology, pl, tl, train  # noqa: F401
     from .convert import import_official  # noqa: F401
     from .data import datasets, genes, tokenizer  # noqa: F401
     from .data.corpus import TokenCorpus, write_corpus  # noqa: F401
@@ -91,4 +91,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
     from .models.langcell import LangCell  # noqa: F401
     from .ontology import describe_cells, label_texts, resolve_labels, term_text  # noqa: F401
-    from .train.pretrain import PretrainConfig, load_recipe, pretrain  # noqa: F401
+    from .train import losses  # noqa: F401
+    from .train.config import PretrainConfig, load_recipe  # noqa: F401
+    from .train.pretrain import pretrain  # noqa: F401

@@ -9,7 +9,7 @@ annotates the remaining cells. Here, for every ``n`` and every repeat:
    tuned on the ``n x K`` training cells, *both* encoders and the heads, with
    ``CE(cos(cell, text_k) / tau) + CE(match score_k)`` over the K class texts (:func:`fewshot_loss`);
    the class texts are encoded anew, with gradients, at every step. The test cells are then annotated
-   exactly as zero-shot annotation does (:func:`langcell.zero_shot.zero_shot_scores`: the alpha blend
+   exactly as zero-shot annotation does (:func:`langcell.inference.zero_shot.zero_shot_scores`: the alpha blend
    of the similarity and matching softmaxes) with the tuned model.
 3. **Logistic regression** on log-normalised counts, standardised on the training cells
    (:func:`langcell.demo.logistic_regression_predict`, the demo's baseline).
@@ -57,8 +57,7 @@ from ._progress import progress_bar
 from .data.batching import as_sequences, pad_sequences, token_budget_batches
 from .errors import LangCellError
 from .finetune import _model_device, _seeded, _step, classification_metrics
-from .train.pretrain import _param_groups, _schedule
-from .zero_shot import (
+from .inference.zero_shot import (
     DEFAULT_ALPHA,
     DEFAULT_MAX_PAIR_TOKENS,
     DEFAULT_TOP_K,
@@ -69,6 +68,7 @@ from .zero_shot import (
     encode_class_texts,
     zero_shot_scores,
 )
+from .train.optim import param_groups, warmup_cosine_schedule
 
 __all__ = [
     "BASELINES",
@@ -377,8 +377,8 @@ def tune_langcell(
             for epoch in range(epochs)
         ]
         total = sum(len(batches) for batches in epoch_batches)
-        optimizer = torch.optim.AdamW(_param_groups(tuned, lr, text_lr / lr, weight_decay))
-        scheduler = _schedule(optimizer, int(warmup_fraction * total), total, 0.0)
+        optimizer = torch.optim.AdamW(param_groups(tuned, lr, text_lr / lr, weight_decay))
+        scheduler = warmup_cosine_schedule(optimizer, int(warmup_fraction * total), total, 0.0)
         parameters = [p for p in tuned.parameters() if p.requires_grad]
         pad_id = int(tuned.config.cell.pad_token_id)
         bar = progress_bar(total, progress, "few-shot tuning", "step")

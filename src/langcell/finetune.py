@@ -42,7 +42,7 @@ from ._progress import progress_bar
 from .data.batching import as_sequences, pad_sequences, token_budget_batches
 from .errors import LangCellError
 from .models.classifier import DEFAULT_MAX_TOKENS, POOLINGS, CellTypeClassifier
-from .train.pretrain import _param_groups, _schedule
+from .train.optim import param_groups, warmup_cosine_schedule
 
 __all__ = [
     "CellTypeClassifier",
@@ -526,9 +526,9 @@ def _train_linear(
     x_train = torch.from_numpy(features[train]).to(device)
     y_train = torch.from_numpy(codes[train]).to(device)
     steps_per_epoch = math.ceil(train.size / batch_size)
-    optimizer = torch.optim.AdamW(_param_groups(classifier.head, lr, 1.0, weight_decay))
+    optimizer = torch.optim.AdamW(param_groups(classifier.head, lr, 1.0, weight_decay))
     total = epochs * steps_per_epoch
-    scheduler = _schedule(optimizer, int(warmup_fraction * total), total, 0.0)
+    scheduler = warmup_cosine_schedule(optimizer, int(warmup_fraction * total), total, 0.0)
     generator = torch.Generator().manual_seed(seed)
     bar = progress_bar(epochs, progress, "linear probe", "epoch")
     losses = []
@@ -608,10 +608,10 @@ def _train_full(
     epoch_batches += [batches_of(epoch) for epoch in range(1, epochs)]
     total = sum(len(batches) for batches in epoch_batches)
     optimizer = torch.optim.AdamW(
-        _param_groups(classifier.cell_encoder, encoder_lr, 1.0, weight_decay)
-        + _param_groups(classifier.head, lr, 1.0, weight_decay)
+        param_groups(classifier.cell_encoder, encoder_lr, 1.0, weight_decay)
+        + param_groups(classifier.head, lr, 1.0, weight_decay)
     )
-    scheduler = _schedule(optimizer, int(warmup_fraction * total), total, 0.0)
+    scheduler = warmup_cosine_schedule(optimizer, int(warmup_fraction * total), total, 0.0)
     parameters = list(classifier.parameters())
     pad_id = classifier.config.pad_token_id
     bar = progress_bar(total, progress, "fine-tune", "step")

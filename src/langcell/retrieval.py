@@ -538,7 +538,7 @@ def _query_texts(texts: Any, as_labels: bool) -> tuple[list[str], list[str]]:
 
 def _text_embeddings(model: Any, texts: list[str], names: list[str], precision: str = "fp32") -> np.ndarray:
     """L2-normalised text embeddings ``float32 [n_texts, projection_dim]`` (eval mode, no gradients)."""
-    from .zero_shot import encode_class_texts
+    from .inference.zero_shot import encode_class_texts
 
     return encode_class_texts(model, texts, names, precision=precision).embeddings.float().cpu().numpy()
 

@@ -6,7 +6,7 @@ Every function takes the AnnData first, then keyword-only options ending with ``
 otherwise the input is annotated in place and ``None`` is returned. Each docstring's Returns section
 names every field written.
 
-The tensor work lives in the modules below this one (:mod:`langcell.zero_shot`, the models); this
+The tensor work lives in the modules below this one (:mod:`langcell.inference.zero_shot`, the models); this
 module only turns AnnData into tokens and class texts, and results back into AnnData fields.
 """
 
@@ -24,8 +24,7 @@ from ._checks import check_key_added, gene_tokenizer_of
 from ._labels import NO_LABEL_VALUES
 from ._progress import progress_bar
 from .errors import LangCellError
-from .precision import check_precision
-from .zero_shot import (
+from .inference.zero_shot import (
     DEFAULT_ALPHA,
     DEFAULT_MAX_PAIR_TOKENS,
     DEFAULT_MAX_TOKENS,
@@ -37,6 +36,7 @@ from .zero_shot import (
     encode_class_texts,
     zero_shot_scores,
 )
+from .precision import check_precision
 
 __all__ = [
     "annotate", "embed", "fewshot", "finetune", "predict", "retrieval_recall", "retrieve_cells", "retrieve_texts",
@@ -77,7 +77,7 @@ def annotate(
     The class set is either ``labels`` (cell-type names resolved to Cell Ontology text, term ids of
     any aspect, or your own ``{name: description}``) or the distinct terms of an obs column
     (``classes_from``, e.g. disease via MONDO text). The scoring is LangCell's released formula (see
-    :mod:`langcell.zero_shot`): ``alpha * softmax(cos / 0.05) + (1 - alpha) * softmax(match prob)``.
+    :mod:`langcell.inference.zero_shot`): ``alpha * softmax(cos / 0.05) + (1 - alpha) * softmax(match prob)``.
 
     Parameters
     ----------
@@ -109,10 +109,10 @@ def annotate(
     mode
         ``"fast"`` (default) or ``"official"`` (CTM for every class: the released computation).
         How the fast mode scores classes outside the top_k is described in
-        :mod:`langcell.zero_shot`.
+        :mod:`langcell.inference.zero_shot`.
     exact_argmax
         ``mode="fast"``: cells whose fast prediction could differ from the official one (the check is
-        described in :mod:`langcell.zero_shot`) get CTM for every class, so that the predictions
+        described in :mod:`langcell.inference.zero_shot`) get CTM for every class, so that the predictions
         always equal ``mode="official"``; costs up to the official time on cells the model is unsure
         about.
     threshold
@@ -479,7 +479,7 @@ def _embedding_matrix(
     Tokenizes and embeds ``chunk_size`` rows at a time (a backed AnnData streams from disk). Shared by
     :func:`embed` and the retrieval functions; validates the model and settings before any work.
     """
-    from .embedding import embed_cells
+    from .inference.embed import embed_cells
 
     tokenizer = gene_tokenizer_of(model)
     check_precision(precision, model.logit_scale.device)

@@ -65,10 +65,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._progress import progress_bar
-from .data.batching import as_sequences, pad_sequences, token_budget_batches
-from .errors import LangCellError
-from .precision import autocast, check_precision
+from .._progress import progress_bar
+from ..data.batching import as_sequences, pad_sequences, token_budget_batches
+from ..errors import LangCellError
+from ..precision import autocast, check_precision
 
 __all__ = [
     "DEFAULT_ALPHA",

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ._progress import progress_bar
-from .data.batching import pad_sequences, token_budget_batches
-from .precision import autocast, check_precision
+from .._progress import progress_bar
+from ..data.batching import pad_sequences, token_budget_batches
+from ..precision import autocast, check_precision
 
 #: Cell tokens (batch size x padded length) per forward pass when embedding.
 DEFAULT_EMBED_MAX_TOKENS = 16_384

@@ -1,0 +1,58 @@
+"""Optimisation shared by every training loop: AdamW parameter groups, warm-up + cosine schedule.
+
+Pretraining, LangCell-CE fine-tuning and few-shot tuning all build their optimiser from
+:func:`param_groups` (no weight decay on biases and LayerNorm) and :func:`warmup_cosine_schedule`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..models.langcell import LangCell
+
+
+# -------------------------------------------------------------------------------------- parameters
+def set_trainable(model: LangCell, stage: str, freeze_text: bool) -> None:
+    """Choose what learns in ``stage`` (see the module docstring)."""
+    for name, param in model.named_parameters():
+        if stage == "cell":
+            param.requires_grad = name.startswith(("cell_encoder.", "cell_proj.", "mgm_head."))
+        elif freeze_text and name.startswith("text_encoder."):
+            param.requires_grad = ".crossattention." in name
+        else:
+            param.requires_grad = True
+
+
+def param_groups(model: LangCell, lr: float, text_lr_scale: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases, LayerNorms and the scale; the pretrained text tower slower."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim < 2 or "LayerNorm" in name or name == "logit_scale"
+        # Cross-attention is new in every preset: it learns at the full rate like the heads.
+        slow_text = name.startswith("text_encoder.") and ".crossattention." not in name
+        groups.setdefault((no_decay, slow_text), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr": lr * (text_lr_scale if slow_text else 1.0),
+        }
+        for (no_decay, slow_text), params in sorted(groups.items())
+    ]
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to the peak, then cosine down to ``min_ratio`` of it."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
