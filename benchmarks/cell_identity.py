@@ -15,7 +15,7 @@ On the held-out cells:
 
 1. **zero-shot** annotation (:func:`langcell.tl.annotate`, default fast mode) against every cell type
    present, and against the few-shot classes only (the like-for-like reference for the curves);
-2. **few-shot** curves (:func:`langcell.tl.fewshot`): LangCell tuned on n cells per class (both encoders)
+2. **few-shot** curves (:func:`langcell.evaluation.fewshot`): LangCell tuned on n cells per class (both encoders)
    vs logistic regression and kNN on the same cells, for n in ``--shots``, ``--repeats`` random splits.
    Classes with fewer than ``max(shots) + --min-test`` held-out cells are left out of this part and of
    the next (listed in the report);
@@ -39,11 +39,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from langcell import pl, tl
+from langcell import evaluation, pl, tl
 from langcell.cli import _write_json  # the CLI's atomic JSON writer (numpy values included)
 from langcell.data.datasets import pbmc68k
-from langcell.demo import held_out_split, log_normalised_features, logistic_regression_predict
-from langcell.finetune import classification_metrics
+from langcell.data.splits import held_out_split
+from langcell.evaluation.baselines import log_normalised_features, logistic_regression_predict
+from langcell.metrics import classification_metrics
 from langcell.models.langcell import LangCell
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
@@ -217,7 +218,7 @@ def main() -> None:
         print(f"zero-shot ({name}): accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}", flush=True)
 
     t = time.perf_counter()
-    results = tl.fewshot(subset, model, LABEL_KEY, shots=shots, repeats=repeats, labels=kept, epochs=epochs,
+    results = evaluation.fewshot(subset, model, LABEL_KEY, shots=shots, repeats=repeats, labels=kept, epochs=epochs,
                          seed=args.seed, max_length=max_length, progress=True)
     timings["fewshot"] = round(time.perf_counter() - t, 1)
     fewshot_uns = subset.uns["langcell_fewshot"]

@@ -1,6 +1,6 @@
 """Few-shot tuning cost: the matching loss over every class against ``match_classes`` hard negatives.
 
-``tl.fewshot``'s LangCell tuning (:func:`langcell.fewshot.tune_langcell`) runs the multimodal text tower
+``evaluation.fewshot``'s LangCell tuning (:func:`langcell.fewshot.tune_langcell`) runs the multimodal text tower
 over (cell, class) pairs at every step. By default (the paper's protocol) that is every class, K pairs
 per cell; ``match_classes=m`` scores the cell's own class and its m - 1 most similar others, m pairs
 per cell. This script times both on the same cells, model and split, in one process, and prints the
@@ -17,7 +17,7 @@ Run from the repository root::
     python benchmarks/fewshot_matching.py --match-classes 5 --shots 10
 
 **Accuracy** (``--model DIR --data pbmc68k|cbmc``): what m does to the few-shot scores. A pretrained model
-is tuned by :func:`langcell.tl.fewshot` (LangCell alone, no baselines) twice, the matching loss over
+is tuned by :func:`langcell.evaluation.fewshot` (LangCell alone, no baselines) twice, the matching loss over
 every class and over m classes, on the same held-out cells, shots, repeats and seeds (every run's
 training cells are the same in both), as :mod:`benchmarks.cell_identity` runs it. Prints accuracy and
 macro-F1 (mean and std over repeats) per n for both, the paired difference, and the seconds of each::
@@ -40,12 +40,13 @@ from cell_identity import (  # benchmarks/ is on sys.path when run as a script
     held_out_cells,
 )
 
-from langcell import ontology, tl
+from langcell import evaluation, ontology
 from langcell.data import datasets
+from langcell.data.splits import sample_shots
 from langcell.data.tokenizer import GeneTokenizer
-from langcell.fewshot import sample_shots, tune_langcell
 from langcell.models import LangCell
 from langcell.models.config import LangCellConfig
+from langcell.train.fewshot import tune_langcell
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -96,7 +97,7 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    """``tl.fewshot`` with the matching loss over every class, then over m; print scores and seconds."""
+    """``evaluation.fewshot`` with the matching loss over every class, then over m; print scores and seconds."""
     epochs = args.epochs or 20
     model = LangCell.from_pretrained(args.model, map_location="cpu").eval()
     cells = held_out_cells(args.data, args.data_path, args.seed)
@@ -115,7 +116,7 @@ def accuracy(args: argparse.Namespace) -> None:
     tables, seconds = {}, {}
     for m in (len(kept), args.match_classes):
         start = time.perf_counter()
-        tables[m] = tl.fewshot(
+        tables[m] = evaluation.fewshot(
             cells, model, LABEL_KEY, shots=args.shots, repeats=args.repeats, labels=kept, epochs=epochs,
             seed=args.seed, max_length=args.max_length, baselines=(), progress=True,
             match_classes=None if m == len(kept) else m, key_added=f"fewshot_m{m}",

@@ -10,7 +10,7 @@ Ontology):
 3. the gene vocabulary and medians are fitted on that corpus, and the model is pretrained on it with
    the ``demo`` recipe (``--recipe``; both stages), as ``langcell demo`` does;
 4. every test cell, of all 10 types, is annotated zero-shot against the texts of all 10 types;
-5. :func:`langcell.tl.per_type_accuracy` reports the accuracy of each type, and the means over the seen
+5. :func:`langcell.evaluation.per_type_accuracy` reports the accuracy of each type, and the means over the seen
    and the unseen (held-out) types. Chance is 1/10 per type.
 
 Writes ``OUT/report.json`` (the per-type records, the summary, the split and the recipe) and prints a
@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from langcell import tl
+from langcell import evaluation, tl
 from langcell._atomic import atomic_file, check_output_parent
 from langcell.data.corpus import write_corpus
 from langcell.data.datasets import pbmc68k
+from langcell.data.splits import held_out_split
 from langcell.data.tokenizer import GeneTokenizer
-from langcell.demo import held_out_split
 from langcell.errors import LangCellError
 from langcell.train import load_recipe, pretrain
 
@@ -119,7 +119,7 @@ def run(out_dir: Path, held_out: list[str], recipe_name: str, seed: int, quiet: 
     pretrain_seconds = time.perf_counter() - start
 
     tl.annotate(test, model, all_types, key_added=PREDICTION_KEY)
-    result = tl.per_type_accuracy(test, label_key=LABEL_KEY, prediction_key=PREDICTION_KEY, seen=seen_types)
+    result = evaluation.per_type_accuracy(test, label_key=LABEL_KEY, prediction_key=PREDICTION_KEY, seen=seen_types)
     report = {
         "held_out": held_out,
         "seen_types": seen_types,

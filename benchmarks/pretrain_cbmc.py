@@ -32,7 +32,7 @@ from sklearn.model_selection import train_test_split
 from langcell import tl
 from langcell.data.corpus import write_corpus
 from langcell.data.tokenizer import GeneTokenizer
-from langcell.demo import logistic_regression_baseline
+from langcell.evaluation.baselines import logistic_regression_baseline
 from langcell.models.langcell import LangCell
 from langcell.ontology import term_text
 from langcell.train import load_recipe, pretrain

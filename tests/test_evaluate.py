@@ -1,5 +1,5 @@
 """Evaluation: scIB integration metrics on real PBMCs (checked against independent computations and
-scib-metrics' own Benchmarker), per-type accuracy against a hand count, tl.evaluate and the CLI."""
+scib-metrics' own Benchmarker), per-type accuracy against a hand count, evaluation.evaluate and the CLI."""
 
 from __future__ import annotations
 
@@ -14,15 +14,10 @@ import scipy.sparse as sp
 
 from langcell.cli import main
 from langcell.errors import LangCellError
-from langcell.evaluate import (
-    BATCH_METRICS,
-    BIO_METRICS,
-    DEFAULT_METRICS,
-    baseline_pca,
-    evaluate,
-    integration_metrics,
-    per_type_accuracy,
-)
+from langcell.evaluation.baselines import baseline_pca
+from langcell.evaluation.integration import BATCH_METRICS, BIO_METRICS, DEFAULT_METRICS, integration_metrics
+from langcell.evaluation.per_type import per_type_accuracy
+from langcell.evaluation.report import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 scib_metrics = pytest.importorskip("scib_metrics", reason='scib-metrics is missing: pip install "langcell[integration]"')

@@ -13,13 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from langcell import pl, tl
+from langcell import evaluation, pl, tl
 from langcell.cli import main
+from langcell.data.splits import run_seed, sample_shots
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
-from langcell.fewshot import RESULT_COLUMNS, _run_seed, fewshot, fewshot_loss, sample_shots, tune_langcell
+from langcell.evaluation.fewshot import RESULT_COLUMNS, fewshot
 from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
+from langcell.train.fewshot import fewshot_loss, tune_langcell
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 TYPES = ["B cell", "CD14-positive monocyte", "natural killer cell"]
@@ -334,7 +336,7 @@ def test_same_seed_same_results_copy_and_descriptions(cbmc, model):
     cells = model.gene_tokenizer.encode(adata, max_length=MAX_LENGTH)
     tuned, _ = tune_langcell(
         model, [cells[int(i)] for i in train], codes[train], list(descriptions.values()),
-        seed=_run_seed(9, 0, 2), **tuning,
+        seed=run_seed(9, 0, 2), **tuning,
     )
     annotated = tl.annotate(adata[test].copy(), tuned, descriptions, max_length=MAX_LENGTH, copy=True)
     truth = adata.obs["cell_type"].to_numpy()[test].astype(str)
@@ -378,8 +380,8 @@ def test_bad_inputs_raise_before_anything_is_written(cbmc, model, kwargs, messag
     assert "langcell_fewshot" not in adata.uns
 
 
-def test_tl_reexports_fewshot():
-    assert tl.fewshot is fewshot and "fewshot" in tl.__all__
+def test_evaluation_reexports_fewshot():
+    assert evaluation.fewshot is fewshot and "fewshot" in evaluation.__all__
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,18 +13,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from langcell.data.splits import stratified_split
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
-from langcell.finetune import (
-    classification_metrics,
-    finetune,
-    full_finetuning_epochs,
-    predict,
-    stratified_split,
-)
+from langcell.metrics import classification_metrics
 from langcell.models.classifier import CellTypeClassifier
 from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
+from langcell.tl._finetune import finetune
+from langcell.tl._predict import predict
+from langcell.train.finetune import full_finetuning_epochs
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 TYPES = ["B cell", "CD14-positive monocyte", "natural killer cell"]

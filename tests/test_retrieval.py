@@ -12,18 +12,12 @@ import torch
 from langcell import ontology
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
+from langcell.evaluation.retrieval import retrieval_recall
 from langcell.inference.embed import embed_cells
+from langcell.metrics import cell_to_text_recall, retrieval_metrics, text_to_cell_metrics, top_k_indices
 from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
-from langcell.retrieval import (
-    cell_to_text_recall,
-    retrieval_metrics,
-    retrieval_recall,
-    retrieve_cells,
-    retrieve_texts,
-    text_to_cell_metrics,
-    top_k_indices,
-)
+from langcell.tl._retrieve import retrieve_cells, retrieve_texts
 
 CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 needs_cbmc = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")

@@ -8,7 +8,9 @@ The public API is flat::
     langcell.tl.annotate(adata, model, ["B cell", "NK cell"])
 
 Names are imported lazily, so ``import langcell`` (and the command line) starts fast and torch is only
-loaded when a model is used.
+loaded when a model is used. The package is layered (README, "How the code is laid out"): ``errors``,
+``_checks`` and friends, then ``ontology`` and ``data``, ``models``, ``train`` and ``inference``, ``tl``,
+``evaluation`` / ``convert`` / ``pl``, and last ``demo`` and ``cli``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _EXPORTS = {
     "LangCellConfig": "models.config",
     "CellEncoderConfig": "models.config",
     "TextEncoderConfig": "models.config",
+    "CellTypeClassifier": "models.classifier",
     "GeneTokenizer": "data.tokenizer",
     "TokenizedCells": "data.tokenizer",
     "read_geneformer_dictionary": "data.geneformer",
@@ -37,26 +40,29 @@ _EXPORTS = {
     "describe_cells": "ontology",
     "label_texts": "ontology",
     "import_official": "convert",
-    "CellTypeClassifier": "models.classifier",
     "PretrainConfig": "train.config",
     "pretrain": "train.pretrain",
     "load_recipe": "train.config",
 }
-# public submodule name -> its module (the short names of the first layout stay valid: langcell.genes)
+# public submodule name -> its module. The short names of the first, flat layout (langcell.genes,
+# langcell.tokenizer, langcell.io, ...) stay valid as attributes.
 _SUBMODULES = {
     "tl": "tl",
     "pl": "pl",
+    "evaluation": "evaluation",
+    "inference": "inference",
+    "models": "models",
+    "ontology": "ontology",
     "data": "data",
+    "train": "train",
+    "convert": "convert",
+    "metrics": "metrics",
     "datasets": "data.datasets",
     "genes": "data.genes",
-    "ontology": "ontology",
     "tokenizer": "data.tokenizer",
     "corpus": "data.corpus",
-    "losses": "losses",
-    "train": "train",
+    "losses": "train.losses",
     "io": "models.serialization",
-    "convert": "convert",
-    "models": "models",
 }
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
@@ -78,15 +84,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import ontology, pl, tl, train  # noqa: F401
-    from .convert import import_official  # noqa: F401
-    from .data import datasets, genes, tokenizer  # noqa: F401
+    from . import convert, data, evaluation, inference, metrics, models, ontology, pl, tl, train  # noqa: F401
+    from .data import corpus, datasets, genes, tokenizer  # noqa: F401
     from .data.corpus import TokenCorpus, write_corpus  # noqa: F401
     from .data.geneformer import read_geneformer_dictionary  # noqa: F401
     from .data.genes import GeneMappingReport, map_to_ensembl  # noqa: F401
     from .data.tokenizer import GeneTokenizer, TokenizedCells  # noqa: F401
     from .errors import LangCellError  # noqa: F401
-    from .models import serialization  # noqa: F401
+    from .models import serialization as io  # noqa: F401
     from .models.classifier import CellTypeClassifier  # noqa: F401
     from .models.config import CellEncoderConfig, LangCellConfig, TextEncoderConfig  # noqa: F401
     from .models.langcell import LangCell  # noqa: F401

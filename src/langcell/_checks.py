@@ -44,17 +44,27 @@ def gene_tokenizer_of(model: Any) -> Any:
     return tokenizer
 
 
-def check_class_names(labels: Sequence[str]) -> list[str]:
-    """The classes of a classifier as a list: at least two distinct, non-empty strings."""
-    if isinstance(labels, str) or not isinstance(labels, Sequence | np.ndarray | pd.Index):
-        raise LangCellError("labels must be a list of class names")
+def check_class_names(labels: Any, *, minimum: int = 1) -> list[str]:
+    """The class names as a list: at least ``minimum`` distinct, non-empty strings.
+
+    One check for every place that takes class names (annotation labels, classifier classes, few-shot
+    classes), so each gets the same messages.
+    """
+    if isinstance(labels, str):
+        raise LangCellError("labels must be a list of class names, not one string; wrap it: [label]")
+    if not isinstance(labels, Sequence | np.ndarray | pd.Index | pd.Series):
+        raise LangCellError(f"labels must be a list of class names, got {type(labels).__name__}")
     names = list(labels)
-    if len(names) < 2:
-        raise LangCellError(f"a classifier needs at least two classes, got {names!r}")
-    if not all(isinstance(n, str) and n.strip() for n in names):
-        raise LangCellError("class names must be non-empty strings")
-    if len(set(names)) != len(names):
-        raise LangCellError(f"class names are duplicated: {pd.Index(names)[pd.Index(names).duplicated()].tolist()}")
+    if not names:
+        raise LangCellError("no labels given; pass at least one class (a list of names or {name: description})")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise LangCellError(f"class names must be non-empty strings; got {bad[:5]!r}: drop or name them")
+    duplicated = pd.Index(names)[pd.Index(names).duplicated()].unique().tolist()
+    if duplicated:
+        raise LangCellError(f"labels are duplicated: {duplicated[:5]!r}; pass each class once (use unique())")
+    if len(names) < minimum:
+        raise LangCellError(f"at least {minimum} classes are needed, got {names!r}")
     return names
 
 

@@ -456,12 +456,12 @@ def _add_retrieve(sub: argparse._SubParsersAction) -> None:
 def _run_retrieve(args: argparse.Namespace) -> int:
     import json
 
-    from . import tl
+    from . import evaluation, tl
     _check_outputs(args.report)
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
     if args.label_key:
-        result = tl.retrieval_recall(adata, model, args.label_key, counts_layer=args.counts_layer,
+        result = evaluation.retrieval_recall(adata, model, args.label_key, counts_layer=args.counts_layer,
                                      gene_column=args.gene_column, precision=args.precision,
                                      progress=not args.quiet)
         _print(args, json.dumps(result, indent=2, default=float))
@@ -535,7 +535,7 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_fewshot(args: argparse.Namespace) -> int:
-    from . import pl, tl
+    from . import evaluation, pl
     _check_outputs(args.report, args.plot, args.out)
     try:
         shots = [int(part) for part in args.shots.split(",") if part.strip()]
@@ -550,7 +550,7 @@ def _run_fewshot(args: argparse.Namespace) -> int:
         labels = _read_descriptions(args.descriptions)
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
-    results = tl.fewshot(
+    results = evaluation.fewshot(
         adata, model, args.label_key, shots=shots, repeats=args.repeats, labels=labels, mapping=args.mapping,
         epochs=args.epochs, seed=args.seed, max_length=args.max_length, match_classes=args.match_classes,
         counts_layer=args.counts_layer, gene_column=args.gene_column, progress=not args.quiet,
@@ -617,8 +617,8 @@ def _split_names(text: str | None, option: str) -> list[str] | None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from . import tl
-    from .evaluate import DEFAULT_METRICS
+    from . import evaluation
+    from .evaluation.integration import DEFAULT_METRICS
 
     _check_outputs(args.report, args.out)
     labels = _split_names(args.labels, "--labels")
@@ -630,7 +630,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise LangCellError("--metrics holds no metric name; pass names separated by ','")
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
-    report = tl.evaluate(
+    report = evaluation.evaluate(
         adata, model, label_key=args.label_key, batch_key=args.batch_key, labels=labels, seen=seen,
         mapping=args.mapping, metrics=metrics, neighbors=args.neighbors, counts_layer=args.counts_layer,
         gene_column=args.gene_column, precision=args.precision, progress=not args.quiet,

@@ -18,9 +18,9 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ._atomic import atomic_file, check_output_parent
+from .data.splits import held_out_split
+from .evaluation.baselines import logistic_regression_baseline
 
 DEMO_KEY = "langcell_cell_type"
 
@@ -28,70 +28,6 @@ DEMO_KEY = "langcell_cell_type"
 def _say(quiet: bool, *parts: object) -> None:
     if not quiet:
         print(*parts, flush=True)
-
-
-def log_normalised_features(
-    adata, *, counts_layer: str | None = None, n_counts_key: str | None = "n_counts"
-) -> np.ndarray:
-    """Dense ``log1p(counts / total * 10,000)`` of every cell (``float64``, cells x genes).
-
-    The total is ``obs[n_counts_key]`` when that column is present and positive (as the tokenizer
-    normalises), otherwise the cell's sum over the matrix. The counts are read where the tokenizer reads
-    them (``counts_layer``: ``None`` = ``X``, a layer name, or ``"raw"``).
-    """
-    from .data.sources import count_source
-
-    source = count_source(
-        adata, "the AnnData", gene_column=None, counts_layer=counts_layer, n_counts_key=n_counts_key
-    )
-    counts = source.matrix
-    dense = np.asarray(counts.todense() if hasattr(counts, "todense") else counts, dtype=np.float64)
-    totals = dense.sum(axis=1)
-    if source.n_counts is not None:
-        given = np.asarray(source.n_counts, dtype=np.float64)
-        totals = np.where(np.isfinite(given) & (given > 0), given, totals)
-    return np.log1p(dense / np.maximum(totals, 1)[:, None] * 1e4)
-
-
-def logistic_regression_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int):
-    """Standardise the features on the training cells, fit a logistic regression, predict ``x_test``."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(x_train)
-    classifier = LogisticRegression(max_iter=2000, random_state=seed)
-    classifier.fit(scaler.transform(x_train), y_train)
-    return classifier.predict(scaler.transform(x_test))
-
-
-def logistic_regression_baseline(train, test, label_key: str, seed: int) -> np.ndarray:
-    """Predict ``test`` labels with a logistic regression on log-normalised counts of ``train``.
-
-    Both sets are normalised to 10,000 counts per cell (by ``obs["n_counts"]`` when present, as the
-    tokenizer does) and log1p-transformed (:func:`log_normalised_features`); the features are
-    standardised on the training cells (:func:`logistic_regression_predict`).
-    """
-    return logistic_regression_predict(
-        log_normalised_features(train), train.obs[label_key].astype(str).to_numpy(),
-        log_normalised_features(test), seed,
-    )
-
-
-def held_out_split(adata, label_key: str = "cell_type", *, test_size: float = 0.2, seed: int = 0):
-    """The demo's split: ``train_test_split`` of the cells, stratified by ``obs[label_key]``, seeded.
-
-    Returns
-    -------
-    train, test : anndata.AnnData
-        Copies, each in the original cell order.
-    """
-    from sklearn.model_selection import train_test_split
-
-    train_idx, test_idx = train_test_split(
-        np.arange(adata.n_obs), test_size=test_size, random_state=seed,
-        stratify=adata.obs[label_key].astype(str).to_numpy(),
-    )
-    return adata[np.sort(train_idx)].copy(), adata[np.sort(test_idx)].copy()
 
 
 def run_demo(

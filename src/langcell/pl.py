@@ -140,7 +140,7 @@ def confusion_matrix(
     return counts
 
 
-#: How :func:`fewshot_curves` names the methods of :func:`langcell.tl.fewshot`.
+#: How :func:`fewshot_curves` names the methods of :func:`langcell.evaluation.fewshot`.
 _FEWSHOT_METHOD_NAMES = {"langcell": "LangCell", "logistic_regression": "logistic regression", "knn": "kNN (PCA)"}
 
 
@@ -153,7 +153,7 @@ def fewshot_curves(results, path: str | os.PathLike | None = None, *, metric: st
     Parameters
     ----------
     results
-        The table returned by :func:`langcell.tl.fewshot`, or what it stores in ``adata.uns[key]``
+        The table returned by :func:`langcell.evaluation.fewshot`, or what it stores in ``adata.uns[key]``
         (the dict with ``"results"``, or the ``"results"`` dict itself).
     path
         The PNG file to write (atomically); ``None`` writes nothing.
@@ -176,14 +176,14 @@ def fewshot_curves(results, path: str | os.PathLike | None = None, *, metric: st
         table = pd.DataFrame(results)
     except (TypeError, ValueError) as error:
         raise LangCellError(
-            f"results must be the table from tl.fewshot or adata.uns[key] ({error}); pass one of those"
+            f"results must be the table from evaluation.fewshot or adata.uns[key] ({error}); pass one of those"
         ) from None
     if metric not in ("macro_f1", "accuracy"):
         raise LangCellError(f"metric must be 'macro_f1' or 'accuracy', got {metric!r}")
     missing = [column for column in ("method", "shots", metric) if column not in table.columns]
     if missing or table.empty:
         raise LangCellError(
-            f"the results lack the columns {missing} or hold no row; pass the table from tl.fewshot or "
+            f"the results lack the columns {missing} or hold no row; pass the table from evaluation.fewshot or "
             "adata.uns[key]"
         )
     table = table.astype({"method": str, "shots": int, metric: float})

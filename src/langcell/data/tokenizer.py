@@ -45,9 +45,8 @@ from .sources import CountSource, as_source_list, count_source, opened_source
 
 __all__ = [
     "GeneTokenizer",
-    "TokenizedCells",
-    "read_geneformer_dictionary",
     "TOKENIZER_FILENAME",
+    "TokenizedCells",
 ]
 
 #: File name written by :meth:`GeneTokenizer.save` inside the chosen directory.

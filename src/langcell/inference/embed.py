@@ -6,12 +6,15 @@ Tensor-level (no AnnData): :func:`langcell.tl.embed` is the AnnData layer above 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from .._checks import gene_tokenizer_of
 from .._progress import progress_bar
 from ..data.batching import pad_sequences, token_budget_batches
+from ..errors import LangCellError
 from ..precision import autocast, check_precision
 
 #: Cell tokens (batch size x padded length) per forward pass when embedding.
@@ -72,3 +75,87 @@ def embed_cells(
         if bar is not None:
             bar.close()
     return out
+
+
+def embedding_matrix(
+    adata: Any,
+    model: Any,
+    *,
+    counts_layer: str | None,
+    gene_column: str | None,
+    n_counts_key: str | None,
+    max_length: int | None,
+    max_tokens: int,
+    chunk_size: int = 8_192,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> tuple[np.ndarray, int]:
+    """Unit cell embeddings ``float32 [n_obs, projection_dim]`` of ``adata``, and the max_length used.
+
+    Tokenizes and embeds ``chunk_size`` rows at a time (a backed AnnData streams from disk). Shared by
+    :func:`embed` and the retrieval functions; validates the model and settings before any work.
+    """
+    from .embed import embed_cells
+
+    tokenizer = gene_tokenizer_of(model)
+    check_precision(precision, model.logit_scale.device)
+    limit = int(model.config.cell.max_position_embeddings)
+    if max_length is None:
+        max_length = limit
+    elif isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or max_length < 1:
+        raise LangCellError(f"max_length must be a positive integer number of tokens, got {max_length!r}")
+    max_length = int(min(max_length, limit))
+    result = np.zeros((adata.n_obs, model.config.projection_dim), dtype=np.float32)
+    bar = progress_bar(adata.n_obs, progress, "embed", "cell")
+    try:
+        for start in range(0, adata.n_obs, chunk_size):
+            stop = min(start + chunk_size, adata.n_obs)
+            part = adata[start:stop]
+            part = part.to_memory() if adata.isbacked else part
+            cells = tokenizer.encode(
+                part, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+                max_length=max_length,
+            )
+            result[start:stop] = embed_cells(
+                model, cells, max_tokens=max_tokens, max_length=max_length, precision=precision
+            )
+            if bar is not None:
+                bar.update(stop - start)
+    finally:
+        if bar is not None:
+            bar.close()
+    return result, max_length
+
+
+def text_embeddings(model: Any, texts: list[str], names: list[str], precision: str = "fp32") -> np.ndarray:
+    """L2-normalised text embeddings ``float32 [n_texts, projection_dim]`` (eval mode, no gradients)."""
+    from .zero_shot import encode_class_texts
+
+    return encode_class_texts(model, texts, names, precision=precision).embeddings.float().cpu().numpy()
+
+
+def unit_cell_embeddings(adata, model, use_rep, **encode_options) -> tuple[np.ndarray, bool, int | None]:
+    """Unit cell embeddings, whether they were reused from obsm, and the max_length used (None if reused).
+
+    ``encode_options`` (counts_layer, gene_column, n_counts_key, max_length, max_tokens, precision,
+    progress) go to the embedding routine of :func:`langcell.tl.embed` when the cells are encoded.
+    """
+    width = int(model.config.projection_dim)
+    if use_rep is not None and use_rep in adata.obsm:
+        embeddings = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[1] != width:
+            raise LangCellError(
+                f"obsm[{use_rep!r}] has shape {embeddings.shape} but the model's embeddings have {width} "
+                "dimensions: they come from another model; delete them, recompute them with tl.embed, or "
+                "pass use_rep=None"
+            )
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        if not np.all(np.isfinite(embeddings)) or np.any(norms == 0):
+            raise LangCellError(
+                f"obsm[{use_rep!r}] holds zero or non-finite rows; recompute them with tl.embed or pass use_rep=None"
+            )
+        return embeddings / norms, True, None
+    from .embed import embedding_matrix
+
+    embeddings, max_length = embedding_matrix(adata, model, **encode_options)
+    return embeddings, False, max_length

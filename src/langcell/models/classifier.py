@@ -88,7 +88,7 @@ class CellTypeClassifier(nn.Module):
                 "CellTypeClassifier.from_langcell(model, labels) to start from a LangCell model"
             )
         cell_config.validate()
-        self.labels = check_class_names(labels)
+        self.labels = check_class_names(labels, minimum=2)
         if pooling not in POOLINGS:
             raise LangCellError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if gene_tokenizer is not None and int(gene_tokenizer.vocab_size) != cell_config.vocab_size:

@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LangCellError
-from .masking import IGNORE_INDEX, gene_dropout, mask_genes
+from .masking import IGNORE_INDEX
 
 __all__ = [
-    "IGNORE_INDEX",
     "CellCellContrastiveLoss",
     "CellTextContrastiveLoss",
     "CellTextMatchingLoss",
@@ -56,8 +55,6 @@ __all__ = [
     "ctm_pairs",
     "gather_with_grad",
     "gather_without_grad",
-    "gene_dropout",
-    "mask_genes",
     "sample_hard_negatives",
 ]
 

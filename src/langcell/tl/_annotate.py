@@ -18,13 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import ontology
-from ._checks import check_anndata as _check_anndata
-from ._checks import check_key_added, gene_tokenizer_of
-from ._labels import NO_LABEL_VALUES
-from ._progress import progress_bar
-from .errors import LangCellError
-from .inference.zero_shot import (
+from .._checks import check_anndata as _check_anndata
+from .._checks import check_key_added, gene_tokenizer_of
+from ..errors import LangCellError
+from ..inference.zero_shot import (
     DEFAULT_ALPHA,
     DEFAULT_MAX_PAIR_TOKENS,
     DEFAULT_MAX_TOKENS,
@@ -36,15 +33,10 @@ from .inference.zero_shot import (
     encode_class_texts,
     zero_shot_scores,
 )
-from .precision import check_precision
+from ..ontology.classes import RESOLUTION_COLUMNS, class_texts
+from ..precision import check_precision
 
-__all__ = [
-    "annotate", "embed", "fewshot", "finetune", "predict", "retrieval_recall", "retrieve_cells", "retrieve_texts",
-    "evaluate", "integration_metrics", "per_type_accuracy",
-]
-
-
-_RESOLUTION_COLUMNS = ["label", "term_id", "term_label", "how"]
+__all__ = ["annotate"]
 
 
 def annotate(
@@ -192,7 +184,7 @@ def annotate(
     tokenizer = gene_tokenizer_of(model)
 
     check_precision(precision, model.logit_scale.device)
-    names, texts, resolution, aspect = _class_texts(adata, labels, classes_from, aspect, mapping)
+    names, texts, resolution, aspect = class_texts(adata, labels, classes_from, aspect, mapping)
     top_k = check_top_k(top_k, len(names))
     if threshold is not None and unknown_label in names:
         raise LangCellError(
@@ -261,7 +253,7 @@ def annotate(
         "texts": list(texts),
         "resolution": {
             column: ["" if value is None or pd.isna(value) else str(value) for value in resolution[column]]
-            for column in _RESOLUTION_COLUMNS
+            for column in RESOLUTION_COLUMNS
         },
     }
     return adata if copy else None
@@ -272,249 +264,5 @@ def annotate(
 # --------------------------------------------------------------------------------------------------
 
 
-def _class_texts(
-    adata: Any, labels: Any, classes_from: str | None, aspect: str | None, mapping: Any
-) -> tuple[list[str], list[str], pd.DataFrame, str | None]:
-    """Class names, their texts, the resolution table and the aspect actually used."""
-    if (labels is None) == (classes_from is None):
-        raise LangCellError(
-            "pass exactly one of labels (class names, or {name: description}) and classes_from "
-            "(an obs column of ontology term ids)"
-        )
-    if aspect is not None and aspect not in ontology.ASPECTS:
-        raise LangCellError(f"unknown aspect {aspect!r}; use one of {', '.join(ontology.ASPECTS)}")
-    if classes_from is not None:
-        return _classes_from_column(adata, classes_from, aspect)
-    if isinstance(labels, str):
-        raise LangCellError("labels must be a list of class names, not one string; wrap it: [label]")
-    if isinstance(labels, Mapping):
-        names = list(labels)
-        _check_names(names)
-        texts, table = ontology.label_texts(names, descriptions=dict(labels))
-        return names, [texts[n] for n in names], table, aspect
-    names = list(labels.cat.categories) if _is_categorical(labels) else list(labels)
-    _check_names(names)
-    if aspect is None or aspect == "cell_type":
-        texts, table = ontology.label_texts(names, mapping=mapping)
-        return names, [texts[n] for n in names], table, "cell_type"
-    texts_list = []
-    for term in names:
-        texts_list.append(_term_text_or_raise(term, aspect, "labels"))
-    table = pd.DataFrame(
-        {
-            "label": names,
-            "term_id": names,
-            "term_label": [ontology.term_label(t) for t in names],
-            "how": ["term id"] * len(names),
-        },
-        columns=_RESOLUTION_COLUMNS,
-    )
-    return names, texts_list, table, aspect
-
-
-def _is_categorical(values: Any) -> bool:
-    return isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype)
-
-
-def _check_names(names: list[Any]) -> None:
-    if not names:
-        raise LangCellError(
-            "no labels given; pass at least one class (a list of names or {name: description})"
-        )
-    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
-    if bad:
-        raise LangCellError(f"class names must be non-empty strings; got {bad[:5]!r}: drop or name them")
-    seen, duplicated = set(), []
-    for name in names:
-        if name in seen and name not in duplicated:
-            duplicated.append(name)
-        seen.add(name)
-    if duplicated:
-        raise LangCellError(f"labels are duplicated: {duplicated[:5]!r}; pass each class once (use unique())")
-
-
-def _classes_from_column(
-    adata: Any, column: str, aspect: str | None
-) -> tuple[list[str], list[str], pd.DataFrame, str]:
-    if not isinstance(column, str) or column not in adata.obs.columns:
-        raise LangCellError(
-            f"obs has no column {column!r}; pass classes_from=<an obs column of ontology term ids> "
-            f"(columns: {list(adata.obs.columns)[:10]})"
-        )
-    if aspect is None:
-        suffix = "_ontology_term_id"
-        inferred = column[: -len(suffix)] if column.endswith(suffix) else None
-        if inferred not in ontology.ASPECTS:
-            raise LangCellError(
-                f"cannot tell which aspect the terms of {column!r} describe; pass aspect= (one of "
-                f"{', '.join(ontology.ASPECTS)})"
-            )
-        aspect = inferred
-    values = adata.obs[column]
-    present = pd.Series(values.astype(object)).dropna().astype(str).str.strip()
-    terms = sorted(set(present) - NO_LABEL_VALUES)
-    if not terms:
-        raise LangCellError(
-            f"obs[{column!r}] holds no ontology term (only missing, 'unknown' or 'na' values); "
-            "fill it in or pass labels= instead"
-        )
-    texts = [_term_text_or_raise(term, aspect, f"obs[{column!r}]") for term in terms]
-    table = pd.DataFrame(
-        {
-            "label": terms,
-            "term_id": terms,
-            "term_label": [ontology.term_label(t) for t in terms],
-            "how": ["obs column"] * len(terms),
-        },
-        columns=_RESOLUTION_COLUMNS,
-    )
-    return terms, texts, table, aspect
-
-
-def _term_text_or_raise(term: Any, aspect: str, where: str) -> str:
-    try:
-        text = ontology.term_text(str(term), aspect)
-    except LangCellError as error:
-        raise LangCellError(f"{where}: {error}") from None
-    if not text:
-        raise LangCellError(
-            f"{where}: {term!r} has no {aspect} text (it means 'unknown'/'not applicable'); leave it out"
-        )
-    return text
-
-
 # --------------------------------------------------------------------------------------------------
 # Embeddings
-
-
-def embed(
-    adata: Any,
-    model: Any,
-    *,
-    counts_layer: str | None = None,
-    gene_column: str | None = None,
-    n_counts_key: str | None = "n_counts",
-    max_length: int | None = None,
-    max_tokens: int = 16_384,
-    chunk_size: int = 8_192,
-    precision: str = "fp32",
-    progress: bool = False,
-    key_added: str = "X_langcell",
-    copy: bool = False,
-):
-    """L2-normalised LangCell cell embeddings (the ``cell_proj`` space shared with texts).
-
-    Cells are tokenized and embedded ``chunk_size`` rows at a time, so a backed AnnData
-    (``anndata.read_h5ad(path, backed="r")``) streams from disk: memory holds one chunk's tokens and the
-    ``n_cells x 256`` result, whatever the number of cells.
-
-    Parameters
-    ----------
-    adata
-        Cells with raw counts (in ``X``, ``layers[counts_layer]`` or ``.raw`` with ``counts_layer="raw"``).
-    model
-        A :class:`~langcell.models.langcell.LangCell` with its gene tokenizer.
-    counts_layer, gene_column, n_counts_key
-        Where the counts, gene ids and per-cell totals are (see :meth:`GeneTokenizer.encode`).
-    max_length
-        Longest cell in tokens (default: the model's positions).
-    max_tokens
-        Token budget of one forward pass (cells of similar length batched together).
-    chunk_size
-        Cells tokenized at a time.
-    precision
-        ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the encoder
-        (:mod:`langcell.precision`); bf16 embeddings agree with fp32 to about 1e-2 in cosine.
-    progress
-        Show a progress bar.
-    key_added
-        The obsm key.
-    copy
-        Return an annotated copy instead of writing into ``adata``.
-
-    Returns
-    -------
-    AnnData or None
-        ``adata.obsm[key_added]``: ``float32 [n_cells, projection_dim]``, unit rows.
-        ``adata.uns[key_added]["params"]``: the settings of the call. A copy when ``copy=True``.
-    """
-    _check_anndata(adata)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise LangCellError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    result, max_length = _embedding_matrix(
-        adata, model, counts_layer=counts_layer, gene_column=gene_column, n_counts_key=n_counts_key,
-        max_length=max_length, max_tokens=max_tokens, chunk_size=chunk_size, precision=precision,
-        progress=progress,
-    )
-    if copy:
-        adata = adata.to_memory() if adata.isbacked else adata.copy()
-    adata.obsm[key_added] = result
-    adata.uns[key_added] = {
-        "params": {
-            "counts_layer": counts_layer,
-            "gene_column": gene_column,
-            "max_length": max_length,
-            "precision": precision,
-            "projection_dim": int(model.config.projection_dim),
-        }
-    }
-    return adata if copy else None
-
-
-def _embedding_matrix(
-    adata: Any,
-    model: Any,
-    *,
-    counts_layer: str | None,
-    gene_column: str | None,
-    n_counts_key: str | None,
-    max_length: int | None,
-    max_tokens: int,
-    chunk_size: int = 8_192,
-    precision: str = "fp32",
-    progress: bool = False,
-) -> tuple[np.ndarray, int]:
-    """Unit cell embeddings ``float32 [n_obs, projection_dim]`` of ``adata``, and the max_length used.
-
-    Tokenizes and embeds ``chunk_size`` rows at a time (a backed AnnData streams from disk). Shared by
-    :func:`embed` and the retrieval functions; validates the model and settings before any work.
-    """
-    from .inference.embed import embed_cells
-
-    tokenizer = gene_tokenizer_of(model)
-    check_precision(precision, model.logit_scale.device)
-    limit = int(model.config.cell.max_position_embeddings)
-    if max_length is None:
-        max_length = limit
-    elif isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or max_length < 1:
-        raise LangCellError(f"max_length must be a positive integer number of tokens, got {max_length!r}")
-    max_length = int(min(max_length, limit))
-    result = np.zeros((adata.n_obs, model.config.projection_dim), dtype=np.float32)
-    bar = progress_bar(adata.n_obs, progress, "embed", "cell")
-    try:
-        for start in range(0, adata.n_obs, chunk_size):
-            stop = min(start + chunk_size, adata.n_obs)
-            part = adata[start:stop]
-            part = part.to_memory() if adata.isbacked else part
-            cells = tokenizer.encode(
-                part, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
-                max_length=max_length,
-            )
-            result[start:stop] = embed_cells(
-                model, cells, max_tokens=max_tokens, max_length=max_length, precision=precision
-            )
-            if bar is not None:
-                bar.update(stop - start)
-    finally:
-        if bar is not None:
-            bar.close()
-    return result, max_length
-
-
-# --------------------------------------------------------------------------------------------------
-# Fine-tuning, few-shot annotation, retrieval and evaluation live in their own modules; they are part
-# of the tl namespace.
-from .evaluate import evaluate, integration_metrics, per_type_accuracy  # noqa: E402
-from .fewshot import fewshot  # noqa: E402
-from .finetune import finetune, predict  # noqa: E402
-from .retrieval import retrieval_recall, retrieve_cells, retrieve_texts  # noqa: E402

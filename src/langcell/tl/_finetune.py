@@ -1,0 +1,307 @@
+"""LangCell-CE: the LangCell cell encoder with a linear cell-type classifier, fine-tuned on labelled cells.
+
+The paper's LangCell-CE puts a classifier on the cell encoder and trains it with cross-entropy on a
+labelled two thirds of a dataset, then reports accuracy and macro-F1 on the held-out third. Here:
+
+:class:`CellTypeClassifier`
+    A copy of a LangCell cell encoder plus ``nn.Linear(hidden, n_classes)`` on a pooled cell state
+    (``pooling="cls"``: the ``<cls>`` state, which LangCell trains as the cell's summary; ``"mean"``:
+    the mean over the cell's real tokens, ``<cls>`` included). The class names, the gene tokenizer and
+    the encoder's sizes travel with it; :meth:`~CellTypeClassifier.save` / :meth:`~CellTypeClassifier.load`
+    write and read one directory.
+:func:`finetune`
+    AnnData in: a stratified, seeded split of the labelled cells, then either a *linear probe* (the
+    encoder frozen: every cell is encoded once and only the head learns, which is fast) or *full*
+    fine-tuning (the head and the encoder learn together, the encoder at a smaller learning rate).
+    Predictions, the split and the metrics go back into the AnnData.
+:func:`predict`
+    A trained classifier applied to new cells.
+
+The pure helpers :func:`stratified_split` and :func:`classification_metrics` take numpy arrays only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._checks import check_anndata as _check_anndata
+from .._checks import check_fraction, check_max_length, check_positive_int
+from .._checks import check_key_added as _check_key
+from .._checks import gene_tokenizer_of as _gene_tokenizer
+from .._labels import label_codes
+from ..data.batching import as_sequences
+from ..data.splits import stratified_split
+from ..errors import LangCellError
+from ..metrics import classification_metrics, softmax
+from ..models.classifier import DEFAULT_MAX_TOKENS, POOLINGS, CellTypeClassifier
+from ..train.finetune import LINEAR_EPOCHS, train_full, train_linear_probe
+from ..train.supervised import model_device, seeded
+
+__all__ = [
+    "finetune",
+]
+
+MODES = ("full", "linear")
+#: Names written to ``obs[key_added + "_split"]``.
+SPLIT_NAMES = ("train", "test", "unlabelled")
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers: split and metrics
+# --------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------
+# AnnData layer
+# --------------------------------------------------------------------------------------------------
+
+
+def finetune(
+    adata: Any,
+    model: Any,
+    label_key: str,
+    *,
+    mode: str = "full",
+    train_fraction: float = 2 / 3,
+    epochs: int | None = None,
+    lr: float = 1e-3,
+    encoder_lr: float = 5e-5,
+    weight_decay: float = 0.01,
+    batch_size: int = 256,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch_size: int = 64,
+    max_length: int | None = None,
+    pooling: str = "cls",
+    warmup_fraction: float = 0.1,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    counts_layer: str | None = None,
+    gene_column: str | None = None,
+    n_counts_key: str | None = "n_counts",
+    progress: bool = False,
+    key_added: str = "langcell_ce",
+    copy: bool = False,
+):
+    """LangCell-CE: train a cell-type classifier on the cell encoder and test it on held-out cells.
+
+    The labelled cells are split by :func:`stratified_split` (``train_fraction`` of every class for
+    training, the rest for testing; seeded). The classifier (:class:`CellTypeClassifier`) starts from a
+    copy of ``model``'s cell encoder, so ``model`` itself is never changed. Training minimises the
+    cross-entropy with AdamW (no decay on biases and LayerNorms), a linear warm-up over
+    ``warmup_fraction`` of the steps and a cosine decay to 0, and gradient clipping.
+
+    ``mode="linear"`` (linear probe)
+        The encoder is frozen: every cell is encoded once (pooled states), then only the head learns,
+        on shuffled mini-batches of ``batch_size`` cells, at ``lr``. Fast. The head is trained on
+        features standardised with the training cells' mean and standard deviation (the usual probe
+        recipe), which is then folded into its weights, so the returned classifier reads raw states.
+    ``mode="full"`` (full fine-tuning, the paper's LangCell-CE)
+        The head (at ``lr``) and the encoder (at ``encoder_lr``) learn together; cells are batched by
+        length under ``max_tokens`` and reshuffled every epoch; dropout is active.
+
+    Parameters
+    ----------
+    adata
+        Cells with **raw counts** (in ``X``, or the layer ``counts_layer``).
+    model
+        A :class:`~langcell.models.langcell.LangCell` with its gene tokenizer.
+    label_key
+        The obs column with the cell-type labels. Missing values (NaN, "") mark unlabelled cells: they
+        are neither trained on nor scored, but they get predictions.
+    mode
+        ``"full"`` or ``"linear"`` (see above).
+    train_fraction
+        Share of every class used for training, in (0, 1); the paper's split is 2/3.
+    epochs
+        Passes over the training cells. Default: 100 for the linear probe; for full fine-tuning, 3, or
+        more on a small training set so that training makes at least 200 optimiser steps, and at most
+        100 (:func:`full_finetuning_epochs`). The number used is stored in ``uns[key_added]["params"]``.
+    lr
+        Peak learning rate of the head.
+    encoder_lr
+        Peak learning rate of the encoder (``mode="full"`` only).
+    weight_decay
+        AdamW weight decay on the weight matrices.
+    batch_size
+        Cells per step of the linear probe.
+    max_tokens, max_batch_size
+        Full fine-tuning: token budget (batch size x padded length) and cap on cells of one step; also
+        the budget of every inference pass.
+    max_length
+        Longest cell in tokens, ``<cls>`` included (default and cap: the encoder's positions).
+    pooling
+        ``"cls"`` or ``"mean"``: what the head reads (see :class:`CellTypeClassifier`).
+    warmup_fraction
+        Share of the steps spent warming the learning rate up, in [0, 1).
+    max_grad_norm
+        Gradient clipping (global L2 norm); 0 turns it off.
+    seed
+        Seeds the split, the head's initialisation, the batch order and dropout; the global torch
+        random state is left as it was.
+    counts_layer, gene_column, n_counts_key
+        Where the counts, gene names and per-cell totals are (see :meth:`GeneTokenizer.encode`).
+    progress
+        Show progress bars.
+    key_added
+        Prefix of the fields written (see Returns); existing fields of those names are overwritten.
+    copy
+        Annotate a copy instead of ``adata``.
+
+    Returns
+    -------
+    tuple
+        ``(classifier, metrics)``, or ``(classifier, metrics, annotated_copy)`` when ``copy=True``.
+        ``classifier`` is the trained :class:`CellTypeClassifier` (eval mode); ``metrics`` is the dict
+        stored in ``uns[key_added]["metrics"]``. The fields written are:
+
+        ``obs[key_added]``
+            categorical: the predicted class of every test and unlabelled cell; NaN for training cells
+            (so that no one scores the classifier on its own training data by accident).
+        ``obs[key_added + "_split"]``
+            categorical ``"train"`` / ``"test"`` / ``"unlabelled"``.
+        ``obs[key_added + "_score"]``
+            float: the predicted class's probability; NaN for training cells.
+        ``obsm[key_added + "_probs"]``
+            ``float32 [n_cells, n_classes]``: class probabilities (columns in the order of
+            ``uns[key_added]["classes"]``); NaN rows for training cells.
+        ``uns[key_added]``
+            ``"params"`` (the settings, with the epochs used and ``n_classes``), ``"classes"`` (class
+            names) and ``"metrics"``: ``accuracy``, ``macro_f1`` and ``f1_per_class`` on the test cells
+            (:func:`classification_metrics`), ``n_train``, ``n_test``, ``n_unlabelled``,
+            ``n_steps`` (optimiser steps) and ``train_loss`` (the mean training cross-entropy of each epoch).
+
+    Raises
+    ------
+    LangCellError
+        For a missing ``label_key``, fewer than two classes, a class with fewer than two cells (named),
+        a bad setting, a model without a gene tokenizer, or counts that are not raw counts.
+    """
+    _check_anndata(adata)
+    if mode not in MODES:
+        raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'linear' is the fast linear probe")
+    if pooling not in POOLINGS:
+        raise LangCellError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    check_fraction(train_fraction)
+    if epochs is not None:
+        epochs = check_positive_int(epochs, "epochs")
+    elif mode == "linear":
+        epochs = LINEAR_EPOCHS
+    for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
+        if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+            raise LangCellError(f"{name} must be a positive number, got {value!r}")
+    if not (weight_decay >= 0 and max_grad_norm >= 0):
+        raise LangCellError("weight_decay and max_grad_norm must be >= 0 (0 turns them off)")
+    if not 0 <= warmup_fraction < 1:
+        raise LangCellError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("max_batch_size", max_batch_size)):
+        check_positive_int(value, name)
+    _check_key(key_added)
+    tokenizer = _gene_tokenizer(model)
+    max_length = check_max_length(max_length, model.config.cell.max_position_embeddings)
+
+    classes, codes = label_codes(adata, label_key)
+    try:
+        train, test = stratified_split(codes, train_fraction, seed=seed)
+    except LangCellError:
+        counts = pd.Series(codes[codes >= 0]).value_counts()
+        small = [f"{classes[c]!r} ({n} cell{'s' if n != 1 else ''})" for c, n in counts.items() if n < 2]
+        raise LangCellError(
+            f"obs[{label_key!r}] has classes with fewer than 2 cells, too few for a stratified train/test "
+            f"split: {', '.join(small)}; drop those cells or merge the classes"
+        ) from None
+    cells = tokenizer.encode(
+        adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+        max_length=max_length, progress=progress,
+    )
+    sequences = as_sequences(cells)
+    held_out = np.setdiff1d(np.arange(len(sequences)), train)  # test and unlabelled cells
+
+    with seeded(seed, model_device(model)):
+        classifier = CellTypeClassifier.from_langcell(model, classes, pooling=pooling)
+        if mode == "linear":
+            train_loss, held_out_logits, n_steps = train_linear_probe(
+                classifier, sequences, codes, train, held_out, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                batch_size=batch_size, max_tokens=max_tokens, max_length=max_length,
+                warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm, seed=seed, progress=progress,
+            )
+        else:
+            train_loss, epochs, n_steps = train_full(
+                classifier, sequences, codes, train, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
+                weight_decay=weight_decay, max_tokens=max_tokens, max_batch_size=max_batch_size,
+                max_length=max_length, warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm,
+                seed=seed, progress=progress,
+            )
+            held_out_logits = classifier.predict_logits(
+                [sequences[i] for i in held_out], max_tokens=max_tokens, max_length=max_length, progress=progress
+            )
+    classifier.eval()
+
+    probabilities = np.full((len(sequences), len(classes)), np.nan, dtype=np.float32)
+    probabilities[held_out] = softmax(held_out_logits)
+    predicted = np.full(len(sequences), -1, dtype=np.int64)
+    predicted[held_out] = probabilities[held_out].argmax(axis=1)
+    metrics = classification_metrics(codes[test], predicted[test], len(classes))
+    metrics.update(
+        n_train=int(train.size),
+        n_test=int(test.size),
+        n_unlabelled=int(np.sum(codes < 0)),
+        n_steps=int(n_steps),
+        train_loss=[float(v) for v in train_loss],
+    )
+    split = np.full(len(sequences), SPLIT_NAMES[2], dtype=object)
+    split[train] = SPLIT_NAMES[0]
+    split[test] = SPLIT_NAMES[1]
+
+    adata = adata.copy() if copy else adata
+    adata.obs[key_added] = pd.Categorical.from_codes(predicted, categories=list(classes))
+    adata.obs[key_added + "_split"] = pd.Categorical(split, categories=list(SPLIT_NAMES))
+    score = np.full(len(sequences), np.nan)
+    score[held_out] = probabilities[held_out].max(axis=1)
+    adata.obs[key_added + "_score"] = score
+    adata.obsm[key_added + "_probs"] = probabilities
+    adata.uns[key_added] = {
+        "params": {
+            "label_key": label_key,
+            "mode": mode,
+            "pooling": pooling,
+            "train_fraction": float(train_fraction),
+            "epochs": int(epochs),
+            "lr": float(lr),
+            "encoder_lr": float(encoder_lr),
+            "weight_decay": float(weight_decay),
+            "batch_size": int(batch_size),
+            "max_tokens": int(max_tokens),
+            "max_batch_size": int(max_batch_size),
+            "max_length": int(max_length),
+            "warmup_fraction": float(warmup_fraction),
+            "max_grad_norm": float(max_grad_norm),
+            "seed": int(seed),
+            "counts_layer": counts_layer,
+            "gene_column": gene_column,
+            "n_classes": len(classes),
+        },
+        "classes": list(classes),
+        "metrics": metrics,
+    }
+    return (classifier, metrics, adata) if copy else (classifier, metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loops
+# --------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------
+
+
