@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import LangCellError
+from ..ontology import resolve_labels
 
 #: obs columns of the CELLxGENE schema that langcell reads, by aspect.
 CELLXGENE_TERM_COLUMNS = {
@@ -81,7 +82,6 @@ def pbmc68k():
     import anndata as ad
     import scanpy as sc
 
-    from ..ontology import resolve_labels
 
     reduced = sc.datasets.pbmc68k_reduced()
     counts = counts_from_log1p(reduced.raw.X, reduced.obs["n_counts"].to_numpy())

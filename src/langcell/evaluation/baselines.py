@@ -8,6 +8,7 @@ import numpy as np
 
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_positive_int
+from ..data.sources import count_source
 from ..errors import LangCellError
 
 
@@ -20,8 +21,6 @@ def log_normalised_features(
     normalises), otherwise the cell's sum over the matrix. The counts are read where the tokenizer reads
     them (``counts_layer``: ``None`` = ``X``, a layer name, or ``"raw"``).
     """
-    from ..data.sources import count_source
-
     source = count_source(
         adata, "the AnnData", gene_column=None, counts_layer=counts_layer, n_counts_key=n_counts_key
     )
@@ -114,7 +113,6 @@ def baseline_pca(adata: Any, *, n_pcs: int = 50, counts_layer: str | None = None
     import scanpy as sc
     import scipy.sparse as sp
 
-    from ..data.sources import count_source
 
     _check_anndata(adata)
     n_pcs = check_positive_int(n_pcs, "n_pcs")

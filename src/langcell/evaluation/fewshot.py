@@ -47,14 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._checks import (
-    check_anndata,
-    check_class_names,
-    check_key_added,
-    check_max_length,
-    check_positive_int,
-    gene_tokenizer_of,
-)
+from .._checks import check_anndata, check_key_added, check_max_length, check_positive_int, gene_tokenizer_of
 from .._labels import label_codes
 from .._progress import progress_bar
 from ..data.batching import as_sequences
@@ -72,6 +65,7 @@ from ..inference.zero_shot import (
     zero_shot_scores,
 )
 from ..metrics import classification_metrics
+from ..ontology.classes import class_names, class_texts
 from ..train.fewshot import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
@@ -82,7 +76,7 @@ from ..train.fewshot import (
     check_rates,
     tune_langcell,
 )
-from .baselines import knn_predict, principal_components
+from .baselines import knn_predict, log_normalised_features, logistic_regression_predict, principal_components
 
 __all__ = [
     "BASELINES",
@@ -285,10 +279,7 @@ def fewshot(
     match_classes = check_match_classes(match_classes, len(classes))
     # Every class must be large enough for the largest n before any work starts.
     sample_shots(codes, max(shots), seed=seed, min_test=min_test, class_names=classes)
-    from .. import ontology
-
-    text_of, _ = ontology.label_texts(classes, descriptions=descriptions, mapping=mapping)
-    texts = [text_of[name] for name in classes]
+    texts, _ = class_texts(classes, descriptions=descriptions, mapping=mapping)
 
     cells = tokenizer.encode(
         adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
@@ -299,8 +290,6 @@ def fewshot(
     features = pcs = None
     n_pcs_used = None
     if baselines:
-        from .baselines import log_normalised_features
-
         features = log_normalised_features(adata, counts_layer=counts_layer, n_counts_key=n_counts_key)
         if "knn" in baselines:
             pcs, n_pcs_used = principal_components(features, labelled, n_pcs, seed)
@@ -333,8 +322,6 @@ def fewshot(
                 train_loss["repeat"].append(int(repeat))
                 train_loss["loss"].append([float(v) for v in losses])
                 if "logistic_regression" in baselines:
-                    from .baselines import logistic_regression_predict
-
                     predictions["logistic_regression"] = logistic_regression_predict(
                         features[train], codes[train], features[test], seed
                     )
@@ -448,15 +435,10 @@ def _classes_and_codes(
     adata: Any, label_key: str, labels: Any
 ) -> tuple[list[str], np.ndarray, dict[str, str] | None]:
     """The classes, every cell's code (-1: not used) and the user's descriptions, if any."""
-
     present, codes = label_codes(adata, label_key)
     if labels is None:
         return present, codes, None
-    if isinstance(labels, str):
-        raise LangCellError("labels must be a list of class names, not one string; wrap it: [label]")
-    descriptions = dict(labels) if isinstance(labels, Mapping) else None
-    names = list(labels)
-    check_class_names(names)
+    names, descriptions = class_names(labels)
     missing = [name for name in names if name not in present]
     if missing:
         raise LangCellError(

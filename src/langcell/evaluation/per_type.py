@@ -12,6 +12,7 @@ from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added as _check_key
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
+from ..metrics import classification_metrics
 from ._tables import check_name_list, obs_strings
 
 _PER_TYPE_COLUMNS = ("cell_type", "n_cells", "n_correct", "accuracy", "seen", "most_predicted", "most_predicted_share")
@@ -75,8 +76,6 @@ def per_type_accuracy(
     LangCellError
         For a missing column, the same column twice, no scored cell, a bad ``seen`` or ``key_added``.
     """
-    from ..metrics import classification_metrics
-
     _check_anndata(adata)
     if key_added is not None:
         _check_key(key_added)

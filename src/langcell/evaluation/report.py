@@ -8,12 +8,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import tl
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added as _check_key
 from .._checks import gene_tokenizer_of
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
-from ..metrics import DEFAULT_KS
+from ..metrics import DEFAULT_KS, check_ks
+from ..ontology.classes import label_column_texts
 from ._tables import check_name_list, json_value, obs_strings, obsm_matrix, table_columns, table_records
 from .baselines import baseline_pca
 from .integration import (
@@ -123,10 +125,6 @@ def evaluate(
         on the labelled cells (missing scib-metrics included); then what the annotation refuses
         (unknown label names, counts that are not raw counts) before anything is written.
     """
-    from .. import tl
-    from ..metrics import check_ks
-    from ..ontology.classes import label_column_texts
-
     _check_anndata(adata)
     for key in (key_added, annotation_key, embedding_key):
         _check_key(key)

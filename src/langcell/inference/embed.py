@@ -16,6 +16,7 @@ from .._progress import progress_bar
 from ..data.batching import pad_sequences, token_budget_batches
 from ..errors import LangCellError
 from ..precision import autocast, check_precision
+from .zero_shot import encode_class_texts
 
 #: Cell tokens (batch size x padded length) per forward pass when embedding.
 DEFAULT_EMBED_MAX_TOKENS = 16_384
@@ -95,8 +96,6 @@ def embedding_matrix(
     Tokenizes and embeds ``chunk_size`` rows at a time (a backed AnnData streams from disk). Shared by
     :func:`embed` and the retrieval functions; validates the model and settings before any work.
     """
-    from .embed import embed_cells
-
     tokenizer = gene_tokenizer_of(model)
     check_precision(precision, model.logit_scale.device)
     limit = int(model.config.cell.max_position_embeddings)
@@ -129,8 +128,6 @@ def embedding_matrix(
 
 def text_embeddings(model: Any, texts: list[str], names: list[str], precision: str = "fp32") -> np.ndarray:
     """L2-normalised text embeddings ``float32 [n_texts, projection_dim]`` (eval mode, no gradients)."""
-    from .zero_shot import encode_class_texts
-
     return encode_class_texts(model, texts, names, precision=precision).embeddings.float().cpu().numpy()
 
 
@@ -155,7 +152,6 @@ def unit_cell_embeddings(adata, model, use_rep, **encode_options) -> tuple[np.nd
                 f"obsm[{use_rep!r}] holds zero or non-finite rows; recompute them with tl.embed or pass use_rep=None"
             )
         return embeddings / norms, True, None
-    from .embed import embedding_matrix
 
     embeddings, max_length = embedding_matrix(adata, model, **encode_options)
     return embeddings, False, max_length

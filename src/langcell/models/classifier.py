@@ -25,11 +25,12 @@ from .._atomic import atomic_directory
 from .._checks import check_class_names, check_max_length, check_positive_int
 from .._progress import progress_bar
 from ..data.batching import as_sequences, pad_sequences, token_budget_batches
+from ..data.tokenizer import TOKENIZER_FILENAME, GeneTokenizer
 from ..errors import LangCellError
 from .cell_encoder import CellEncoder
 from .config import CellEncoderConfig, dataclass_from_dict
 from .layers import init_bert_weights
-from .serialization import read_format_document
+from .serialization import load_state_strict, read_format_document, read_weights
 
 #: ``format`` of the classifier's config.json; :meth:`CellTypeClassifier.load` refuses any other.
 FORMAT_NAME = "langcell.CellTypeClassifier"
@@ -254,9 +255,6 @@ class CellTypeClassifier(nn.Module):
             missing or duplicated class names, an unknown pooling, a gene tokenizer whose vocabulary does
             not match the encoder, or missing / unexpected / misshapen / corrupt weights.
         """
-        from ..data.tokenizer import TOKENIZER_FILENAME, GeneTokenizer
-        from .serialization import load_state_strict, read_weights
-
         path = Path(path)
         if not path.is_dir():
             raise LangCellError(f"{str(path)!r} is not a directory; pass the directory the classifier was saved to")

@@ -1,143 +1,176 @@
-"""TODO docstring."""
+"""The one class-name -> text resolver: class names, ``{name: text}`` or a term column -> class texts.
+
+Zero-shot annotation, few-shot tuning, retrieval recall and the evaluation report all need one text
+per class. They get it here, so that a class is described the same way everywhere:
+
+* a text the user wrote for it (``descriptions``) is used as written (whitespace collapsed);
+* otherwise, for cell types, the name is resolved to a Cell Ontology term
+  (:func:`langcell.ontology.resolve.label_texts`) and described by :func:`~langcell.ontology.term_text`;
+* for another aspect (disease, tissue, ...) the name must be a term id of that aspect, described by
+  :func:`~langcell.ontology.term_text`.
+
+:func:`column_classes` turns an obs column of term ids (CELLxGENE schema) into the class list.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
-from .. import ontology
 from .._checks import check_class_names
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
+from .resolve import label_texts
+from .texts import ASPECTS, term_label, term_text
 
+#: Columns of the resolution table: the class, its term id and label, and how it was found.
 RESOLUTION_COLUMNS = ["label", "term_id", "term_label", "how"]
+#: CELLxGENE's column name of the terms of an aspect is ``<aspect>_ontology_term_id``.
+TERM_COLUMN_SUFFIX = "_ontology_term_id"
+
+
+def check_aspect(aspect: str | None) -> None:
+    """Refuse an aspect that is not one of :data:`langcell.ontology.ASPECTS` (``None`` passes)."""
+    if aspect is not None and aspect not in ASPECTS:
+        raise LangCellError(f"unknown aspect {aspect!r}; use one of {', '.join(ASPECTS)}")
+
+
+def aspect_of_column(column: str) -> str | None:
+    """The aspect whose terms a ``<aspect>_ontology_term_id`` column holds, or ``None`` for other names."""
+    if not column.endswith(TERM_COLUMN_SUFFIX):
+        return None
+    aspect = column[: -len(TERM_COLUMN_SUFFIX)]
+    return aspect if aspect in ASPECTS else None
+
+
+def class_names(labels: Any) -> tuple[list[str], dict[str, str] | None]:
+    """The class names a user passed, and their texts when they passed ``{name: text}``.
+
+    ``labels`` is a list of names, a categorical Series (its categories, in order) or a dict
+    ``{name: description}``; the names are checked with :func:`langcell._checks.check_class_names`.
+    """
+    if isinstance(labels, Mapping):
+        names = check_class_names(list(labels))
+        return names, {name: labels[name] for name in names}
+    if isinstance(labels, pd.Series) and isinstance(labels.dtype, pd.CategoricalDtype):
+        labels = list(labels.cat.categories)
+    return check_class_names(labels), None
 
 
 def class_texts(
-    adata: Any, labels: Any, classes_from: str | None, aspect: str | None, mapping: Any
-) -> tuple[list[str], list[str], pd.DataFrame, str | None]:
-    """Class names, their texts, the resolution table and the aspect actually used."""
-    if (labels is None) == (classes_from is None):
-        raise LangCellError(
-            "pass exactly one of labels (class names, or {name: description}) and classes_from "
-            "(an obs column of ontology term ids)"
-        )
-    if aspect is not None and aspect not in ontology.ASPECTS:
-        raise LangCellError(f"unknown aspect {aspect!r}; use one of {', '.join(ontology.ASPECTS)}")
-    if classes_from is not None:
-        return _classes_from_column(adata, classes_from, aspect)
-    if isinstance(labels, str):
-        raise LangCellError("labels must be a list of class names, not one string; wrap it: [label]")
-    if isinstance(labels, Mapping):
-        names = list(labels)
-        check_class_names(names)
-        texts, table = ontology.label_texts(names, descriptions=dict(labels))
-        return names, [texts[n] for n in names], table, aspect
-    names = list(labels.cat.categories) if _is_categorical(labels) else list(labels)
-    check_class_names(names)
-    if aspect is None or aspect == "cell_type":
-        texts, table = ontology.label_texts(names, mapping=mapping)
-        return names, [texts[n] for n in names], table, "cell_type"
-    texts_list = []
-    for term in names:
-        texts_list.append(_term_text_or_raise(term, aspect, "labels"))
-    table = pd.DataFrame(
-        {
-            "label": names,
-            "term_id": names,
-            "term_label": [ontology.term_label(t) for t in names],
-            "how": ["term id"] * len(names),
-        },
-        columns=RESOLUTION_COLUMNS,
+    names: Sequence[str],
+    *,
+    aspect: str = "cell_type",
+    term_ids: bool = False,
+    descriptions: Mapping[str, str] | None = None,
+    mapping: Any = None,
+    where: str | None = None,
+    how: str = "term id",
+) -> tuple[list[str], pd.DataFrame]:
+    """One text per class name, and the resolution table.
+
+    Parameters
+    ----------
+    names
+        The distinct class names.
+    aspect
+        The aspect the names belong to (:data:`langcell.ontology.ASPECTS`).
+    term_ids
+        The names are term ids of ``aspect`` (an obs term column), described as they are. Otherwise
+        cell-type names are resolved by :func:`langcell.ontology.resolve.label_texts` (with
+        ``mapping``); names of any other aspect must be term ids in any case.
+    descriptions
+        The user's own texts, ``{name: text}``; a name found here keeps its text and is not resolved.
+    mapping
+        ``{label: term id}`` (or a JSON/TSV path) for cell-type labels the resolver cannot place.
+    where
+        Where the names come from, prefixed to error messages (``"labels"``,
+        ``"obs['disease_ontology_term_id']"``); ``None``: no prefix.
+    how
+        The ``how`` of resolved term ids of a non-cell-type aspect (``"term id"``, ``"obs column"``).
+
+    Returns
+    -------
+    texts : list of str
+        The texts, in the order of ``names``.
+    table : pandas.DataFrame
+        Columns :data:`RESOLUTION_COLUMNS`, one row per name.
+    """
+    if descriptions is not None and not isinstance(descriptions, Mapping):
+        raise LangCellError("texts must be a dict {label: text}; leave it out to describe labels from the ontology")
+    given = {} if descriptions is None else {str(k): v for k, v in descriptions.items()}
+    for name in names:
+        if name in given and (not isinstance(given[name], str) or not given[name].strip()):
+            raise LangCellError(f"the text of {name!r} is empty; write a sentence for it or leave it out")
+    try:
+        if aspect == "cell_type" and not term_ids:
+            by_name, table = label_texts(list(names), descriptions=given, mapping=mapping)
+            return [by_name[name] for name in names], table
+        rows = []
+        for name in names:
+            if name in given:
+                rows.append((" ".join(given[name].split()), (name, None, None, "user description")))
+            else:
+                rows.append((_term_text_or_raise(name, aspect), (name, name, term_label(name), how)))
+    except LangCellError as error:
+        if where is None:
+            raise
+        raise LangCellError(f"{where}: {error}") from None
+    table = pd.DataFrame([row for _, row in rows], columns=RESOLUTION_COLUMNS)
+    return [text for text, _ in rows], table
+
+
+def label_column_texts(
+    labels: Sequence[str], label_key: str, descriptions: Mapping[str, str] | None, mapping: Any
+) -> dict[str, str]:
+    """``{label: text}`` for the distinct labels of the obs column ``label_key``.
+
+    A ``<aspect>_ontology_term_id`` column holds term ids of that aspect; any other column holds
+    cell-type names. ``descriptions`` and ``mapping`` as in :func:`class_texts`.
+    """
+    term_column = label_key.endswith(TERM_COLUMN_SUFFIX)
+    texts, _ = class_texts(
+        list(labels),
+        aspect=aspect_of_column(label_key) or "cell_type",
+        descriptions=descriptions,
+        mapping=mapping,
+        term_ids=term_column,
+        where=f"obs[{label_key!r}]" if term_column else None,
     )
-    return names, texts_list, table, aspect
+    return dict(zip(labels, texts, strict=True))
 
 
-def _is_categorical(values: Any) -> bool:
-    return isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype)
+def column_classes(adata: Any, column: str, aspect: str | None) -> tuple[list[str], str]:
+    """The distinct terms of an obs column of ontology term ids (less "unknown"/"na") and their aspect.
 
-
-def _classes_from_column(
-    adata: Any, column: str, aspect: str | None
-) -> tuple[list[str], list[str], pd.DataFrame, str]:
+    ``aspect=None`` reads it from the column name ``<aspect>_ontology_term_id``.
+    """
     if not isinstance(column, str) or column not in adata.obs.columns:
         raise LangCellError(
             f"obs has no column {column!r}; pass classes_from=<an obs column of ontology term ids> "
             f"(columns: {list(adata.obs.columns)[:10]})"
         )
     if aspect is None:
-        suffix = "_ontology_term_id"
-        inferred = column[: -len(suffix)] if column.endswith(suffix) else None
-        if inferred not in ontology.ASPECTS:
+        aspect = aspect_of_column(column)
+        if aspect is None:
             raise LangCellError(
                 f"cannot tell which aspect the terms of {column!r} describe; pass aspect= (one of "
-                f"{', '.join(ontology.ASPECTS)})"
+                f"{', '.join(ASPECTS)})"
             )
-        aspect = inferred
-    values = adata.obs[column]
-    present = pd.Series(values.astype(object)).dropna().astype(str).str.strip()
+    present = pd.Series(adata.obs[column].astype(object)).dropna().astype(str).str.strip()
     terms = sorted(set(present) - NO_LABEL_VALUES)
     if not terms:
         raise LangCellError(
             f"obs[{column!r}] holds no ontology term (only missing, 'unknown' or 'na' values); "
             "fill it in or pass labels= instead"
         )
-    texts = [_term_text_or_raise(term, aspect, f"obs[{column!r}]") for term in terms]
-    table = pd.DataFrame(
-        {
-            "label": terms,
-            "term_id": terms,
-            "term_label": [ontology.term_label(t) for t in terms],
-            "how": ["obs column"] * len(terms),
-        },
-        columns=RESOLUTION_COLUMNS,
-    )
-    return terms, texts, table, aspect
+    return terms, aspect
 
 
-def _term_text_or_raise(term: Any, aspect: str, where: str) -> str:
-    try:
-        text = ontology.term_text(str(term), aspect)
-    except LangCellError as error:
-        raise LangCellError(f"{where}: {error}") from None
+def _term_text_or_raise(term: Any, aspect: str) -> str:
+    text = term_text(str(term), aspect)
     if not text:
-        raise LangCellError(
-            f"{where}: {term!r} has no {aspect} text (it means 'unknown'/'not applicable'); leave it out"
-        )
+        raise LangCellError(f"{term!r} has no {aspect} text (it means 'unknown'/'not applicable'); leave it out")
     return text
-
-
-_TERM_COLUMN_SUFFIX = "_ontology_term_id"
-
-
-def label_column_texts(
-    labels: list[str], label_key: str, texts: Mapping[str, str] | None, mapping: Any
-) -> dict[str, str]:
-    """One text per label: the user's, a term id's, or a resolved name's."""
-    if texts is not None and not isinstance(texts, Mapping):
-        raise LangCellError("texts must be a dict {label: text}; leave it out to describe labels from the ontology")
-    given = {} if texts is None else {str(k): v for k, v in texts.items()}
-    out: dict[str, str] = {}
-    for label in labels:
-        if label in given:
-            text = given[label]
-            if not isinstance(text, str) or not text.strip():
-                raise LangCellError(f"texts[{label!r}] is empty; write a sentence for it or leave it out")
-            out[label] = " ".join(text.split())
-    rest = [label for label in labels if label not in out]
-    if not rest:
-        return out
-    if label_key.endswith(_TERM_COLUMN_SUFFIX):
-        aspect = label_key[: -len(_TERM_COLUMN_SUFFIX)]
-        aspect = aspect if aspect in ontology.ASPECTS else "cell_type"
-        for term in rest:
-            try:
-                out[term] = ontology.term_text(term, aspect)
-            except LangCellError as error:
-                raise LangCellError(f"obs[{label_key!r}]: {error}") from None
-    else:
-        resolved, _ = ontology.label_texts(rest, mapping=mapping)
-        out.update(resolved)
-    return out

@@ -33,7 +33,7 @@ from ..inference.zero_shot import (
     encode_class_texts,
     zero_shot_scores,
 )
-from ..ontology.classes import RESOLUTION_COLUMNS, class_texts
+from ..ontology.classes import RESOLUTION_COLUMNS, check_aspect, class_names, class_texts, column_classes
 from ..precision import check_precision
 
 __all__ = ["annotate"]
@@ -184,7 +184,7 @@ def annotate(
     tokenizer = gene_tokenizer_of(model)
 
     check_precision(precision, model.logit_scale.device)
-    names, texts, resolution, aspect = class_texts(adata, labels, classes_from, aspect, mapping)
+    names, texts, resolution, aspect = _annotation_classes(adata, labels, classes_from, aspect, mapping)
     top_k = check_top_k(top_k, len(names))
     if threshold is not None and unknown_label in names:
         raise LangCellError(
@@ -266,3 +266,28 @@ def annotate(
 
 # --------------------------------------------------------------------------------------------------
 # Embeddings
+
+
+def _annotation_classes(
+    adata: Any, labels: Any, classes_from: str | None, aspect: str | None, mapping: Any
+) -> tuple[list[str], list[str], pd.DataFrame, str | None]:
+    """Class names, their texts, the resolution table and the aspect actually used."""
+    if (labels is None) == (classes_from is None):
+        raise LangCellError(
+            "pass exactly one of labels (class names, or {name: description}) and classes_from "
+            "(an obs column of ontology term ids)"
+        )
+    check_aspect(aspect)
+    if classes_from is not None:
+        names, aspect = column_classes(adata, classes_from, aspect)
+        texts, table = class_texts(
+            names, aspect=aspect, term_ids=True, where=f"obs[{classes_from!r}]", how="obs column"
+        )
+        return names, texts, table, aspect
+    names, descriptions = class_names(labels)
+    if descriptions is None:
+        aspect = aspect or "cell_type"
+    resolved_as = aspect or "cell_type"
+    where = None if resolved_as == "cell_type" else "labels"
+    texts, table = class_texts(names, aspect=resolved_as, descriptions=descriptions, mapping=mapping, where=where)
+    return names, texts, table, aspect

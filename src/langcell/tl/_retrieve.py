@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import ontology
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added as _check_key
 from .._checks import check_positive_int
 from ..errors import LangCellError
 from ..inference.embed import text_embeddings, unit_cell_embeddings
 from ..metrics import top_k_indices
+from ..ontology.classes import class_texts
 
 __all__ = [
     "retrieve_cells",
@@ -256,8 +256,8 @@ def _query_texts(texts: Any, as_labels: bool) -> tuple[list[str], list[str]]:
     if as_labels:
         if isinstance(texts, Mapping):
             raise LangCellError("as_labels=True takes a list of cell-type names, not a dict; pass list(...)")
-        described, _ = ontology.label_texts(values)
-        return [str(v) for v in values], [described[v] for v in values]
+        described, _ = class_texts(values)
+        return [str(v) for v in values], described
     return names, [" ".join(v.split()) for v in values]
 
 
