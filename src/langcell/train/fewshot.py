@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_max_length, check_positive_int
-from .._progress import progress_bar
 from ..data.batching import as_sequences, pad_sequences, token_budget_batches
 from ..errors import LangCellError
 from ..inference.zero_shot import DEFAULT_MAX_PAIR_TOKENS, TEMPERATURE
-from .optim import param_groups, warmup_cosine_schedule
-from .supervised import model_device, optimizer_step, seeded
+from .optim import param_groups
+from .supervised import adamw_with_schedule, fit_epochs, model_device, seeded
 
 #: Cell tokens (batch size x padded length) per step and per inference pass.
 DEFAULT_MAX_TOKENS = 8_192
@@ -234,36 +233,23 @@ def tune_langcell(
             for epoch in range(epochs)
         ]
         total = sum(len(batches) for batches in epoch_batches)
-        optimizer = torch.optim.AdamW(param_groups(tuned, lr, text_lr / lr, weight_decay))
-        scheduler = warmup_cosine_schedule(optimizer, int(warmup_fraction * total), total, 0.0)
-        parameters = [p for p in tuned.parameters() if p.requires_grad]
+        optimizer, scheduler = adamw_with_schedule(
+            param_groups(tuned, lr, text_lr / lr, weight_decay), total, warmup_fraction
+        )
         pad_id = int(tuned.config.cell.pad_token_id)
-        bar = progress_bar(total, progress, "few-shot tuning", "step")
-        losses = []
+
+        def batch_loss(rows: np.ndarray) -> torch.Tensor:
+            ids, mask = pad_sequences([sequences[i] for i in rows], pad_id, max_length)
+            cells = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+            return fewshot_loss(
+                tuned, cells, torch.from_numpy(labels[rows]), class_tokens, tau=tau, match_classes=match_classes
+            )["loss"]
+
         tuned.train()
-        try:
-            for batches in epoch_batches:
-                loss_sum = 0.0
-                for rows in batches:
-                    ids, mask = pad_sequences([sequences[i] for i in rows], pad_id, max_length)
-                    loss = fewshot_loss(
-                        tuned,
-                        {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)},
-                        torch.from_numpy(labels[rows]),
-                        class_tokens,
-                        tau=tau,
-                        match_classes=match_classes,
-                    )["loss"]
-                    optimizer_step(loss, optimizer, scheduler, parameters, max_grad_norm)
-                    loss_sum += float(loss.detach()) * len(rows)
-                    if bar is not None:
-                        bar.update(1)
-                losses.append(loss_sum / len(sequences))
-                if bar is not None:
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        finally:
-            if bar is not None:
-                bar.close()
+        losses = fit_epochs(
+            epoch_batches, batch_loss, optimizer, scheduler, [p for p in tuned.parameters() if p.requires_grad],
+            n_items=len(sequences), max_grad_norm=max_grad_norm, progress=progress, description="few-shot tuning",
+        )
     tuned.zero_grad(set_to_none=True)
     return tuned.eval(), losses
 

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._progress import progress_bar
 from ..data.batching import pad_sequences, token_budget_batches
 from ..errors import LangCellError
-from .optim import param_groups, warmup_cosine_schedule
-from .supervised import optimizer_step
+from .optim import param_groups
+from .supervised import adamw_with_schedule, fit_epochs
 
 #: Epochs of the linear probe when ``epochs=None``: it trains a small head on fixed features (cheap epochs).
 LINEAR_EPOCHS = 100
@@ -56,28 +55,19 @@ def train_linear_probe(
     features = ((features - mean) / std).astype(np.float32)
     x_train = torch.from_numpy(features[train]).to(device)
     y_train = torch.from_numpy(codes[train]).to(device)
-    steps_per_epoch = math.ceil(train.size / batch_size)
-    optimizer = torch.optim.AdamW(param_groups(classifier.head, lr, 1.0, weight_decay))
-    total = epochs * steps_per_epoch
-    scheduler = warmup_cosine_schedule(optimizer, int(warmup_fraction * total), total, 0.0)
+    # One generator draws every epoch's order up front: the same orders as drawing them epoch by epoch.
     generator = torch.Generator().manual_seed(seed)
-    bar = progress_bar(epochs, progress, "linear probe", "epoch")
-    losses = []
-    classifier.head.train()
-    for _ in range(epochs):
-        order = torch.randperm(train.size, generator=generator).to(device)
-        loss_sum = 0.0
-        for start in range(0, train.size, batch_size):
-            rows = order[start : start + batch_size]
-            loss = F.cross_entropy(classifier.head(x_train[rows]), y_train[rows])
-            optimizer_step(loss, optimizer, scheduler, list(classifier.head.parameters()), max_grad_norm)
-            loss_sum += float(loss.detach()) * rows.numel()
-        losses.append(loss_sum / train.size)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if bar is not None:
-        bar.close()
+    orders = [torch.randperm(train.size, generator=generator).to(device) for _ in range(epochs)]
+    epoch_batches = [[order[start : start + batch_size] for start in range(0, train.size, batch_size)] for order in orders]
+    total = sum(len(batches) for batches in epoch_batches)
+    head = classifier.head
+    optimizer, scheduler = adamw_with_schedule(param_groups(head, lr, 1.0, weight_decay), total, warmup_fraction)
+    head.train()
+    losses = fit_epochs(
+        epoch_batches, lambda rows: F.cross_entropy(head(x_train[rows]), y_train[rows]), optimizer, scheduler,
+        list(head.parameters()), n_items=train.size, max_grad_norm=max_grad_norm, progress=progress,
+        description="linear probe",
+    )
     for param in classifier.cell_encoder.parameters():
         param.requires_grad = True
     with torch.inference_mode():
@@ -138,30 +128,23 @@ def train_full(
         epochs = full_finetuning_epochs(len(epoch_batches[0]))
     epoch_batches += [batches_of(epoch) for epoch in range(1, epochs)]
     total = sum(len(batches) for batches in epoch_batches)
-    optimizer = torch.optim.AdamW(
+    optimizer, scheduler = adamw_with_schedule(
         param_groups(classifier.cell_encoder, encoder_lr, 1.0, weight_decay)
-        + param_groups(classifier.head, lr, 1.0, weight_decay)
+        + param_groups(classifier.head, lr, 1.0, weight_decay),
+        total,
+        warmup_fraction,
     )
-    scheduler = warmup_cosine_schedule(optimizer, int(warmup_fraction * total), total, 0.0)
-    parameters = list(classifier.parameters())
     pad_id = classifier.config.pad_token_id
-    bar = progress_bar(total, progress, "fine-tune", "step")
-    losses = []
+
+    def batch_loss(rows: np.ndarray) -> torch.Tensor:
+        ids, mask = pad_sequences([sequences[i] for i in rows], pad_id, max_length)
+        labels = torch.from_numpy(codes[rows]).to(classifier.device)
+        return F.cross_entropy(classifier(torch.from_numpy(ids), torch.from_numpy(mask)), labels)
+
     classifier.train()
-    for batches in epoch_batches:
-        loss_sum = 0.0
-        for rows in batches:
-            ids, mask = pad_sequences([sequences[i] for i in rows], pad_id, max_length)
-            labels = torch.from_numpy(codes[rows]).to(classifier.device)
-            loss = F.cross_entropy(classifier(torch.from_numpy(ids), torch.from_numpy(mask)), labels)
-            optimizer_step(loss, optimizer, scheduler, parameters, max_grad_norm)
-            loss_sum += float(loss.detach()) * len(rows)
-            if bar is not None:
-                bar.update(1)
-        losses.append(loss_sum / train.size)
-        if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if bar is not None:
-        bar.close()
+    losses = fit_epochs(
+        epoch_batches, batch_loss, optimizer, scheduler, list(classifier.parameters()), n_items=train.size,
+        max_grad_norm=max_grad_norm, progress=progress, description="fine-tune",
+    )
     classifier.eval()
     return losses, epochs, total
