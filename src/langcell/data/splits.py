@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Seeded splits of labelled cells: stratified train/test (LangCell-CE, the demo) and n cells per class
+(few-shot). Each draws from one ``numpy.random.default_rng(seed)`` so a split is reproducible."""
 
 from __future__ import annotations
 

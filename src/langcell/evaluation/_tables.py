@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Small helpers the evaluation modules share: obs columns as strings, obsm matrices, and tables as
+h5ad- and JSON-writable plain values."""
 
 from __future__ import annotations
 

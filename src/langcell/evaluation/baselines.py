@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""The simplest baselines a user would try instead of LangCell, on the same cells.
+
+Log-normalised expression (counts per 10k, log1p) for a logistic regression or a kNN on its principal
+components, and a PCA embedding for the integration metrics. The demo, the few-shot protocol, the
+evaluation report and the benchmarks all call these, so every comparison uses the same baseline.
+"""
 
 from __future__ import annotations
 

@@ -3,33 +3,24 @@
 The LangCell paper tunes the whole model on ``n`` labelled cells per class (n = 1, 3, 5, 10 ...) and
 annotates the remaining cells. Here, for every ``n`` and every repeat:
 
-1. :func:`sample_shots` draws ``n`` training cells per class (seeded); every other labelled cell is a
+1. :func:`langcell.data.splits.sample_shots` draws ``n`` training cells per class (seeded); every other labelled cell is a
    test cell. Every method sees exactly this split.
-2. **LangCell** (:func:`tune_langcell`): a copy of the model (the caller's model never changes) is
+2. **LangCell** (:func:`langcell.train.fewshot.tune_langcell`): a copy of the model (the caller's model never changes) is
    tuned on the ``n x K`` training cells, *both* encoders and the heads, with
-   ``CE(cos(cell, text_k) / tau) + CE(match score_k)`` over the K class texts (:func:`fewshot_loss`);
+   ``CE(cos(cell, text_k) / tau) + CE(match score_k)`` over the K class texts (:func:`langcell.train.fewshot.fewshot_loss`);
    the class texts are encoded anew, with gradients, at every step. The test cells are then annotated
    exactly as zero-shot annotation does (:func:`langcell.inference.zero_shot.zero_shot_scores`: the alpha blend
    of the similarity and matching softmaxes) with the tuned model.
 3. **Logistic regression** on log-normalised counts, standardised on the training cells
-   (:func:`langcell.demo.logistic_regression_predict`, the demo's baseline).
+   (:func:`langcell.evaluation.baselines.logistic_regression_predict`, the demo's baseline).
 4. **kNN** (scikit-learn ``KNeighborsClassifier``) on the principal components of the log-normalised
    counts.
-5. Accuracy and macro-F1 of every method on the test cells (:func:`langcell.finetune.classification_metrics`).
+5. Accuracy and macro-F1 of every method on the test cells (:func:`langcell.metrics.classification_metrics`).
 
-:func:`fewshot` is the AnnData layer; ``langcell.evaluation.fewshot`` is the same function and
-:func:`langcell.pl.fewshot_curves` draws its results.
+:func:`fewshot` returns a tidy table (scanpy's ``inplace=`` rule); :func:`langcell.pl.fewshot_curves`
+draws it.
 
-The matching score of a class
------------------------------
-The CTM head gives two logits per (cell, class text) pair, (no match, match). The class's matching
-score is their difference ``m_k = logit_match - logit_no_match``, the log-odds of "match"; the
-matching loss is the cross-entropy over the K classes of these scores, so a cell learns to match its
-own class's text better than every other class's. (``log_softmax(logits)[..., 1]``, the log
-probability of "match", would be the other natural choice. It is capped at 0, so once the own class
-is a confident match its score cannot grow and the loss can only fall by making the other classes
-non-matches; the log-odds are unbounded and rank the K pairs on the scale the binary head was
-pretrained on, where the release's zero-shot score reads them through ``softmax(logits)[..., 1]``.)
+The loss, and why the matching score is a log-odds, are described in :mod:`langcell.train.fewshot`.
 
 The kNN features are transductive
 ---------------------------------

@@ -1,4 +1,4 @@
-"""Evaluation of LangCell embeddings and annotations: scIB integration metrics and novel-cell-type accuracy.
+"""scIB integration metrics of cell embeddings, next to a PCA baseline.
 
 :func:`integration_metrics`
     The scIB benchmark (Luecken et al. 2022) of cell embeddings, computed with the public functions of
@@ -7,14 +7,7 @@
     labels, NMI/ARI of k-means clusters, cLISI) and batch correction (batch silhouette, iLISI, graph
     connectivity, PCR comparison; BRAS and kBET on request) for every embedding and for a PCA
     baseline, with the scIB aggregate scores.
-:func:`per_type_accuracy`
-    Accuracy of every true cell type, split into types seen in (pre)training and unseen ("novel") types:
-    the novel-cell-type report.
-:func:`evaluate`
-    Everything at once for one model: zero-shot annotation scored per type, cell-text retrieval
-    recall@k and, given a batch column, the integration metrics of the LangCell embedding.
-
-All three are part of ``langcell.tl``.
+Per-type accuracy and the one-call report are :mod:`.per_type` and :mod:`.report`.
 
 How the integration scores match scib-metrics' ``Benchmarker``
 -------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Per-type accuracy of predicted labels (novel cell-type identification): each type's accuracy, what
+its cells were called instead, and the means over seen and novel types."""
 
 from __future__ import annotations
 

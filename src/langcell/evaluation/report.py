@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""``evaluate``: zero-shot annotation, per-type accuracy, retrieval recall and (optionally) scIB
+integration metrics of one model on labelled cells, as one JSON-ready report (``langcell evaluate``).
+
+Every input check runs before the model does, so a bad argument costs nothing.
+"""
 
 from __future__ import annotations
 

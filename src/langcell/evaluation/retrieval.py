@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Retrieval recall on labelled cells: cell -> text and text -> cell recall@k of the model's embeddings,
+each label described by its ontology text (the numbers come from :mod:`langcell.metrics`)."""
 
 from __future__ import annotations
 

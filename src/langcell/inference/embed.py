@@ -1,6 +1,10 @@
-"""Cell embeddings from token sequences: length-bucketed, inference mode, original order restored.
+"""Cell and text embeddings of a trained model.
 
-Tensor-level (no AnnData): :func:`langcell.tl.embed` is the AnnData layer above it.
+:func:`embed_cells` embeds token sequences (length-bucketed, inference mode, original order restored).
+:func:`embedding_matrix` tokenizes and embeds an AnnData chunk by chunk (a backed AnnData streams from
+disk); :func:`unit_cell_embeddings` reuses embeddings already in ``obsm`` when they fit the model;
+:func:`text_embeddings` embeds texts. The AnnData tools (:func:`langcell.tl.embed`, retrieval) call
+these.
 """
 
 from __future__ import annotations

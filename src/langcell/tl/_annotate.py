@@ -1,13 +1,8 @@
-"""Tools on AnnData, following scanpy's contract.
+"""``tl.annotate``: zero-shot annotation of AnnData cells against class texts.
 
-Every function takes the AnnData first, then keyword-only options ending with ``key_added=`` and
-``copy=False``; results go to ``obs`` / ``obsm`` / ``uns[key_added]`` (with the call's settings in
-``uns[key_added]["params"]``); ``copy=True`` returns an annotated copy and leaves the input alone,
-otherwise the input is annotated in place and ``None`` is returned. Each docstring's Returns section
-names every field written.
-
-The tensor work lives in the modules below this one (:mod:`langcell.inference.zero_shot`, the models); this
-module only turns AnnData into tokens and class texts, and results back into AnnData fields.
+The tensor work lives below (:mod:`langcell.inference.zero_shot`, the models) and the class texts come
+from the one resolver (:mod:`langcell.ontology.classes`); this module only turns AnnData into tokens
+and class texts, and results back into AnnData fields.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""``tl.embed``: LangCell cell embeddings of every cell into ``obsm``."""
 
 from __future__ import annotations
 

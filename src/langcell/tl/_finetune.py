@@ -1,23 +1,13 @@
-"""LangCell-CE: the LangCell cell encoder with a linear cell-type classifier, fine-tuned on labelled cells.
+"""``tl.finetune``: LangCell-CE on AnnData, the paper's fine-tuned annotation.
 
 The paper's LangCell-CE puts a classifier on the cell encoder and trains it with cross-entropy on a
-labelled two thirds of a dataset, then reports accuracy and macro-F1 on the held-out third. Here:
-
-:class:`CellTypeClassifier`
-    A copy of a LangCell cell encoder plus ``nn.Linear(hidden, n_classes)`` on a pooled cell state
-    (``pooling="cls"``: the ``<cls>`` state, which LangCell trains as the cell's summary; ``"mean"``:
-    the mean over the cell's real tokens, ``<cls>`` included). The class names, the gene tokenizer and
-    the encoder's sizes travel with it; :meth:`~CellTypeClassifier.save` / :meth:`~CellTypeClassifier.load`
-    write and read one directory.
-:func:`finetune`
-    AnnData in: a stratified, seeded split of the labelled cells, then either a *linear probe* (the
-    encoder frozen: every cell is encoded once and only the head learns, which is fast) or *full*
-    fine-tuning (the head and the encoder learn together, the encoder at a smaller learning rate).
-    Predictions, the split and the metrics go back into the AnnData.
-:func:`predict`
-    A trained classifier applied to new cells.
-
-The pure helpers :func:`stratified_split` and :func:`classification_metrics` take numpy arrays only.
+labelled two thirds of a dataset, then reports accuracy and macro-F1 on the held-out third. Here a
+stratified, seeded split of the labelled cells (:func:`langcell.data.splits.stratified_split`), then
+either a *linear probe* (the encoder frozen: every cell is encoded once and only the head learns, which
+is fast) or *full* fine-tuning (the head and the encoder learn together, the encoder at a smaller
+learning rate), both in :mod:`langcell.train.finetune`. The classifier itself is
+:class:`langcell.models.CellTypeClassifier`; predictions, the split and the metrics go back into the
+AnnData, and :func:`langcell.tl.predict` applies the classifier to new cells.
 """
 
 from __future__ import annotations

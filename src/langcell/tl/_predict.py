@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""``tl.predict``: a trained LangCell-CE classifier applied to new cells."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cell-text retrieval in LangCell's shared embedding space, and its recall@k on labelled cells.
+"""``tl.retrieve_cells`` / ``tl.retrieve_texts``: cell-text retrieval in LangCell's shared embedding space.
 
 Cells and texts are compared by the cosine similarity of their L2-normalised embeddings
 (``cell_proj`` of the cell's ``<cls>`` state, ``text_proj`` of the text's ``[CLS]`` state): the
@@ -8,13 +8,10 @@ similarity LangCell's cell-text contrastive loss trains.
     For each text, the ``top_n`` most similar cells.
 :func:`retrieve_texts`
     For each cell, the ``top_n`` most similar texts.
-:func:`retrieval_recall`
-    Both directions scored on labelled cells whose labels are described by Cell Ontology texts.
 
-The metrics are pure numpy functions of a similarity matrix and label indices
-(:func:`cell_to_text_recall`, :func:`text_to_cell_metrics`, :func:`retrieval_metrics`), so they can
-be checked without a model. Rankings are by similarity, descending; equal similarities are ordered by
-index (the lower index ranks first), so every result is deterministic.
+Recall@k on labelled cells is :func:`langcell.evaluation.retrieval_recall`; the ranking and the
+metrics are the numpy functions of :mod:`langcell.metrics` (equal similarities ordered by index, so
+every result is deterministic).
 """
 
 from __future__ import annotations

@@ -1,4 +1,21 @@
-"""TODO docstring."""
+"""Few-shot tuning of a LangCell model on n labelled cells per class (the paper's few-shot setting).
+
+The model is tuned on a copy with a contrastive cell-class loss and the cell-text matching loss over
+the class texts (:func:`fewshot_loss`; ``match_classes`` restricts matching to the own class and the
+most similar others); the batches run through :func:`langcell.train.supervised.fit_epochs`. The
+protocol that compares it with the baselines is :func:`langcell.evaluation.fewshot`.
+
+The matching score of a class
+-----------------------------
+The CTM head gives two logits per (cell, class text) pair, (no match, match). The class's matching
+score is their difference ``m_k = logit_match - logit_no_match``, the log-odds of "match"; the
+matching loss is the cross-entropy over the K classes of these scores, so a cell learns to match its
+own class's text better than every other class's. (``log_softmax(logits)[..., 1]``, the log
+probability of "match", would be the other natural choice. It is capped at 0, so once the own class
+is a confident match its score cannot grow and the loss can only fall by making the other classes
+non-matches; the log-odds are unbounded and rank the K pairs on the scale the binary head was
+pretrained on, where the release's zero-shot score reads them through ``softmax(logits)[..., 1]``.)
+"""
 
 from __future__ import annotations
 

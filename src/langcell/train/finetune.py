@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Training LangCell-CE (:class:`langcell.models.CellTypeClassifier`): a linear probe on frozen
+features, or full fine-tuning of the encoder and head together; both through
+:func:`langcell.train.supervised.fit_epochs`. AnnData in and out is :func:`langcell.tl.finetune`.
+"""
 
 from __future__ import annotations
 
