@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import __version__
 from .._atomic import atomic_directory
+from .._version import __version__
 from ..errors import LangCellError
 from .batching import pad_sequences
 from .genes import GeneMappingReport
