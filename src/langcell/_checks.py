@@ -86,3 +86,14 @@ def check_max_length(max_length: Any, limit: int) -> int:
     if max_length is None:
         return int(limit)
     return min(check_positive_int(max_length, "max_length"), int(limit))
+
+
+def output_anndata(adata: Any, copy: bool) -> Any:
+    """The AnnData a ``tl`` function writes its results to: ``adata`` itself, or a copy for ``copy=True``.
+
+    A backed AnnData is read into memory once for the copy (anndata cannot ``copy()`` it without a new
+    file name), so ``copy=True`` works on backed data too.
+    """
+    if not copy:
+        return adata
+    return adata.to_memory() if adata.isbacked else adata.copy()

@@ -1,4 +1,9 @@
-"""Plots of LangCell results, saved as PNG files (matplotlib, no display needed)."""
+"""Plots of LangCell results, saved as PNG files (matplotlib, no display needed).
+
+Figures are built with matplotlib's object API (:class:`matplotlib.figure.Figure`), never through
+pyplot's global state: no call switches the backend (inline plots in a notebook keep working) and no
+figure needs closing.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,6 @@ import numpy as np
 
 from ._atomic import atomic_file
 from .errors import LangCellError
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: works on machines without a display
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig, path: str | os.PathLike) -> None:
@@ -54,12 +50,15 @@ def umap(
     missing = [c for c in color if c not in adata.obs]
     if missing:
         raise LangCellError(f"adata.obs has no column(s) {missing}; pass existing obs columns as color")
-    plt = _pyplot()
+    import matplotlib
+    from matplotlib.figure import Figure
+
     coords = np.asarray(adata.obsm[basis])[:, :2]
     categories = sorted({str(v) for c in color for v in adata.obs[c].astype(str)})
-    cmap = plt.get_cmap("tab20" if len(categories) > 10 else "tab10")
+    cmap = matplotlib.colormaps["tab20" if len(categories) > 10 else "tab10"]
     colours = {cat: cmap(i % cmap.N) for i, cat in enumerate(categories)}
-    fig, axes = plt.subplots(1, len(color), figsize=(6.2 * len(color), 5.2), squeeze=False)
+    fig = Figure(figsize=(6.2 * len(color), 5.2))
+    axes = fig.subplots(1, len(color), squeeze=False)
     for ax, column, title in zip(axes[0], color, titles or color, strict=False):
         values = adata.obs[column].astype(str).to_numpy()
         for cat in categories:
@@ -78,7 +77,6 @@ def umap(
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
 
 
 def confusion_matrix(
@@ -118,9 +116,11 @@ def confusion_matrix(
         if t in index and p in index:
             counts[index[t], index[p]] += 1
     fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     size = 2.0 + 0.55 * len(labels)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.add_subplot()
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -136,7 +136,6 @@ def confusion_matrix(
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true type")
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return counts
 
 

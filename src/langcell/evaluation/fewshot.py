@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .._checks import check_anndata, check_key_added, check_max_length, check_positive_int, gene_tokenizer_of
+from .._docs import doc_params
 from .._labels import label_codes
 from .._progress import progress_bar
 from ..data.batching import as_sequences
@@ -99,6 +100,7 @@ RESULT_COLUMNS = ("method", "shots", "repeat", "accuracy", "macro_f1", "n_train"
 # --------------------------------------------------------------------------------------------------
 
 
+@doc_params
 def fewshot(
     adata: Any,
     model: Any,
@@ -197,14 +199,12 @@ def fewshot(
         baselines read the same counts and totals.
     max_tokens, max_batch_size, max_pair_tokens
         Cell tokens per batch, cells per tuning step, text tokens per matching pass.
-    max_length
-        Longest cell in tokens, ``<cls>`` included (default and cap: the cell encoder's positions).
+    {max_length}
     match_classes
         ``None`` (the paper's protocol): the matching loss covers every class. An integer m: the own
         class and the m - 1 most similar others per cell (:func:`fewshot_loss`), which makes each
         tuning step's multimodal pass K / m times smaller.
-    progress
-        Show progress bars.
+    {progress}
     key_added
         The uns key of the results.
     copy

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from .._checks import check_anndata as _check_anndata
-from .._checks import check_key_added, gene_tokenizer_of
+from .._checks import check_key_added, gene_tokenizer_of, output_anndata
+from .._docs import doc_params
 from ..errors import LangCellError
 from ..inference.zero_shot import (
     DEFAULT_ALPHA,
@@ -34,6 +35,7 @@ from ..precision import check_precision
 __all__ = ["annotate"]
 
 
+@doc_params
 def annotate(
     adata: Any,
     model: Any,
@@ -107,26 +109,17 @@ def annotate(
         sum to 1 over the K classes, so the best lies in [1/K, 1]. ``None``: never abstain.
     unknown_label
         The label of abstaining cells; must not be a class name.
-    counts_layer, gene_column, n_counts_key
-        Passed to :meth:`langcell.data.tokenizer.GeneTokenizer.encode`: where the raw counts are
-        (``None`` = ``X``, a layer name, or ``"raw"``), the var column with gene names (``None`` =
-        ``var_names``) and the obs column with each cell's total counts.
-    max_length
-        Longest cell sequence in tokens, ``<cls>`` included (default and cap: the cell encoder's
-        positions).
-    max_tokens
-        Cell tokens per batch; cells are grouped by length under this budget.
+    {counts_options}
+    {max_length}
+    {max_tokens}
     max_pair_tokens
         Text tokens per cell-text matching pass (bounds memory).
-    precision
-        ``"fp32"`` (default), ``"bf16"`` (autocast on CPU or GPU: faster where the hardware has bf16
-        matrix units, e.g. every recent GPU) or ``"fp16"`` (CUDA only). Scores are combined in fp32.
+    {precision}
     progress
         Show progress bars (tokenisation and scoring).
     key_added
         Name of the fields written (see Returns). Existing fields of that name are overwritten.
-    copy
-        Return an annotated copy instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------
@@ -216,7 +209,7 @@ def annotate(
         progress=progress,
     )
 
-    adata = adata.copy() if copy else adata
+    adata = output_anndata(adata, copy)
     best = scores.predicted
     best_score = scores.scores[np.arange(best.size), best]
     categories = list(names)

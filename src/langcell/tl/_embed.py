@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from .._checks import check_anndata as _check_anndata
+from .._checks import output_anndata
+from .._docs import doc_params
 from ..errors import LangCellError
 from ..inference.embed import embedding_matrix
 
 
+@doc_params
 def embed(
     adata: Any,
     model: Any,
@@ -36,23 +39,16 @@ def embed(
         Cells with raw counts (in ``X``, ``layers[counts_layer]`` or ``.raw`` with ``counts_layer="raw"``).
     model
         A :class:`~langcell.models.langcell.LangCell` with its gene tokenizer.
-    counts_layer, gene_column, n_counts_key
-        Where the counts, gene ids and per-cell totals are (see :meth:`GeneTokenizer.encode`).
-    max_length
-        Longest cell in tokens (default: the model's positions).
-    max_tokens
-        Token budget of one forward pass (cells of similar length batched together).
+    {counts_options}
+    {max_length}
+    {max_tokens}
     chunk_size
         Cells tokenized at a time.
-    precision
-        ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the encoder
-        (:mod:`langcell.precision`); bf16 embeddings agree with fp32 to about 1e-2 in cosine.
-    progress
-        Show a progress bar.
+    {precision}
+    {progress}
     key_added
         The obsm key.
-    copy
-        Return an annotated copy instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------
@@ -68,8 +64,7 @@ def embed(
         max_length=max_length, max_tokens=max_tokens, chunk_size=chunk_size, precision=precision,
         progress=progress,
     )
-    if copy:
-        adata = adata.to_memory() if adata.isbacked else adata.copy()
+    adata = output_anndata(adata, copy)
     adata.obsm[key_added] = result
     adata.uns[key_added] = {
         "params": {

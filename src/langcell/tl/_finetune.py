@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from .._checks import check_anndata as _check_anndata
-from .._checks import check_fraction, check_max_length, check_positive_int
+from .._checks import check_fraction, check_max_length, check_positive_int, output_anndata
 from .._checks import check_key_added as _check_key
 from .._checks import gene_tokenizer_of as _gene_tokenizer
+from .._docs import doc_params
 from .._labels import label_codes
 from ..data.batching import as_sequences
 from ..data.splits import stratified_split
@@ -55,6 +56,7 @@ SPLIT_NAMES = ("train", "test", "unlabelled")
 # --------------------------------------------------------------------------------------------------
 
 
+@doc_params
 def finetune(
     adata: Any,
     model: Any,
@@ -126,8 +128,7 @@ def finetune(
     max_tokens, max_batch_size
         Full fine-tuning: token budget (batch size x padded length) and cap on cells of one step; also
         the budget of every inference pass.
-    max_length
-        Longest cell in tokens, ``<cls>`` included (default and cap: the encoder's positions).
+    {max_length}
     pooling
         ``"cls"`` or ``"mean"``: what the head reads (see :class:`CellTypeClassifier`).
     warmup_fraction
@@ -137,14 +138,11 @@ def finetune(
     seed
         Seeds the split, the head's initialisation, the batch order and dropout; the global torch
         random state is left as it was.
-    counts_layer, gene_column, n_counts_key
-        Where the counts, gene names and per-cell totals are (see :meth:`GeneTokenizer.encode`).
-    progress
-        Show progress bars.
+    {counts_options}
+    {progress}
     key_added
         Prefix of the fields written (see Returns); existing fields of those names are overwritten.
-    copy
-        Annotate a copy instead of ``adata``.
+    {copy}
 
     Returns
     -------
@@ -251,7 +249,7 @@ def finetune(
     split[train] = SPLIT_NAMES[0]
     split[test] = SPLIT_NAMES[1]
 
-    adata = adata.copy() if copy else adata
+    adata = output_anndata(adata, copy)
     adata.obs[key_added] = pd.Categorical.from_codes(predicted, categories=list(classes))
     adata.obs[key_added + "_split"] = pd.Categorical(split, categories=list(SPLIT_NAMES))
     score = np.full(len(sequences), np.nan)

@@ -9,12 +9,14 @@ import pandas as pd
 
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added as _check_key
-from .._checks import check_max_length
+from .._checks import check_max_length, output_anndata
+from .._docs import doc_params
 from ..errors import LangCellError
 from ..metrics import softmax
 from ..models.classifier import DEFAULT_MAX_TOKENS, CellTypeClassifier
 
 
+@doc_params
 def predict(
     adata: Any,
     classifier: CellTypeClassifier,
@@ -36,18 +38,13 @@ def predict(
         Cells with **raw counts**; their genes are matched to the classifier's gene tokenizer.
     classifier
         From :func:`finetune` or :meth:`CellTypeClassifier.load`.
-    counts_layer, gene_column, n_counts_key
-        Where the counts, gene names and per-cell totals are (see :meth:`GeneTokenizer.encode`).
-    max_length
-        Longest cell in tokens (default and cap: the encoder's positions).
-    max_tokens
-        Token budget of one forward pass.
-    progress
-        Show progress bars.
+    {counts_options}
+    {max_length}
+    {max_tokens}
+    {progress}
     key_added
         Prefix of the fields written; existing fields of those names are overwritten.
-    copy
-        Return an annotated copy instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------
@@ -91,7 +88,7 @@ def predict(
         classifier.predict_logits(cells, max_tokens=max_tokens, max_length=max_length, progress=progress)
     )
     best = probabilities.argmax(axis=1)
-    adata = adata.copy() if copy else adata
+    adata = output_anndata(adata, copy)
     adata.obs[key_added] = pd.Categorical.from_codes(best, categories=list(classifier.labels))
     adata.obs[key_added + "_score"] = probabilities[np.arange(best.size), best].astype(np.float64)
     adata.obsm[key_added + "_probs"] = probabilities

@@ -24,7 +24,8 @@ import pandas as pd
 
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added as _check_key
-from .._checks import check_positive_int
+from .._checks import check_positive_int, output_anndata
+from .._docs import doc_params
 from ..errors import LangCellError
 from ..inference.embed import text_embeddings, unit_cell_embeddings
 from ..metrics import top_k_indices
@@ -46,6 +47,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
+@doc_params
 def retrieve_cells(
     adata: Any,
     model: Any,
@@ -87,12 +89,10 @@ def retrieve_cells(
     counts_layer, gene_column, n_counts_key, max_length, max_tokens, precision
         Tokenization, batching and precision when the embeddings are computed (see
         :func:`langcell.tl.embed`); ``precision`` also applies to the text embeddings.
-    progress
-        Show a progress bar while embedding cells.
+    {progress}
     key_added
         The uns key written.
-    copy
-        Return an annotated copy instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------
@@ -121,7 +121,7 @@ def retrieve_cells(
     order = top_k_indices(similarity.T, top_n)
     scores = np.take_along_axis(similarity.T, order, axis=1).astype(np.float32)
 
-    adata = adata.copy() if copy else adata
+    adata = output_anndata(adata, copy)
     adata.uns[key_added] = {
         "params": {
             "top_n": int(order.shape[1]),
@@ -141,6 +141,7 @@ def retrieve_cells(
     return adata if copy else None
 
 
+@doc_params
 def retrieve_texts(
     adata: Any,
     model: Any,
@@ -170,8 +171,7 @@ def retrieve_texts(
         Texts per cell, at least 1; clamped to the number of texts.
     key_added
         Prefix of the fields written.
-    copy
-        Return an annotated copy instead of writing into ``adata``.
+    {copy}
 
     Returns
     -------
@@ -206,7 +206,7 @@ def retrieve_texts(
     similarity = (cell_embeddings @ text_embeddings(model, query_texts, names, precision).T).astype(np.float32)
     order = top_k_indices(similarity, top_n)
 
-    adata = adata.copy() if copy else adata
+    adata = output_anndata(adata, copy)
     adata.obs[key_added] = pd.Categorical.from_codes(order[:, 0], categories=list(names))
     adata.obs[key_added + "_score"] = similarity[np.arange(order.shape[0]), order[:, 0]].astype(np.float64)
     adata.obsm[key_added + "_scores"] = similarity
