@@ -35,6 +35,10 @@ precision
     "progress": """\
 progress
     Show progress bars.""",
+    "inplace": """\
+inplace
+    scanpy's rule: ``False`` (default) returns the result and leaves ``adata`` untouched; ``True``
+    stores it in ``adata.uns[key_added]`` (h5ad-writable) and returns ``None``.""",
     "copy": """\
 copy
     Return an annotated copy instead of writing into ``adata`` (a backed AnnData is read into memory

@@ -535,7 +535,10 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_fewshot(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from . import evaluation, pl
+
     _check_outputs(args.report, args.plot, args.out)
     try:
         shots = [int(part) for part in args.shots.split(",") if part.strip()]
@@ -550,12 +553,13 @@ def _run_fewshot(args: argparse.Namespace) -> int:
         labels = _read_descriptions(args.descriptions)
     adata = _read_input(args.input)
     model = _load_model(args.model, args.device)
-    results = evaluation.fewshot(
+    evaluation.fewshot(
         adata, model, args.label_key, shots=shots, repeats=args.repeats, labels=labels, mapping=args.mapping,
         epochs=args.epochs, seed=args.seed, max_length=args.max_length, match_classes=args.match_classes,
-        counts_layer=args.counts_layer, gene_column=args.gene_column, progress=not args.quiet,
+        counts_layer=args.counts_layer, gene_column=args.gene_column, progress=not args.quiet, inplace=True,
     )
     stored = adata.uns["langcell_fewshot"]
+    results = pd.DataFrame(stored["results"])
     if args.report:
         _write_json(args.report, {key: stored[key] for key in ("params", "results", "classes", "train_loss")})
     if args.plot:
@@ -633,7 +637,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     report = evaluation.evaluate(
         adata, model, label_key=args.label_key, batch_key=args.batch_key, labels=labels, seen=seen,
         mapping=args.mapping, metrics=metrics, neighbors=args.neighbors, counts_layer=args.counts_layer,
-        gene_column=args.gene_column, precision=args.precision, progress=not args.quiet,
+        gene_column=args.gene_column, precision=args.precision, progress=not args.quiet, inplace=True,
     )
     if args.out:
         _write_h5ad(adata, args.out)

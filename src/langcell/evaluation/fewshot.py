@@ -135,7 +135,7 @@ def fewshot(
     match_classes: int | None = None,
     progress: bool = False,
     key_added: str = "langcell_fewshot",
-    copy: bool = False,
+    inplace: bool = False,
 ):
     """Few-shot annotation: LangCell tuned on n cells per class, next to baselines on the same split.
 
@@ -207,16 +207,15 @@ def fewshot(
     {progress}
     key_added
         The uns key of the results.
-    copy
-        Store the results in a copy of ``adata`` instead of ``adata``.
+    {inplace}
 
     Returns
     -------
-    pandas.DataFrame or tuple
-        The results, one row per (method, shots, repeat) with the columns ``method``
+    pandas.DataFrame or None
+        ``inplace=False``: the results, one row per (method, shots, repeat) with the columns ``method``
         (``"langcell"``, ``"logistic_regression"``, ``"knn"``), ``shots``, ``repeat``, ``accuracy``,
-        ``macro_f1``, ``n_train`` and ``n_test``; ``(results, annotated_copy)`` when ``copy=True``.
-        The field written is ``uns[key_added]``, a dict of:
+        ``macro_f1``, ``n_train`` and ``n_test``. ``inplace=True``: ``None``; the field
+        written is ``uns[key_added]``, a dict of:
 
         ``"params"``
             the settings (label_key, shots, repeats, epochs, lr, text_lr, tau, alpha, mode, top_k,
@@ -332,7 +331,8 @@ def fewshot(
             bar.close()
 
     results = pd.DataFrame.from_records(records, columns=list(RESULT_COLUMNS))
-    adata = adata.copy() if copy else adata
+    if not inplace:
+        return results
     adata.uns[key_added] = {
         "params": {
             "label_key": label_key,
@@ -366,7 +366,7 @@ def fewshot(
         "train_cells": train_cells,
         "train_loss": train_loss,
     }
-    return (results, adata) if copy else results
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import pandas as pd
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added as _check_key
 from .._checks import check_positive_int
+from .._docs import doc_params
 from ..errors import LangCellError
 from ._tables import obs_strings, obsm_matrix, table_columns
 from .baselines import baseline_pca
@@ -80,6 +81,7 @@ _INSTALL_HINT = 'pip install "langcell[integration]"'
 # --------------------------------------------------------------------------------------------------
 
 
+@doc_params
 def integration_metrics(
     adata: Any,
     *,
@@ -92,7 +94,7 @@ def integration_metrics(
     neighbors: str = "exact",
     counts_layer: str | None = None,
     key_added: str = "langcell_integration",
-    copy: bool = False,
+    inplace: bool = False,
 ):
     """scIB integration metrics of cell embeddings and of a PCA baseline, with the scIB aggregate scores.
 
@@ -139,17 +141,16 @@ def integration_metrics(
         Where the raw counts of a computed baseline are: ``None`` (``X``), a layer name, or ``"raw"``.
     key_added
         The uns key written.
-    copy
-        Store the results in a copy of ``adata`` instead of ``adata``.
+    {inplace}
 
     Returns
     -------
-    pandas.DataFrame or tuple
-        One row per embedding, then the baseline (index ``"embedding"``: the obsm keys); one column
+    pandas.DataFrame or None
+        ``inplace=False``: one row per embedding, then the baseline (index ``"embedding"``: the obsm keys); one column
         per metric (in ``BIO_METRICS + BATCH_METRICS`` order), then ``"bio_conservation"`` and
         ``"batch_correction"`` (the mean of each group's metrics, when the group has any) and
         ``"total"`` (``0.6 * bio_conservation + 0.4 * batch_correction``, when both exist).
-        ``(table, annotated_copy)`` when ``copy=True``. The field written is ``uns[key_added]``:
+        ``inplace=True``: ``None``; the field written is ``uns[key_added]``:
         ``"params"`` (batch_key, label_key, embeddings, baseline, baseline_computed, n_pcs used or
         None, metrics, neighbors, n_neighbors, counts_layer, scib_metrics_version) and ``"results"``
         (the table as ``{column: list}``, ``"embedding"`` first).
@@ -174,9 +175,10 @@ def integration_metrics(
         adata, batch_key=batch_key, label_key=label_key, embeddings=embeddings, baseline=baseline, n_pcs=n_pcs,
         metrics=metrics, neighbors=neighbors, counts_layer=counts_layer,
     )
-    adata = adata.copy() if copy else adata
+    if not inplace:
+        return table
     adata.uns[key_added] = {"params": params, "results": table_columns(table.reset_index())}
-    return (table, adata) if copy else table
+    return None
 
 
 def integration_scores(

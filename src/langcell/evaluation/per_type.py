@@ -11,6 +11,7 @@ import pandas as pd
 
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added as _check_key
+from .._docs import doc_params
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
 from ..metrics import classification_metrics
@@ -19,14 +20,16 @@ from ._tables import check_name_list, obs_strings
 _PER_TYPE_COLUMNS = ("cell_type", "n_cells", "n_correct", "accuracy", "seen", "most_predicted", "most_predicted_share")
 
 
+@doc_params
 def per_type_accuracy(
     adata: Any,
     *,
     label_key: str,
     prediction_key: str,
     seen: Sequence[str] | None = None,
-    key_added: str | None = None,
-) -> dict[str, Any]:
+    key_added: str = "langcell_per_type",
+    inplace: bool = False,
+) -> dict[str, Any] | None:
     """Accuracy of every true cell type, and its means over seen and unseen (novel) types.
 
     For true type ``t`` with ``n_t`` scored cells of which ``c_t`` are predicted ``t``, the type's
@@ -46,12 +49,13 @@ def per_type_accuracy(
         The seen type names; ``None``: no seen/unseen split (the ``seen`` column and the split
         summaries are ``None``).
     key_added
-        When given, the result is also stored in ``uns[key_added]``.
+        Where ``inplace=True`` stores the result.
+    {inplace}
 
     Returns
     -------
-    dict
-        JSON-ready:
+    dict or None
+        ``inplace=False``: the result, JSON-ready:
 
         ``"per_type"``
             one record per true type (category order for a categorical column, else sorted):
@@ -68,7 +72,7 @@ def per_type_accuracy(
             ``accuracy_seen_cells`` and ``accuracy_unseen_cells`` (over the cells of those types), and
             ``seen_without_cells`` (seen names with no scored cell).
 
-        With ``key_added``, ``uns[key_added]`` holds ``"params"`` (label_key, prediction_key, seen),
+        ``inplace=True``: ``None``, and ``uns[key_added]`` holds ``"params"`` (label_key, prediction_key, seen),
         ``"summary"`` and ``"per_type"`` (as ``{column: list}``, h5ad-writable: without the ``seen``
         column when ``seen`` is None, ``""`` for a missing ``most_predicted``).
 
@@ -78,8 +82,7 @@ def per_type_accuracy(
         For a missing column, the same column twice, no scored cell, a bad ``seen`` or ``key_added``.
     """
     _check_anndata(adata)
-    if key_added is not None:
-        _check_key(key_added)
+    _check_key(key_added)
     if label_key == prediction_key:
         raise LangCellError(f"label_key and prediction_key are both {label_key!r}; pass the predictions' column")
     truth = obs_strings(adata, label_key, "label_key")
@@ -143,18 +146,18 @@ def per_type_accuracy(
             ),
             seen_without_cells=sorted(seen_set - present),
         )
-    result = {"summary": summary, "per_type": records}
-    if key_added is not None:
-        adata.uns[key_added] = {
-            "params": {
-                "label_key": label_key,
-                "prediction_key": prediction_key,
-                "seen": None if seen is None else sorted(seen_set),
-            },
-            "summary": summary,
-            "per_type": per_type_columns(records),
-        }
-    return result
+    if not inplace:
+        return {"summary": summary, "per_type": records}
+    adata.uns[key_added] = {
+        "params": {
+            "label_key": label_key,
+            "prediction_key": prediction_key,
+            "seen": None if seen is None else sorted(seen_set),
+        },
+        "summary": summary,
+        "per_type": per_type_columns(records),
+    }
+    return None
 
 
 def per_type_columns(records: list[dict[str, Any]]) -> dict[str, list]:

@@ -15,7 +15,7 @@ import pandas as pd
 from .. import tl
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added as _check_key
-from .._checks import gene_tokenizer_of
+from .._checks import gene_tokenizer_of, output_anndata
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
 from ..metrics import DEFAULT_KS, check_ks
@@ -61,7 +61,7 @@ def evaluate(
     annotation_key: str = "langcell_cell_type",
     embedding_key: str = "X_langcell",
     key_added: str = "langcell_evaluation",
-    copy: bool = False,
+    inplace: bool = False,
 ):
     """Evaluate a model on labelled cells: zero-shot annotation per type, retrieval and integration.
 
@@ -105,17 +105,20 @@ def evaluate(
         obsm key of the embeddings (recomputed, overwritten).
     key_added
         uns key of the report.
-    copy
-        Work on a copy of ``adata`` and return it too.
+    inplace
+        ``False`` (default): the work happens on an in-memory copy and ``adata`` is left untouched.
+        ``True``: the annotation, the embeddings and the report are also written into ``adata``.
+        Unlike the table functions, ``evaluate`` returns its report either way: it is what
+        ``langcell evaluate`` prints and saves next to the annotated cells.
 
     Returns
     -------
-    dict or tuple
+    dict
         The report (JSON-serialisable): ``"n_cells"``, ``"n_scored"``, ``"label_key"``,
         ``"batch_key"``, ``"classes"`` (the candidate classes), ``"annotation"`` (the result of
         :func:`per_type_accuracy`), ``"retrieval"`` (of :func:`langcell.evaluation.retrieval_recall`),
         ``"integration"`` (the records of :func:`integration_metrics`, or None) and ``"params"``.
-        ``(report, annotated_copy)`` when ``copy=True``. Fields written: those of
+        With ``inplace=True`` the fields written are those of
         :func:`langcell.tl.annotate` (``annotation_key``), of :func:`langcell.tl.embed`
         (``embedding_key``) and ``uns[key_added]``: ``"params"``, ``"annotation"`` (``"summary"`` and
         ``"per_type"`` as ``{column: list}``), ``"retrieval"`` (the recall/precision numbers, ``"ks"``,
@@ -170,7 +173,7 @@ def evaluate(
         else:
             computed_baseline = baseline_pca(part, n_pcs=n_pcs, counts_layer=counts_layer)
 
-    adata = adata.copy() if copy else adata
+    adata = output_anndata(adata, copy=not inplace)
     annotate_options = {k: v for k, v in (("alpha", alpha), ("top_k", top_k)) if v is not None}
     encode = dict(counts_layer=counts_layer, gene_column=gene_column, n_counts_key=n_counts_key,
                   max_length=max_length, precision=precision, progress=progress)
@@ -224,4 +227,4 @@ def evaluate(
         stored["integration"] = table_columns(integration_table.reset_index())
         stored["integration_params"] = integration_params
     adata.uns[key_added] = stored
-    return (report, adata) if copy else report
+    return report

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .._checks import check_anndata as _check_anndata
+from .._checks import check_key_added
+from .._docs import doc_params
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
 from ..inference.embed import text_embeddings, unit_cell_embeddings
@@ -17,6 +19,7 @@ from ..metrics import DEFAULT_KS, check_ks, retrieval_metrics
 from ..ontology.classes import label_column_texts
 
 
+@doc_params
 def retrieval_recall(
     adata: Any,
     model: Any,
@@ -33,7 +36,9 @@ def retrieval_recall(
     max_tokens: int = 16_384,
     precision: str = "fp32",
     progress: bool = False,
-) -> dict[str, Any]:
+    key_added: str = "langcell_retrieval_recall",
+    inplace: bool = False,
+) -> dict[str, Any] | None:
     """Score cell-text retrieval on labelled cells: recall@k both ways and text -> cell precision@k.
 
     Every distinct label of ``obs[label_key]`` gets one text:
@@ -70,13 +75,18 @@ def retrieval_recall(
     use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens, precision, progress
         As in :func:`retrieve_cells`.
 
+    key_added
+        Where ``inplace=True`` stores the result.
+    {inplace}
+
     Returns
     -------
-    dict
-        ``"cell_to_text_recall@k"``, ``"text_to_cell_recall@k"``, ``"text_to_cell_precision@k"`` for every
+    dict or None
+        ``inplace=False``: ``"cell_to_text_recall@k"``, ``"text_to_cell_recall@k"``, ``"text_to_cell_precision@k"`` for every
         k (floats in [0, 1]); ``"ks"``; ``"n_cells"`` (cells scored), ``"n_excluded"`` (cells left out);
         ``"texts"`` (the candidate texts) and ``"text_labels"`` (for each text, the labels it describes);
-        ``"reused_embeddings"`` (bool).
+        ``"reused_embeddings"`` (bool). ``inplace=True``: ``None``, and ``uns[key_added]`` holds the same
+        entries (each text's labels joined by ``"; "``) and ``"params"`` (label_key, ks, use_rep).
 
     Raises
     ------
@@ -85,6 +95,7 @@ def retrieval_recall(
         :func:`retrieve_cells` refuses.
     """
     _check_anndata(adata)
+    check_key_added(key_added)
     ks = check_ks(ks)
     if not isinstance(label_key, str) or label_key not in adata.obs.columns:
         raise LangCellError(
@@ -123,6 +134,13 @@ def retrieval_recall(
         text_labels=[[label for label in distinct if label_text[label] == text] for text in candidate_texts],
         reused_embeddings=reused,
     )
-    return result
+    if not inplace:
+        return result
+    adata.uns[key_added] = {
+        **result,
+        "text_labels": ["; ".join(labels) for labels in result["text_labels"]],
+        "params": {"label_key": label_key, "ks": list(ks), "use_rep": use_rep},
+    }
+    return None
 
 

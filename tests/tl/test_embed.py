@@ -15,7 +15,7 @@ from langcell.errors import LangCellError
 from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 
-CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
+CBMC = Path(__file__).resolve().parents[3] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 pytestmark = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")
 
 

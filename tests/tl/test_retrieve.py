@@ -19,7 +19,7 @@ from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 from langcell.tl._retrieve import retrieve_cells, retrieve_texts
 
-CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
+CBMC = Path(__file__).resolve().parents[3] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 needs_cbmc = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")
 TYPES = ["B cell", "CD14-positive monocyte", "natural killer cell", "megakaryocyte"]
 

@@ -24,7 +24,7 @@ from langcell.tl._finetune import finetune
 from langcell.tl._predict import predict
 from langcell.train.finetune import full_finetuning_epochs
 
-CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
+CBMC = Path(__file__).resolve().parents[3] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 TYPES = ["B cell", "CD14-positive monocyte", "natural killer cell"]
 needs_cbmc = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")
 

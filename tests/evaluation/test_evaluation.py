@@ -56,7 +56,10 @@ def pbmc():
 @pytest.fixture(scope="module")
 def scored(pbmc):
     adata = pbmc.copy()
-    table = integration_metrics(adata, batch_key="phase", label_key="cell_type", embeddings=[EMBEDDING])
+    options = dict(batch_key="phase", label_key="cell_type", embeddings=[EMBEDDING])
+    table = integration_metrics(adata, **options)
+    assert "langcell_integration" not in adata.uns  # inplace=False: the table only
+    assert integration_metrics(adata, **options, inplace=True) is None
     return adata, table
 
 
@@ -181,8 +184,9 @@ def test_a_precomputed_baseline_is_used_as_given(pbmc, scored, baseline):
     adata = pbmc.copy()
     adata.obsm["X_mine"] = baseline
     cheap = ("silhouette_label", "graph_connectivity")
-    result = integration_metrics(adata, batch_key="phase", label_key="cell_type", embeddings=[EMBEDDING],
-                                 baseline="X_mine", metrics=cheap, key_added="mine")
+    options = dict(batch_key="phase", label_key="cell_type", embeddings=[EMBEDDING], baseline="X_mine", metrics=cheap)
+    result = integration_metrics(adata, **options)
+    integration_metrics(adata, **options, key_added="mine", inplace=True)
     assert list(result.index) == [EMBEDDING, "X_mine"]
     assert "batch_correction" in result and "bio_conservation" in result and "total" in result
     for metric in cheap:
@@ -190,10 +194,13 @@ def test_a_precomputed_baseline_is_used_as_given(pbmc, scored, baseline):
     assert adata.uns["mine"]["params"]["baseline_computed"] is False and adata.uns["mine"]["params"]["n_pcs"] is None
 
 
-def test_copy_returns_the_table_and_an_annotated_copy(pbmc):
+def test_inplace_stores_the_table_and_returns_nothing(pbmc):
     adata = pbmc.copy()
-    table, annotated = integration_metrics(adata, batch_key="phase", label_key="cell_type", embeddings=[EMBEDDING],
-                                           metrics=("silhouette_label",), copy=True)
+    options = dict(batch_key="phase", label_key="cell_type", embeddings=[EMBEDDING], metrics=("silhouette_label",))
+    table = integration_metrics(adata, **options)
+    assert "langcell_integration" not in adata.uns
+    annotated = adata.copy()
+    assert integration_metrics(annotated, **options, inplace=True) is None
     assert "langcell_integration" in annotated.uns and "langcell_integration" not in adata.uns
     assert list(table.columns) == ["silhouette_label", "bio_conservation"]  # no batch metric: no total
 
@@ -284,8 +291,10 @@ def predictions():
 def test_per_type_accuracy_equals_a_hand_count(predictions, tmp_path):
     from sklearn.metrics import f1_score
 
-    result = per_type_accuracy(predictions, label_key="truth", prediction_key="predicted", seen=["A", "B", "Z"],
-                               key_added="per_type")
+    options = dict(label_key="truth", prediction_key="predicted", seen=["A", "B", "Z"])
+    result = per_type_accuracy(predictions, **options)
+    assert "per_type" not in predictions.uns
+    assert per_type_accuracy(predictions, **options, key_added="per_type", inplace=True) is None
     rows = {r["cell_type"]: r for r in result["per_type"]}
     assert [r["cell_type"] for r in result["per_type"]] == ["C", "B", "A"]  # category order
     # A: 3 of 4 right; B: 1 of 3 (two called C); C: 0 of 2 (one A, one missing prediction).
@@ -366,7 +375,7 @@ def test_evaluate_reports_annotation_per_type_and_retrieval(small, tmp_path):
     cells, model = small
     adata = cells.copy()
     seen = TYPES[:2]
-    report = evaluate(adata, model, label_key="cell_type", seen=seen)
+    report = evaluate(adata, model, label_key="cell_type", seen=seen, inplace=True)
     json.dumps(report)  # JSON-serialisable without help
     assert report["classes"] == present_types(cells)
     assert report["n_cells"] == report["n_scored"] == 60 and report["integration"] is None
@@ -387,11 +396,13 @@ def present_types(adata):
     return [c for c in adata.obs["cell_type"].cat.categories if c in set(labels_of(adata))]
 
 
-def test_evaluate_copy_leaves_the_input_alone(small):
+def test_evaluate_without_inplace_leaves_the_input_alone(small):
     cells, model = small
     adata = cells.copy()
-    report, annotated = evaluate(adata, model, label_key="cell_type", labels=TYPES[:3], copy=True)
+    report = evaluate(adata, model, label_key="cell_type", labels=TYPES[:3])
     assert report["classes"] == TYPES[:3]
+    annotated = cells.copy()
+    evaluate(annotated, model, label_key="cell_type", labels=TYPES[:3], inplace=True)
     assert "langcell_cell_type" in annotated.obs and "langcell_cell_type" not in adata.obs
     assert "langcell_evaluation" not in adata.uns
 
@@ -410,7 +421,7 @@ def test_evaluate_refuses_before_writing(small, options, message):
     adata = cells.copy()
     settings = {"label_key": "cell_type", **options}
     with pytest.raises(LangCellError) as error:
-        evaluate(adata, model, **settings)
+        evaluate(adata, model, **settings, inplace=True)
     assert message in str(error.value)
     assert "langcell_cell_type" not in adata.obs and "X_langcell" not in adata.obsm and not adata.uns.get(
         "langcell_evaluation"
@@ -422,7 +433,7 @@ def test_evaluate_refuses_a_single_batch_before_the_model_runs(small):
     adata = cells.copy()
     adata.obs["phase"] = "G1"
     with pytest.raises(LangCellError, match="at least two"):
-        evaluate(adata, model, label_key="cell_type", batch_key="phase")
+        evaluate(adata, model, label_key="cell_type", batch_key="phase", inplace=True)
     assert "langcell_cell_type" not in adata.obs
 
 

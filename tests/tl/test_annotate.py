@@ -250,3 +250,15 @@ def test_no_gene_in_the_vocabulary(model):
 def test_not_an_anndata(model):
     with pytest.raises(LangCellError, match="AnnData"):
         tl.annotate(np.zeros((3, 3)), model, DESCRIPTIONS)
+
+
+def test_copy_of_a_backed_anndata_is_annotated_and_the_file_is_left_alone(model, tmp_path):
+    # anndata cannot copy() a backed AnnData without a new file name; copy=True reads it into memory.
+    path = tmp_path / "cells.h5ad"
+    make_adata().write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    annotated = tl.annotate(backed, model, DESCRIPTIONS, copy=True)
+    assert not annotated.isbacked and annotated.obs[KEY].notna().all()
+    assert KEY not in backed.obs
+    in_memory = tl.annotate(ad.read_h5ad(path), model, DESCRIPTIONS, copy=True)
+    assert annotated.obs[KEY].tolist() == in_memory.obs[KEY].tolist()

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from langcell.data import genes
 from langcell.errors import LangCellError
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 GENCODE_DIR = SHARED / "reference" / "gencode"
 IMMUNE_H5AD = SHARED / "data" / "immune_sample_559cells_counts.h5ad"
 GENEFORMER_NAME_ID = SHARED / "reference" / "geneformer" / "gene_name_id_dict.pkl"

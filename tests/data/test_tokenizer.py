@@ -23,7 +23,7 @@ from langcell.data.geneformer import read_geneformer_dictionary
 from langcell.data.tokenizer import TOKENIZER_FILENAME, GeneTokenizer, TokenizedCells
 from langcell.errors import LangCellError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 GENEFORMER = SHARED / "reference" / "geneformer"
 IMMUNE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"
 CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"

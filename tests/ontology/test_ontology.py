@@ -20,7 +20,7 @@ from cellxgene_ontology_guide.ontology_parser import OntologyParser
 from langcell import ontology
 from langcell.errors import LangCellError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
 
 

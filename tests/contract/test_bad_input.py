@@ -39,7 +39,7 @@ from langcell.models import LangCell
 from langcell.models.config import LangCellConfig
 from langcell.train import load_recipe, pretrain
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
 needs_cbmc = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")
 

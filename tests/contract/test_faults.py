@@ -30,7 +30,7 @@ from langcell.data.corpus import TokenCorpus, write_corpus
 from langcell.data.tokenizer import TOKENIZER_FILENAME, GeneTokenizer
 from langcell.models import LangCell
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
 needs_cbmc = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")
 
@@ -373,7 +373,7 @@ def test_the_write_scan_catches_a_direct_write():
 
 
 def test_every_output_file_is_written_under_a_temporary_name():
-    package = Path(__file__).resolve().parents[1] / "src" / "langcell"
+    package = Path(__file__).resolve().parents[2] / "src" / "langcell"
     if not package.is_dir():
         import langcell
 

@@ -23,7 +23,7 @@ from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 from langcell.train.fewshot import fewshot_loss, tune_langcell
 
-CBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
+CBMC = Path(__file__).resolve().parents[3] / "shared" / "data" / "cbmc_citeseq_500genes.h5ad"
 TYPES = ["B cell", "CD14-positive monocyte", "natural killer cell"]
 CELLS_PER_TYPE = 15
 N_UNLABELLED = 4
@@ -74,6 +74,8 @@ def run(cbmc, model):
     before = copy.deepcopy(model.state_dict())
     rng_state = torch.get_rng_state()
     results = fewshot(adata, model, "cell_type", shots=(1, 3), repeats=2, seed=4, **FAST)
+    assert "langcell_fewshot" not in adata.uns  # inplace=False: the table only
+    assert fewshot(adata, model, "cell_type", shots=(1, 3), repeats=2, seed=4, inplace=True, **FAST) is None
     assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's random stream is left alone
     return adata, results, before
 
@@ -317,14 +319,17 @@ def test_same_seed_same_results_copy_and_descriptions(cbmc, model):
     tuning = dict(epochs=40, lr=2e-3, text_lr=2e-3, max_length=MAX_LENGTH)
     settings = dict(shots=[2], labels=descriptions, baselines=(), seed=9, **tuning)
     adata = cbmc.copy()
-    results, annotated = fewshot(adata, model, "cell_type", copy=True, **settings)
-    assert "langcell_fewshot" not in adata.uns  # copy=True leaves the input alone
+    results = fewshot(adata, model, "cell_type", **settings)
+    assert "langcell_fewshot" not in adata.uns  # inplace=False leaves the input alone
+    annotated = adata.copy()
+    fewshot(annotated, model, "cell_type", inplace=True, **settings)
     stored = annotated.uns["langcell_fewshot"]
     assert stored["classes"] == list(descriptions) and stored["texts"] == list(descriptions.values())
     assert results["method"].tolist() == ["langcell"]
     assert results["n_test"].item() == 2 * CELLS_PER_TYPE - 4  # monocytes are left out
-    again = fewshot(adata, model, "cell_type", **settings)
-    pd.testing.assert_frame_equal(results, again)
+    fewshot(adata, model, "cell_type", inplace=True, **settings)
+    again = pd.DataFrame(adata.uns["langcell_fewshot"]["results"])[list(RESULT_COLUMNS)]
+    pd.testing.assert_frame_equal(results, again.astype(results.dtypes.to_dict()))
     assert adata.uns["langcell_fewshot"]["train_loss"]["loss"] == stored["train_loss"]["loss"]
 
     # The LangCell row is zero-shot annotation (tl.annotate) of the test cells by the tuned model.

@@ -14,7 +14,7 @@ from langcell.data.corpus import MANIFEST_FILENAME, TokenCorpus, write_corpus
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
 IMMUNE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"
 GENEFORMER = SHARED / "reference" / "geneformer"

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from langcell.data import datasets
 from langcell.errors import LangCellError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def test_counts_from_log1p_inverts_the_normalisation():
