@@ -173,6 +173,7 @@ def test_embed_into_a_missing_directory_is_refused(model_and_cells, tmp_path, ca
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_passes_the_learning_rates_and_refuses_a_bad_one(model_and_cells, tmp_path, capsys):
     import anndata as ad
 
@@ -194,6 +195,7 @@ def test_finetune_passes_the_learning_rates_and_refuses_a_bad_one(model_and_cell
     assert not bad.exists()
 
 
+@pytest.mark.slow
 def test_finetune_predict_and_retrieve_commands(model_and_cells, tmp_path, capsys):
     import json
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import anndata as ad
+import pytest
 
 from langcell.demo import run_demo
 
 
+@pytest.mark.slow
 def test_demo_writes_its_outputs_and_scores(tmp_path):
     report = run_demo(tmp_path / "demo", seed=0, quiet=True, recipe="tiny")
     out = tmp_path / "demo"

@@ -170,6 +170,7 @@ def test_the_import_graph_has_no_cycle():
             pytest.fail("import cycle: " + " -> ".join(cycle))
 
 
+@pytest.mark.slow
 def test_annotating_loads_no_training_or_evaluation_module():
     code = (
         "import sys\n"

@@ -53,6 +53,7 @@ def test_the_guard_refuses_sockets(no_network):
     no_network.clear()
 
 
+@pytest.mark.slow
 def test_demo_core_path_runs_offline(no_network):
     adata = pbmc68k()
     tokenizer = GeneTokenizer.fit(adata)

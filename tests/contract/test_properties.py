@@ -23,6 +23,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -129,6 +130,7 @@ def test_token_sequences_obey_the_rank_value_rules(inputs):
     assert set(cells.cells_without_genes.tolist()) == {i for i, v in enumerate(expected_values) if not v}
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(tokenizer_inputs(), st.integers(1, 4))
 def test_the_corpus_round_trips_exactly(inputs, shard_size):

@@ -287,6 +287,7 @@ NAME_POOL = [
 ]
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.sampled_from(NAME_POOL), min_size=1, max_size=30))
 def test_every_feature_lands_in_exactly_one_bucket(names):
@@ -406,6 +407,7 @@ def load_build_script():
     return module
 
 
+@pytest.mark.slow
 @needs_shared
 def test_build_script_reproduces_the_committed_tables(tmp_path):
     build = load_build_script()

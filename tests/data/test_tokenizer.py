@@ -116,6 +116,7 @@ def cbmc() -> ad.AnnData:
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_shared
 def test_released_dictionaries_match_a_plain_per_cell_implementation(released, immune):
     encoded = released.encode(immune)
@@ -329,6 +330,7 @@ def test_fit_ensembl_vocabulary_and_min_cells(immune):
     assert ((summed > 0).sum(axis=0) >= 10).all()
 
 
+@pytest.mark.slow
 @needs_shared
 def test_approximate_medians_within_one_percent_on_real_data(immune):
     exact = GeneTokenizer.fit(immune, exact=True)
@@ -514,6 +516,7 @@ def test_no_warning_for_clean_input():
         tiny_tokenizer().encode(tiny_adata([[1, 6, 2, 0, 1]]))
 
 
+@pytest.mark.slow
 def test_tokenizing_keeps_the_torch_thread_count():
     # numba's first parallel launch resets OpenMP's thread count, which torch reads; the tokenizer
     # restores it so that a user's torch.set_num_threads survives tokenization.

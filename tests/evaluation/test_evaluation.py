@@ -76,6 +76,7 @@ def labels_of(adata, key="cell_type"):
 # integration_metrics
 
 
+@pytest.mark.slow
 def test_table_rows_columns_and_what_is_stored(pbmc, scored):
     adata, table = scored
     assert list(table.index) == [EMBEDDING, "X_pca"] and table.index.name == "embedding"
@@ -149,6 +150,7 @@ def test_aggregates_are_group_means_and_the_scib_weighting(scored):
         assert row["total"] == pytest.approx(0.6 * row["bio_conservation"] + 0.4 * row["batch_correction"])
 
 
+@pytest.mark.slow
 def test_the_benchmarker_metric_set_matches_scib_metrics_benchmarker(pbmc, baseline):
     """Benchmarker's pipeline (its own PCA replaced by the same baseline, kBET left out) gives our table."""
     from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
@@ -179,6 +181,7 @@ def test_the_benchmarker_metric_set_matches_scib_metrics_benchmarker(pbmc, basel
             assert ours.loc[key, column] == pytest.approx(float(theirs.loc[key, their_column]), abs=1e-6), column
 
 
+@pytest.mark.slow
 def test_a_precomputed_baseline_is_used_as_given(pbmc, scored, baseline):
     _, table = scored
     adata = pbmc.copy()
@@ -194,6 +197,7 @@ def test_a_precomputed_baseline_is_used_as_given(pbmc, scored, baseline):
     assert adata.uns["mine"]["params"]["baseline_computed"] is False and adata.uns["mine"]["params"]["n_pcs"] is None
 
 
+@pytest.mark.slow
 def test_inplace_stores_the_table_and_returns_nothing(pbmc):
     adata = pbmc.copy()
     options = dict(batch_key="phase", label_key="cell_type", embeddings=[EMBEDDING], metrics=("silhouette_label",))
@@ -446,6 +450,7 @@ def saved(small, tmp_path_factory):
     return root / "model", root / "cells.h5ad"
 
 
+@pytest.mark.slow
 def test_cli_round_trip_with_integration_metrics(saved, tmp_path, capsys):
     model, cells = saved
     report_path, out = tmp_path / "report.json", tmp_path / "evaluated.h5ad"

@@ -201,6 +201,7 @@ def test_match_classes_restricts_the_matching_loss_to_the_own_class_and_hard_neg
     assert float(every["matching"]) == pytest.approx(float(full["matching"]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_tuning_lowers_the_loss_moves_both_encoders_and_leaves_the_model_alone(cbmc, model):
     sequences, labels = _training_cells(cbmc, model, n=1)
     texts = [f"cell type: {kind}." for kind in TYPES]
@@ -238,6 +239,7 @@ def _split_of(adata, key, n, repeat):
     return codes, train, test
 
 
+@pytest.mark.slow
 def test_results_schema_and_uns(run, model):
     adata, results, before = run
     assert list(results.columns) == list(RESULT_COLUMNS)
@@ -262,6 +264,7 @@ def test_results_schema_and_uns(run, model):
         assert torch.equal(value, before[name])
 
 
+@pytest.mark.slow
 def test_uns_survives_h5ad_and_feeds_the_plot(run, tmp_path):
     adata, results, _ = run
     adata.write_h5ad(tmp_path / "fewshot.h5ad")
@@ -282,6 +285,7 @@ def test_uns_survives_h5ad_and_feeds_the_plot(run, tmp_path):
         pl.fewshot_curves(pd.DataFrame({"method": ["knn"]}))
 
 
+@pytest.mark.slow
 def test_baselines_equal_a_direct_sklearn_computation(run, cbmc):
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
@@ -311,6 +315,7 @@ def test_baselines_equal_a_direct_sklearn_computation(run, cbmc):
     assert adata.uns["langcell_fewshot"]["params"]["n_pcs"] == n_components
 
 
+@pytest.mark.slow
 def test_same_seed_same_results_copy_and_descriptions(cbmc, model):
     from sklearn.metrics import f1_score
 
@@ -401,6 +406,7 @@ def saved(cbmc, model, tmp_path_factory):
     return root / "model", root / "cells.h5ad"
 
 
+@pytest.mark.slow
 def test_cli_round_trip(saved, tmp_path, capsys):
     model_dir, cells = saved
     report, plot, out = tmp_path / "report.json", tmp_path / "curves.png", tmp_path / "out.h5ad"

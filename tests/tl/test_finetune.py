@@ -151,6 +151,7 @@ def test_pooling_ignores_padding():
 # finetune
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_linear_probe_learns_and_writes_the_contract(linear_run):
     adata, classifier, metrics = linear_run
@@ -188,6 +189,7 @@ def test_linear_probe_learns_and_writes_the_contract(linear_run):
     assert metrics["n_steps"] == 60  # 60 training cells: one batch of up to 256 per epoch
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_linear_probe_head_predicts_like_the_folded_classifier(linear_run):
     # The head is trained on standardised features and folded back: the saved classifier must give the
@@ -198,6 +200,7 @@ def test_linear_probe_head_predicts_like_the_folded_classifier(linear_run):
     np.testing.assert_allclose(again.obsm["langcell_ce_probs"], adata.obsm["langcell_ce_probs"][test], atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_annotated_anndata_writes_to_h5ad(linear_run, tmp_path):
     adata, _, _ = linear_run
@@ -206,6 +209,7 @@ def test_annotated_anndata_writes_to_h5ad(linear_run, tmp_path):
     assert back.uns["langcell_ce"]["metrics"]["accuracy"] == pytest.approx(adata.uns["langcell_ce"]["metrics"]["accuracy"])
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_full_finetuning_changes_the_encoder_and_lowers_the_training_loss(cbmc, model, full_run):
     adata, classifier, metrics = full_run
@@ -246,6 +250,7 @@ def test_full_finetuning_epochs_make_enough_steps_within_bounds():
         full_finetuning_epochs(0)
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_full_finetuning_default_epochs_follow_the_training_set_size(cbmc, model):
     # 60 training cells in batches of up to 32: 2 steps per pass, so the default makes 100 passes.
@@ -257,6 +262,7 @@ def test_full_finetuning_default_epochs_follow_the_training_set_size(cbmc, model
     assert annotated.uns["langcell_ce"]["params"]["epochs"] == 100
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_same_seed_same_result_other_seed_other_split(cbmc, model):
     adata = cbmc[0]
@@ -268,6 +274,7 @@ def test_same_seed_same_result_other_seed_other_split(cbmc, model):
     assert "langcell_ce" not in adata.obs  # copy=True leaves the input alone
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_unlabelled_cells_are_predicted_but_not_scored(cbmc, model):
     adata = cbmc[0].copy()
@@ -304,6 +311,7 @@ def test_bad_labels_are_refused_with_the_reason(cbmc, model):
 # save / load / predict
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_save_load_round_trip_gives_identical_predictions(cbmc, full_run, tmp_path):
     _, classifier, _ = full_run
@@ -321,6 +329,7 @@ def test_save_load_round_trip_gives_identical_predictions(cbmc, full_run, tmp_pa
     classifier.save(tmp_path / "clf", overwrite=True)
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_load_is_strict(full_run, tmp_path):
     _, classifier, _ = full_run
@@ -360,6 +369,7 @@ def test_load_is_strict(full_run, tmp_path):
         CellTypeClassifier.load(path)
 
 
+@pytest.mark.slow
 @needs_cbmc
 def test_predict_on_new_cells_matches_one_cell_at_a_time(cbmc, full_run):
     _, classifier, _ = full_run

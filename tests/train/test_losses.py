@@ -466,6 +466,7 @@ def _spawn_and_wait(tmp_path: Path, timeout_s: float = 90.0) -> None:
             pytest.fail("the 2-process gloo test did not finish in time (a collective hung)")
 
 
+@pytest.mark.slow
 def test_two_process_gather_matches_the_single_process_losses_and_gradients(tmp_path, monkeypatch):
     # Gloo binds to the loopback interface: the test needs no network.
     if "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists():

@@ -23,7 +23,10 @@ from langcell.train.data import CellTextTable, PretrainStream
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
-pytestmark = pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing")
+pytestmark = [
+    pytest.mark.skipif(not CBMC.is_file(), reason=f"{CBMC} is missing"),
+    pytest.mark.slow,  # every test here writes a corpus and most train: the inner loop skips them
+]
 
 
 @pytest.fixture(scope="module")
