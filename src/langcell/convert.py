@@ -30,8 +30,6 @@ from .models.serialization import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# Import of the released checkpoint
-# ---------------------------------------------------------------------------------------------
 # Parameter name table: released name -> our name. "{n}" stands for a layer index. Both towers use
 # HF BERT names, so the mapping is mostly a prefix; it is written out so that every tensor the
 # importer touches is visible here and nothing is matched by accident.

@@ -62,14 +62,6 @@ DEFAULT_CHUNK_SIZE = 8192
 #: Above this many collected non-zero values, ``fit(exact=None)`` switches from exact medians to the
 #: log-binned histogram (each value costs ~12 bytes plus sort scratch: ~25M values is ~0.6 GB).
 DEFAULT_MAX_EXACT_VALUES = 25_000_000
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Geneformer dictionaries: the one place that unpickles.
-# --------------------------------------------------------------------------------------------------
-
-
 # --------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------
@@ -116,15 +108,6 @@ class TokenizedCells:
 
     def __repr__(self) -> str:
         return f"TokenizedCells(n_cells={len(self)}, n_tokens={self.ids.size})"
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading counts from AnnData, chunk by chunk
-# --------------------------------------------------------------------------------------------------
-
-
-
-
 # --------------------------------------------------------------------------------------------------
 # The tokenizer
 # --------------------------------------------------------------------------------------------------
@@ -727,10 +710,3 @@ def _warn_cells_without_genes(n_empty: int, n_cells: int, label: str) -> None:
             "sequence [<cls>] and listed in cells_without_genes (filter them out if they are empty droplets)",
             stacklevel=3,
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Medians, exact or log-binned
-# --------------------------------------------------------------------------------------------------
-
-

@@ -65,9 +65,9 @@ from ..train.fewshot import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEXT_LR,
     check_match_classes,
-    check_rates,
     tune_langcell,
 )
+from ..train.optim import check_optimiser_settings
 from .baselines import knn_predict, log_normalised_features, logistic_regression_predict, principal_components
 
 __all__ = [
@@ -83,18 +83,6 @@ DEFAULT_SHOTS = (1, 3, 5, 10)
 BASELINES = ("logistic_regression", "knn")
 #: Columns of the results table, in order.
 RESULT_COLUMNS = ("method", "shots", "repeat", "accuracy", "macro_f1", "n_train", "n_test")
-
-
-# --------------------------------------------------------------------------------------------------
-# The split
-# --------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------
-# LangCell tuning (tensor level)
-# --------------------------------------------------------------------------------------------------
-
-
 # --------------------------------------------------------------------------------------------------
 # The AnnData layer
 # --------------------------------------------------------------------------------------------------
@@ -246,21 +234,14 @@ def fewshot(
     repeats = check_positive_int(repeats, "repeats")
     epochs = check_positive_int(epochs, "epochs")
     min_test = check_positive_int(min_test, "min_test")
-    check_rates(lr=lr, text_lr=text_lr, tau=tau)
     alpha = check_alpha(alpha)
-    if mode not in MODES:
-        raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'fast' is the default")
-    if not (weight_decay >= 0 and max_grad_norm >= 0):
-        raise LangCellError("weight_decay and max_grad_norm must be >= 0 (0 turns them off)")
-    if not 0 <= warmup_fraction < 1:
-        raise LangCellError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    _check_tuning(lr=lr, text_lr=text_lr, tau=tau, mode=mode, weight_decay=weight_decay,
+                  max_grad_norm=max_grad_norm, warmup_fraction=warmup_fraction, max_tokens=max_tokens,
+                  max_batch_size=max_batch_size, max_pair_tokens=max_pair_tokens)
     baselines = _check_baselines(baselines)
     n_pcs = check_positive_int(n_pcs, "n_pcs")
     if n_neighbors is not None:
         n_neighbors = check_positive_int(n_neighbors, "n_neighbors")
-    for name, value in (("max_tokens", max_tokens), ("max_batch_size", max_batch_size),
-                        ("max_pair_tokens", max_pair_tokens)):
-        check_positive_int(value, name)
     tokenizer = gene_tokenizer_of(model)
     max_length = check_max_length(max_length, model.config.cell.max_position_embeddings)
 
@@ -293,43 +274,12 @@ def fewshot(
     scoring = dict(
         alpha=alpha, top_k=top_k, mode=mode, max_tokens=max_tokens, max_pair_tokens=max_pair_tokens
     )
-    records: list[dict[str, Any]] = []
-    train_cells: dict[str, list[str]] = {}
-    train_loss: dict[str, list] = {"shots": [], "repeat": [], "loss": []}
-    obs_names = np.asarray(adata.obs_names, dtype=object)
-    bar = progress_bar(len(shots) * repeats, progress, "few-shot runs", "run")
-    try:
-        for repeat in range(repeats):
-            split_seed = run_seed(seed, repeat)
-            for n in shots:
-                train, test = sample_shots(codes, n, seed=split_seed, min_test=min_test, class_names=classes)
-                train_cells[f"{n}_shots_repeat_{repeat}"] = [str(name) for name in obs_names[train]]
-                predictions, losses = _langcell_predictions(
-                    model, sequences, codes, train, test, texts, classes,
-                    {**tuning, "seed": run_seed(seed, repeat, n)}, scoring,
-                )
-                train_loss["shots"].append(int(n))
-                train_loss["repeat"].append(int(repeat))
-                train_loss["loss"].append([float(v) for v in losses])
-                if "logistic_regression" in baselines:
-                    predictions["logistic_regression"] = logistic_regression_predict(
-                        features[train], codes[train], features[test], seed
-                    )
-                if "knn" in baselines:
-                    predictions["knn"] = knn_predict(pcs, codes, train, test, n, n_neighbors)
-                for method, predicted in predictions.items():
-                    metrics = classification_metrics(codes[test], np.asarray(predicted), len(classes))
-                    records.append({
-                        "method": method, "shots": int(n), "repeat": int(repeat),
-                        "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                        "n_train": int(train.size), "n_test": int(test.size),
-                    })
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
+    split = dict(codes=codes, classes=classes, shots=shots, repeats=repeats, seed=seed, min_test=min_test)
+    baseline_inputs = dict(baselines=baselines, features=features, pcs=pcs, n_neighbors=n_neighbors)
+    records, train_cells, train_loss = _run_protocol(
+        model, sequences, texts, np.asarray(adata.obs_names, dtype=object), split, baseline_inputs, tuning,
+        scoring, progress,
+    )
     results = pd.DataFrame.from_records(records, columns=list(RESULT_COLUMNS))
     if not inplace:
         return results
@@ -374,6 +324,63 @@ def fewshot(
 # --------------------------------------------------------------------------------------------------
 
 
+def _run_protocol(
+    model: Any,
+    sequences: list[np.ndarray],
+    texts: list[str],
+    obs_names: np.ndarray,
+    split: dict[str, Any],
+    baseline_inputs: dict[str, Any],
+    tuning: dict[str, Any],
+    scoring: dict[str, Any],
+    progress: bool,
+) -> tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, list]]:
+    """Every (repeat, n) run: draw the split, tune and score LangCell, run the baselines, score all.
+
+    Returns the result records, each run's training cells and each run's LangCell training losses.
+    """
+    codes, classes, min_test = split["codes"], split["classes"], split["min_test"]
+    shots, repeats, seed = split["shots"], split["repeats"], split["seed"]
+    baselines, features = baseline_inputs["baselines"], baseline_inputs["features"]
+    records: list[dict[str, Any]] = []
+    train_cells: dict[str, list[str]] = {}
+    train_loss: dict[str, list] = {"shots": [], "repeat": [], "loss": []}
+    bar = progress_bar(len(shots) * repeats, progress, "few-shot runs", "run")
+    try:
+        for repeat in range(repeats):
+            split_seed = run_seed(seed, repeat)
+            for n in shots:
+                train, test = sample_shots(codes, n, seed=split_seed, min_test=min_test, class_names=classes)
+                train_cells[f"{n}_shots_repeat_{repeat}"] = [str(name) for name in obs_names[train]]
+                predictions, losses = _langcell_predictions(
+                    model, sequences, codes, train, test, texts, classes,
+                    {**tuning, "seed": run_seed(seed, repeat, n)}, scoring,
+                )
+                train_loss["shots"].append(int(n))
+                train_loss["repeat"].append(int(repeat))
+                train_loss["loss"].append([float(v) for v in losses])
+                if "logistic_regression" in baselines:
+                    predictions["logistic_regression"] = logistic_regression_predict(
+                        features[train], codes[train], features[test], seed
+                    )
+                if "knn" in baselines:
+                    predictions["knn"] = knn_predict(baseline_inputs["pcs"], codes, train, test, n, baseline_inputs["n_neighbors"])
+                for method, predicted in predictions.items():
+                    metrics = classification_metrics(codes[test], np.asarray(predicted), len(classes))
+                    records.append({
+                        "method": method, "shots": int(n), "repeat": int(repeat),
+                        "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                        "n_train": int(train.size), "n_test": int(test.size),
+                    })
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    return records, train_cells, train_loss
+
+
 def _langcell_predictions(
     model, sequences, codes, train, test, texts, classes, tuning: dict, scoring: dict
 ) -> tuple[dict[str, np.ndarray], list[float]]:
@@ -408,6 +415,20 @@ def _check_shots(shots: Any) -> list[int]:
     if len(set(values)) != len(values):
         raise LangCellError(f"shots repeat a value: {values}; give each number of cells per class once")
     return values
+
+
+def _check_tuning(
+    *, lr, text_lr, tau, mode, weight_decay, max_grad_norm, warmup_fraction, max_tokens, max_batch_size,
+    max_pair_tokens,
+) -> None:
+    """Refuse tuning and scoring settings out of range, before any work."""
+    check_optimiser_settings(lr=lr, text_lr=text_lr, tau=tau, weight_decay=weight_decay,
+                             max_grad_norm=max_grad_norm, warmup_fraction=warmup_fraction)
+    if mode not in MODES:
+        raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'fast' is the default")
+    for name, value in (("max_tokens", max_tokens), ("max_batch_size", max_batch_size),
+                        ("max_pair_tokens", max_pair_tokens)):
+        check_positive_int(value, name)
 
 
 def _check_baselines(baselines: Any) -> list[str]:

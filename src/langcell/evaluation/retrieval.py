@@ -142,5 +142,3 @@ def retrieval_recall(
         "params": {"label_key": label_key, "ks": list(ks), "use_rep": use_rep},
     }
     return None
-
-

@@ -675,5 +675,3 @@ def zero_shot_scores(
 
 
 _MATRICES = ("similarity", "match_prob", "p_sim", "p_ctm", "scores")
-
-

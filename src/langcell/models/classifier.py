@@ -289,4 +289,3 @@ class CellTypeClassifier(nn.Module):
             raise LangCellError(f"no {WEIGHTS_FILENAME} in {str(path)!r}; {_REDO}")
         load_state_strict(classifier, read_weights(weights, map_location), str(weights))
         return classifier.to(map_location).eval()
-

@@ -267,5 +267,3 @@ class TextEncoder(nn.Module):
         with torch.no_grad():
             for key in wanted:
                 own[key].copy_(source[key].to(own[key].dtype))
-
-

@@ -499,9 +499,3 @@ def cell_description(row_or_dict: Mapping[str, Any] | pd.Series, aspects: Iterab
         if text:
             texts.append(text)
     return " ".join(texts)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Label -> term
-
-

@@ -12,7 +12,6 @@ AnnData, and :func:`langcell.tl.predict` applies the classifier to new cells.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from ..errors import LangCellError
 from ..metrics import classification_metrics, softmax
 from ..models.classifier import DEFAULT_MAX_TOKENS, POOLINGS, CellTypeClassifier
 from ..train.finetune import LINEAR_EPOCHS, train_full, train_linear_probe
+from ..train.optim import check_optimiser_settings
 from ..train.supervised import model_device, seeded
 
 __all__ = [
@@ -39,18 +39,6 @@ __all__ = [
 MODES = ("full", "linear")
 #: Names written to ``obs[key_added + "_split"]``.
 SPLIT_NAMES = ("train", "test", "unlabelled")
-
-
-# --------------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure helpers: split and metrics
-# --------------------------------------------------------------------------------------------------
-
-
 # --------------------------------------------------------------------------------------------------
 # AnnData layer
 # --------------------------------------------------------------------------------------------------
@@ -174,38 +162,16 @@ def finetune(
         a bad setting, a model without a gene tokenizer, or counts that are not raw counts.
     """
     _check_anndata(adata)
-    if mode not in MODES:
-        raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'linear' is the fast linear probe")
-    if pooling not in POOLINGS:
-        raise LangCellError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    check_fraction(train_fraction)
-    if epochs is not None:
-        epochs = check_positive_int(epochs, "epochs")
-    elif mode == "linear":
-        epochs = LINEAR_EPOCHS
-    for name, value in (("lr", lr), ("encoder_lr", encoder_lr)):
-        if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
-            raise LangCellError(f"{name} must be a positive number, got {value!r}")
-    if not (weight_decay >= 0 and max_grad_norm >= 0):
-        raise LangCellError("weight_decay and max_grad_norm must be >= 0 (0 turns them off)")
-    if not 0 <= warmup_fraction < 1:
-        raise LangCellError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-    for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("max_batch_size", max_batch_size)):
-        check_positive_int(value, name)
+    epochs = _check_settings(
+        mode=mode, pooling=pooling, train_fraction=train_fraction, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_fraction=warmup_fraction,
+        batch_size=batch_size, max_tokens=max_tokens, max_batch_size=max_batch_size,
+    )
     _check_key(key_added)
     tokenizer = _gene_tokenizer(model)
     max_length = check_max_length(max_length, model.config.cell.max_position_embeddings)
 
-    classes, codes = label_codes(adata, label_key)
-    try:
-        train, test = stratified_split(codes, train_fraction, seed=seed)
-    except LangCellError:
-        counts = pd.Series(codes[codes >= 0]).value_counts()
-        small = [f"{classes[c]!r} ({n} cell{'s' if n != 1 else ''})" for c, n in counts.items() if n < 2]
-        raise LangCellError(
-            f"obs[{label_key!r}] has classes with fewer than 2 cells, too few for a stratified train/test "
-            f"split: {', '.join(small)}; drop those cells or merge the classes"
-        ) from None
+    classes, codes, train, test = _split(adata, label_key, train_fraction, seed)
     cells = tokenizer.encode(
         adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
         max_length=max_length, progress=progress,
@@ -283,13 +249,35 @@ def finetune(
     return (classifier, metrics, adata) if copy else (classifier, metrics)
 
 
-# --------------------------------------------------------------------------------------------------
-# Training loops
-# --------------------------------------------------------------------------------------------------
+def _check_settings(
+    *, mode, pooling, train_fraction, epochs, lr, encoder_lr, weight_decay, max_grad_norm, warmup_fraction,
+    batch_size, max_tokens, max_batch_size,
+) -> int | None:
+    """Refuse bad settings before any work; the number of epochs (``None``: full fine-tuning chooses)."""
+    if mode not in MODES:
+        raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'linear' is the fast linear probe")
+    if pooling not in POOLINGS:
+        raise LangCellError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    check_fraction(train_fraction)
+    check_optimiser_settings(lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                             warmup_fraction=warmup_fraction)
+    for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("max_batch_size", max_batch_size)):
+        check_positive_int(value, name)
+    if epochs is not None:
+        return check_positive_int(epochs, "epochs")
+    return LINEAR_EPOCHS if mode == "linear" else None
 
 
-# --------------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------------
-
-
+def _split(adata: Any, label_key: str, train_fraction: float, seed: int):
+    """The classes, every cell's code, and the stratified train / test rows of the labelled cells."""
+    classes, codes = label_codes(adata, label_key)
+    try:
+        train, test = stratified_split(codes, train_fraction, seed=seed)
+    except LangCellError:
+        counts = pd.Series(codes[codes >= 0]).value_counts()
+        small = [f"{classes[c]!r} ({n} cell{'s' if n != 1 else ''})" for c, n in counts.items() if n < 2]
+        raise LangCellError(
+            f"obs[{label_key!r}] has classes with fewer than 2 cells, too few for a stratified train/test "
+            f"split: {', '.join(small)}; drop those cells or merge the classes"
+        ) from None
+    return classes, codes, train, test

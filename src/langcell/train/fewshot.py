@@ -20,13 +20,14 @@ pretrained on, where the release's zero-shot score reads them through ``softmax(
 from __future__ import annotations
 
 import copy as copy_module
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from langcell.train.optim import check_rates
 
 from .._checks import check_max_length, check_positive_int
 from ..data.batching import as_sequences, pad_sequences, token_budget_batches
@@ -269,10 +270,3 @@ def tune_langcell(
         )
     tuned.zero_grad(set_to_none=True)
     return tuned.eval(), losses
-
-
-def check_rates(**values: Any) -> None:
-    for name, value in values.items():
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number and value > 0 and math.isfinite(value)):
-            raise LangCellError(f"{name} must be a positive number, got {value!r}")

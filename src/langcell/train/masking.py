@@ -201,4 +201,3 @@ def gene_dropout(
     n_kept = kept.sum(dim=1)
     packed_mask = torch.arange(length, device=device)[None, :] < n_kept[:, None]
     return packed, packed_mask.to(attention_mask.dtype)
-

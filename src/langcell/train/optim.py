@@ -7,9 +7,12 @@ Pretraining, LangCell-CE fine-tuning and few-shot tuning all build their optimis
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
+
+from langcell.errors import LangCellError
 
 from ..models.langcell import LangCell
 
@@ -56,3 +59,23 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total:
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_rates(**values: Any) -> None:
+    """Refuse a learning rate (or temperature) that is not a positive finite number, naming it."""
+    for name, value in values.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and value > 0 and math.isfinite(value)):
+            raise LangCellError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_optimiser_settings(**rates: Any) -> None:
+    """Check the settings every supervised trainer takes: the learning rates given by name (see
+    :func:`check_rates`) and ``weight_decay``, ``max_grad_norm`` (>= 0) and ``warmup_fraction`` ([0, 1))."""
+    weight_decay, max_grad_norm = rates.pop("weight_decay"), rates.pop("max_grad_norm")
+    warmup_fraction = rates.pop("warmup_fraction")
+    check_rates(**rates)
+    if not (weight_decay >= 0 and max_grad_norm >= 0):
+        raise LangCellError("weight_decay and max_grad_norm must be >= 0 (0 turns them off)")
+    if not 0 <= warmup_fraction < 1:
+        raise LangCellError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
