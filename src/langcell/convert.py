@@ -269,48 +269,9 @@ def import_official(
                 "text_bert/, cell_proj.bin, text_proj.bin, ctm_head.bin)"
             )
 
-    # --- cell tower
-    cell_tensors = _normalise_source_names(read_weights(ckpt / "cell_bert"))
-    cell_sizes = _bert_sizes_from_weights(cell_tensors, "cell_bert")
-    cell_config = CellEncoderConfig.from_hf_config({**_read_hf_config(ckpt / "cell_bert"), **cell_sizes})
-    cell_mapped = _map_tower(cell_tensors, CELL_BERT_TABLE, cell_sizes["num_hidden_layers"], "cell_bert")
-
-    # --- text tower
-    text_tensors = _normalise_source_names(read_weights(ckpt / "text_bert"))
-    text_sizes = _bert_sizes_from_weights(text_tensors, "text_bert")
-    cross_layers = _layer_indices(text_tensors, "crossattention.")
-    num_text_layers = text_sizes["num_hidden_layers"]
-    if not cross_layers:
-        raise LangCellError(
-            f"text_bert in {str(ckpt)!r} has no cross-attention layers; the release's text tower is a BLIP med "
-            f"BERT with crossattention in every layer. {REDOWNLOAD_FIX}"
-        )
-    if cross_layers != list(range(num_text_layers - len(cross_layers), num_text_layers)):
-        raise LangCellError(
-            f"text_bert has cross-attention in layers {cross_layers}; only the last N layers (or all) are supported"
-        )
-    encoder_width = int(_require(text_tensors, f"encoder.layer.{cross_layers[0]}.crossattention.self.key.weight",
-                                 "text_bert").shape[1])
-    text_config = TextEncoderConfig.from_hf_config({**_read_hf_config(ckpt / "text_bert"), **text_sizes})
-    text_config.encoder_width = encoder_width
-    text_config.cross_attention_layers = None if len(cross_layers) == num_text_layers else len(cross_layers)
-    text_mapped = _map_tower(text_tensors, TEXT_BERT_TABLE, num_text_layers, "text_bert")
-
-    # --- heads
-    heads = {stem: _read_linear(ckpt, stem) for stem in HEAD_TABLE}
-    projection_dim = int(heads["cell_proj"]["weight"].shape[0])
-    expected_shapes = {
-        "cell_proj": (projection_dim, cell_config.hidden_size),
-        "text_proj": (projection_dim, text_config.hidden_size),
-        "ctm_head": (2, text_config.hidden_size),
-    }
-    for stem, shape in expected_shapes.items():
-        if tuple(heads[stem]["weight"].shape) != shape:
-            raise LangCellError(
-                f"{stem} weight has shape {tuple(heads[stem]['weight'].shape)}, expected {shape} from the towers' "
-                f"sizes; the files come from different checkpoints: {REDOWNLOAD_FIX}"
-            )
-    head_mapped = {f"{HEAD_TABLE[stem]}.{kind}": t for stem, tensors in heads.items() for kind, t in tensors.items()}
+    cell_config, cell_mapped = _cell_tower(ckpt)
+    text_config, text_mapped = _text_tower(ckpt)
+    projection_dim, head_mapped = _heads(ckpt, cell_config, text_config)
 
     config = LangCellConfig(
         cell=cell_config,
@@ -367,3 +328,58 @@ def import_official(
     model.eval()
     save_pretrained(model, out_dir, overwrite=overwrite)
     return model
+
+
+def _cell_tower(ckpt: Path) -> tuple[CellEncoderConfig, dict[str, torch.Tensor]]:
+    """The cell encoder's config and tensors (our names) from ``cell_bert/``."""
+    cell_tensors = _normalise_source_names(read_weights(ckpt / "cell_bert"))
+    cell_sizes = _bert_sizes_from_weights(cell_tensors, "cell_bert")
+    cell_config = CellEncoderConfig.from_hf_config({**_read_hf_config(ckpt / "cell_bert"), **cell_sizes})
+    cell_mapped = _map_tower(cell_tensors, CELL_BERT_TABLE, cell_sizes["num_hidden_layers"], "cell_bert")
+    return cell_config, cell_mapped
+
+
+def _text_tower(ckpt: Path) -> tuple[TextEncoderConfig, dict[str, torch.Tensor]]:
+    """The text encoder's config and tensors (our names) from ``text_bert/``: a BLIP med BERT whose
+    last N (or all) layers have cross-attention."""
+    text_tensors = _normalise_source_names(read_weights(ckpt / "text_bert"))
+    text_sizes = _bert_sizes_from_weights(text_tensors, "text_bert")
+    cross_layers = _layer_indices(text_tensors, "crossattention.")
+    num_text_layers = text_sizes["num_hidden_layers"]
+    if not cross_layers:
+        raise LangCellError(
+            f"text_bert in {str(ckpt)!r} has no cross-attention layers; the release's text tower is a BLIP med "
+            f"BERT with crossattention in every layer. {REDOWNLOAD_FIX}"
+        )
+    if cross_layers != list(range(num_text_layers - len(cross_layers), num_text_layers)):
+        raise LangCellError(
+            f"text_bert has cross-attention in layers {cross_layers}; only the last N layers (or all) are supported"
+        )
+    encoder_width = int(_require(text_tensors, f"encoder.layer.{cross_layers[0]}.crossattention.self.key.weight",
+                                 "text_bert").shape[1])
+    text_config = TextEncoderConfig.from_hf_config({**_read_hf_config(ckpt / "text_bert"), **text_sizes})
+    text_config.encoder_width = encoder_width
+    text_config.cross_attention_layers = None if len(cross_layers) == num_text_layers else len(cross_layers)
+    text_mapped = _map_tower(text_tensors, TEXT_BERT_TABLE, num_text_layers, "text_bert")
+    return text_config, text_mapped
+
+
+def _heads(
+    ckpt: Path, cell_config: CellEncoderConfig, text_config: TextEncoderConfig
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """The projection size and the three heads' tensors (our names), checked against the towers' sizes."""
+    heads = {stem: _read_linear(ckpt, stem) for stem in HEAD_TABLE}
+    projection_dim = int(heads["cell_proj"]["weight"].shape[0])
+    expected_shapes = {
+        "cell_proj": (projection_dim, cell_config.hidden_size),
+        "text_proj": (projection_dim, text_config.hidden_size),
+        "ctm_head": (2, text_config.hidden_size),
+    }
+    for stem, shape in expected_shapes.items():
+        if tuple(heads[stem]["weight"].shape) != shape:
+            raise LangCellError(
+                f"{stem} weight has shape {tuple(heads[stem]['weight'].shape)}, expected {shape} from the towers' "
+                f"sizes; the files come from different checkpoints: {REDOWNLOAD_FIX}"
+            )
+    head_mapped = {f"{HEAD_TABLE[stem]}.{kind}": t for stem, tensors in heads.items() for kind, t in tensors.items()}
+    return projection_dim, head_mapped

@@ -217,6 +217,8 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
 
 def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, state, run_log, progress,
                  stop_after_steps, steps_this_call) -> int:
+    """Train one stage from ``first_step`` (resuming ``state`` when given) to its last step, or until
+    ``stop_after_steps`` steps of this call; returns the steps made in this call so far."""
     total = config.steps(stage)
     if first_step >= total:
         return steps_this_call
@@ -259,30 +261,9 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
     for step in range(first_step, total):
         optimizer.zero_grad(set_to_none=True)
         for micro in range(config.grad_accum):
-            batch = next(batches)
-            seed = _step_seed(config.seed, stage, step, micro, ctx.rank)
-            torch.manual_seed(seed)  # dropout
-            generator = torch.Generator(device=ctx.device).manual_seed(seed)  # masking, negatives
-            inputs = {k: batch[k].to(ctx.device) for k in ("input_ids", "attention_mask")}
-            text_tokens = None
-            if stage == "joint":
-                inputs["text_group"] = batch["text_ids"].to(ctx.device)
-                unique = torch.unique(batch["text_ids"]).tolist()
-                text_tokens = model.tokenize_texts([table.texts[i] for i in unique], config.text_max_length)
-                text_tokens = {k: v.to(ctx.device) for k, v in text_tokens.items()}
-            sync = (micro == config.grad_accum - 1) or not ctx.distributed
-            with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(config.precision, ctx.device):
-                losses = wrapped(inputs, stage, generator, text_tokens)
-                loss = combine(losses, weights) / config.grad_accum
-            if not distributed.all_ranks_agree(ctx, bool(torch.isfinite(loss.detach()))):
-                latest = latest_checkpoint(out) if ctx.is_main else None
-                raise LangCellError(
-                    f"the {stage} loss became non-finite at step {step} "
-                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); the last good "
-                    f"checkpoint is {str(latest) if latest else 'none yet'}: resume from it with a lower "
-                    "learning rate or precision='fp32'"
-                )
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            losses, loss, inputs = _micro_step(
+                wrapped, model, next(batches), table, config, ctx, stage, step, micro, weights, scaler, out
+            )
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / config.grad_accum
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -305,16 +286,7 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
             bar.update(1)
 
         if done % config.log_every == 0 or done == total:
-            n_steps = window["steps"]  # fewer than log_every after a resume or at a stage's end
-            means = distributed.mean_over_ranks(ctx, {k: v / n_steps for k, v in sums.items()})
-            counts = distributed.sum_over_ranks(ctx, {"cells": window["cells"], "tokens": window["tokens"]})
-            elapsed = time.perf_counter() - window["time"]
-            row = {"stage": stage, "step": done, "lr": scheduler.get_last_lr()[0], **means,
-                   "cells_per_s": counts["cells"] / elapsed, "tokens_per_s": counts["tokens"] / elapsed,
-                   "elapsed_s": time.perf_counter() - run_start}
-            run_log.write(row, offset + done)
-            if bar is not None:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")})
+            _log_window(run_log, ctx, stage, done, offset, scheduler.get_last_lr()[0], sums, window, run_start, bar)
             sums = {}
             window = {"cells": 0.0, "tokens": 0.0, "steps": 0, "time": time.perf_counter()}
 
@@ -329,3 +301,46 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
     if bar is not None:
         bar.close()
     return steps_this_call
+
+
+def _micro_step(wrapped, model, batch, table, config, ctx, stage, step, micro, weights, scaler, out):
+    """One micro-batch: a seeded forward pass, the combined loss (refused on every rank when it is not
+    finite on one), and its backward pass. Returns the named losses, the scaled loss and the inputs."""
+    seed = _step_seed(config.seed, stage, step, micro, ctx.rank)
+    torch.manual_seed(seed)  # dropout
+    generator = torch.Generator(device=ctx.device).manual_seed(seed)  # masking, negatives
+    inputs = {k: batch[k].to(ctx.device) for k in ("input_ids", "attention_mask")}
+    text_tokens = None
+    if stage == "joint":
+        inputs["text_group"] = batch["text_ids"].to(ctx.device)
+        unique = torch.unique(batch["text_ids"]).tolist()
+        text_tokens = model.tokenize_texts([table.texts[i] for i in unique], config.text_max_length)
+        text_tokens = {k: v.to(ctx.device) for k, v in text_tokens.items()}
+    sync = (micro == config.grad_accum - 1) or not ctx.distributed
+    with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(config.precision, ctx.device):
+        losses = wrapped(inputs, stage, generator, text_tokens)
+        loss = combine(losses, weights) / config.grad_accum
+    if not distributed.all_ranks_agree(ctx, bool(torch.isfinite(loss.detach()))):
+        latest = latest_checkpoint(out) if ctx.is_main else None
+        raise LangCellError(
+            f"the {stage} loss became non-finite at step {step} "
+            f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); the last good "
+            f"checkpoint is {str(latest) if latest else 'none yet'}: resume from it with a lower "
+            "learning rate or precision='fp32'"
+        )
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return losses, loss, inputs
+
+
+def _log_window(run_log, ctx, stage, done, offset, lr, sums, window, run_start, bar) -> None:
+    """Write one log row: the window's mean losses over its steps and ranks, and its throughput."""
+    n_steps = window["steps"]  # fewer than log_every after a resume or at a stage's end
+    means = distributed.mean_over_ranks(ctx, {k: v / n_steps for k, v in sums.items()})
+    counts = distributed.sum_over_ranks(ctx, {"cells": window["cells"], "tokens": window["tokens"]})
+    elapsed = time.perf_counter() - window["time"]
+    row = {"stage": stage, "step": done, "lr": lr, **means,
+           "cells_per_s": counts["cells"] / elapsed, "tokens_per_s": counts["tokens"] / elapsed,
+           "elapsed_s": time.perf_counter() - run_start}
+    run_log.write(row, offset + done)
+    if bar is not None:
+        bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")})
