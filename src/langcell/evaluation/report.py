@@ -137,22 +137,7 @@ def evaluate(
         _check_key(key)
     gene_tokenizer_of(model)
     ks = check_ks(ks)
-    truth = obs_strings(adata, label_key, "label_key")
-    labelled = ~np.isin(np.char.lower(truth.astype(str)), list(NO_LABEL_VALUES))
-    present = list(dict.fromkeys(truth[labelled]))
-    if len(present) < 2:
-        raise LangCellError(
-            f"obs[{label_key!r}] has {len(present)} labelled type(s); an evaluation needs at least two"
-        )
-    if labels is None:
-        column = adata.obs[label_key]
-        if isinstance(column.dtype, pd.CategoricalDtype):
-            categories = dict.fromkeys(str(c).strip() for c in column.cat.categories)
-            labels = [c for c in categories if c in set(present)]
-        else:
-            labels = sorted(present)
-    elif not isinstance(labels, Mapping):
-        labels = check_name_list(labels, "labels")
+    labelled, present, labels = _classes(adata, label_key, labels)
     descriptions = dict(labels) if isinstance(labels, Mapping) else None
     seen = None if seen is None else check_name_list(seen, "seen")
     # The retrieval texts of every label present, resolved now: an unknown label fails before any write.
@@ -161,17 +146,9 @@ def evaluate(
     rows = np.flatnonzero(labelled)
     computed_baseline = None
     if batch_key is not None:
-        # Every check of the integration metrics (and the baseline PCA, which reads the counts) runs
-        # before the model does; they see the labelled cells only, as the metrics need a label per cell.
-        import_scib_metrics()
-        part = adata if rows.size == adata.n_obs else adata[rows]
-        integration_columns(part, batch_key, label_key, check_metrics(metrics))
-        check_neighbors(neighbors)
-        check_embedding_names([embedding_key], baseline)
-        if baseline in adata.obsm:
-            obsm_matrix(part, baseline)
-        else:
-            computed_baseline = baseline_pca(part, n_pcs=n_pcs, counts_layer=counts_layer)
+        computed_baseline = _check_integration(
+            adata, rows, batch_key, label_key, metrics, neighbors, embedding_key, baseline, n_pcs, counts_layer
+        )
 
     adata = output_anndata(adata, copy=not inplace)
     annotate_options = {k: v for k, v in (("alpha", alpha), ("top_k", top_k)) if v is not None}
@@ -228,3 +205,40 @@ def evaluate(
         stored["integration_params"] = integration_params
     adata.uns[key_added] = stored
     return report
+
+
+def _classes(adata: Any, label_key: str, labels: Any) -> tuple[np.ndarray, list[str], Any]:
+    """Which cells are labelled, the labels present, and the candidate classes (default: those present,
+    in category order for a categorical column)."""
+    truth = obs_strings(adata, label_key, "label_key")
+    labelled = ~np.isin(np.char.lower(truth.astype(str)), list(NO_LABEL_VALUES))
+    present = list(dict.fromkeys(truth[labelled]))
+    if len(present) < 2:
+        raise LangCellError(
+            f"obs[{label_key!r}] has {len(present)} labelled type(s); an evaluation needs at least two"
+        )
+    if labels is None:
+        column = adata.obs[label_key]
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            categories = dict.fromkeys(str(c).strip() for c in column.cat.categories)
+            labels = [c for c in categories if c in set(present)]
+        else:
+            labels = sorted(present)
+    elif not isinstance(labels, Mapping):
+        labels = check_name_list(labels, "labels")
+    return labelled, present, labels
+
+
+def _check_integration(adata, rows, batch_key, label_key, metrics, neighbors, embedding_key, baseline, n_pcs,
+                       counts_layer):
+    """Every check of the integration metrics, before the model runs; the baseline PCA when it must be
+    computed (it reads the counts). They see the labelled cells only, as the metrics need a label per cell."""
+    import_scib_metrics()
+    part = adata if rows.size == adata.n_obs else adata[rows]
+    integration_columns(part, batch_key, label_key, check_metrics(metrics))
+    check_neighbors(neighbors)
+    check_embedding_names([embedding_key], baseline)
+    if baseline in adata.obsm:
+        obsm_matrix(part, baseline)  # checked: a usable matrix
+        return None
+    return baseline_pca(part, n_pcs=n_pcs, counts_layer=counts_layer)
