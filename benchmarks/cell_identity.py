@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from langcell import evaluation, pl, tl
-from langcell.cli import _write_json  # the CLI's atomic JSON writer (numpy values included)
+from langcell._atomic import write_json  # atomic JSON writer (numpy values included)
 from langcell.data.datasets import pbmc68k
 from langcell.data.splits import held_out_split
 from langcell.evaluation.baselines import log_normalised_features, logistic_regression_predict
@@ -243,7 +243,7 @@ def main() -> None:
         "fine_tuned": tuned,
         "seconds": timings,
     }
-    _write_json(str(out / "report.json"), report)
+    write_json(str(out / "report.json"), report)
     pl.fewshot_curves(results, out / "fewshot.png",
                       title=f"few-shot annotation, held-out {args.data} cells ({len(kept)} types)")
     print(markdown_tables(report))

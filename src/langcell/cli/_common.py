@@ -1,0 +1,100 @@
+"""What every ``langcell`` command shares: reading the input, checking output paths, loading the model,
+the common options, and printing."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import LangCellError
+
+
+def say(args: argparse.Namespace, *parts: object) -> None:
+    if not getattr(args, "quiet", False):
+        print(*parts, flush=True)
+
+
+def read_input(path: str, *, backed: bool = False):
+    from ..data.datasets import load
+
+    return load(path, backed=backed)
+
+
+def check_outputs(*paths: str | None) -> None:
+    """Refuse, before any work, output paths whose folder does not exist (``None`` = not requested)."""
+    from .._atomic import check_output_parent
+
+    for path in paths:
+        if path:
+            check_output_parent(path)
+
+
+def write_h5ad(adata, path: str) -> None:
+    from .._atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        adata.write_h5ad(tmp)
+
+
+def load_model(path: str, device: str | None = None):
+    """The model in ``path``, on ``device`` ("auto" or None: CUDA when available, else CPU)."""
+    import torch
+
+    from ..models.langcell import LangCell
+
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise LangCellError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return LangCell.from_pretrained(path, map_location=device)
+
+
+def add_compute_options(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="cpu, cuda, cuda:N, or auto (default: CUDA when available)")
+    if precision:
+        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="autocast of the model passes (default fp32; bf16 is faster on GPUs; fp16 needs CUDA)")
+
+
+def add_input(p: argparse.ArgumentParser, *, labelled: bool = False, model: bool = True,
+               label_help: str | None = None) -> None:
+    """The positional IN.h5ad, --model, and (with ``label_help``) a required --label-key."""
+    p.add_argument("input", metavar="IN.h5ad", help=("labelled " if labelled else "") + "cells with raw counts")
+    if model:
+        p.add_argument("--model", required=True, metavar="DIR", help="a langcell model directory")
+    if label_help is not None:
+        p.add_argument("--label-key", required=True, metavar="COL", help=label_help)
+
+
+def add_mapping(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mapping", metavar="FILE", help="JSON/TSV {label: term id} for labels that do not resolve")
+
+
+def add_counts_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--counts-layer", metavar="LAYER", help="layer with raw counts, or 'raw' for .raw (default: X)")
+    p.add_argument("--gene-column", metavar="COL", help="var column holding gene IDs/symbols (default: var names)")
+
+
+def read_descriptions(path: str) -> dict[str, str]:
+    import json
+
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except FileNotFoundError as err:
+        raise LangCellError(f"descriptions file {path!r} does not exist; check the path") from err
+    except json.JSONDecodeError as err:
+        raise LangCellError(f"descriptions file {path!r} is not valid JSON ({err}); fix the file") from err
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise LangCellError(f"descriptions file {path!r} must hold a JSON object {{class name: description}}")
+    return data
+
+
+def split_names(text: str | None, option: str) -> list[str] | None:
+    """``'a;b'`` -> ``['a', 'b']``; None stays None; an option holding no name is refused."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(";") if part.strip()]
+    if not names:
+        raise LangCellError(f"{option} holds no name; pass names separated by ';'")
+    return names
