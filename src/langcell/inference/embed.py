@@ -17,9 +17,9 @@ import torch
 
 from .._checks import gene_tokenizer_of
 from .._progress import progress_bar
-from ..data.batching import pad_sequences, token_budget_batches
 from ..errors import LangCellError
-from ..precision import autocast, check_precision
+from ..models.batched import forward_in_batches
+from ..precision import check_precision
 from .zero_shot import encode_class_texts
 
 #: Cell tokens (batch size x padded length) per forward pass when embedding.
@@ -58,28 +58,15 @@ def embed_cells(
     precision = check_precision(precision, device)
     limit = model.config.cell.max_position_embeddings
     max_length = limit if max_length is None else min(int(max_length), limit)
-    lengths = np.minimum(np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells)), max_length)
-    out = np.zeros((len(cells), model.config.projection_dim), dtype=np.float32)
-    if len(cells) == 0:
-        return out
     pad_id = model.gene_tokenizer.pad_id if model.gene_tokenizer is not None else 0
-    batches = token_budget_batches(lengths, max_tokens)
-    bar = progress_bar(len(cells), progress, "embed", "cell")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast(precision, device):
-            for index in batches:
-                ids, mask = pad_sequences([cells[int(i)] for i in index], pad_id, max_length)
-                emb = model.cell_embeddings({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
-                out[index] = emb.float().cpu().numpy()
-                if bar is not None:
-                    bar.update(len(index))
-    finally:
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
-    return out
+
+    def embeddings(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model.cell_embeddings({"input_ids": ids, "attention_mask": mask})
+
+    return forward_in_batches(
+        model, cells, embeddings, model.config.projection_dim, pad_id=pad_id, max_tokens=max_tokens,
+        max_length=max_length, precision=precision, progress=progress, description="embed",
+    )
 
 
 def embedding_matrix(

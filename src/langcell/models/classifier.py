@@ -23,10 +23,10 @@ from torch import nn
 
 from .._atomic import atomic_directory
 from .._checks import check_class_names, check_max_length, check_positive_int
-from .._progress import progress_bar
-from ..data.batching import as_sequences, pad_sequences, token_budget_batches
+from ..data.batching import as_sequences
 from ..data.tokenizer import TOKENIZER_FILENAME, GeneTokenizer
 from ..errors import LangCellError
+from .batched import forward_in_batches
 from .cell_encoder import CellEncoder
 from .config import CellEncoderConfig, dataclass_from_dict
 from .layers import init_bert_weights
@@ -192,26 +192,11 @@ class CellTypeClassifier(nn.Module):
     def _run(self, cells, function, width, max_tokens, max_length, progress, what) -> np.ndarray:
         sequences = as_sequences(cells)
         max_length = check_max_length(max_length, self.config.max_position_embeddings)
-        out = np.zeros((len(sequences), width), dtype=np.float32)
-        if not sequences:
-            return out
-        lengths = np.minimum(np.fromiter((s.size for s in sequences), dtype=np.int64), max_length)
-        bar = progress_bar(len(sequences), progress, what, "cell")
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                for rows in token_budget_batches(lengths, check_positive_int(max_tokens, "max_tokens")):
-                    ids, mask = pad_sequences([sequences[i] for i in rows], self.config.pad_token_id, max_length)
-                    result = function(torch.from_numpy(ids), torch.from_numpy(mask))
-                    out[rows] = result.float().cpu().numpy()
-                    if bar is not None:
-                        bar.update(len(rows))
-        finally:
-            self.train(was_training)
-            if bar is not None:
-                bar.close()
-        return out
+        return forward_in_batches(
+            self, sequences, function, width, pad_id=self.config.pad_token_id,
+            max_tokens=check_positive_int(max_tokens, "max_tokens"), max_length=max_length, progress=progress,
+            description=what,
+        )
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
