@@ -36,6 +36,8 @@ precision
 progress
     Show progress bars.""",
     "inplace": """\
+key_added
+    The ``adata.uns`` key that ``inplace=True`` writes.
 inplace
     scanpy's rule: ``False`` (default) returns the result and leaves ``adata`` untouched; ``True``
     stores it in ``adata.uns[key_added]`` (h5ad-writable) and returns ``None``.""",

@@ -193,8 +193,6 @@ def fewshot(
         class and the m - 1 most similar others per cell (:func:`fewshot_loss`), which makes each
         tuning step's multimodal pass K / m times smaller.
     {progress}
-    key_added
-        The uns key of the results.
     {inplace}
 
     Returns

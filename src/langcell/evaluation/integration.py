@@ -139,8 +139,6 @@ def integration_metrics(
         Cells have at most ``n_cells - 1`` neighbours (90 when there are more cells).
     counts_layer
         Where the raw counts of a computed baseline are: ``None`` (``X``), a layer name, or ``"raw"``.
-    key_added
-        The uns key written.
     {inplace}
 
     Returns

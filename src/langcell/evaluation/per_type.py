@@ -48,8 +48,6 @@ def per_type_accuracy(
     seen
         The seen type names; ``None``: no seen/unseen split (the ``seen`` column and the split
         summaries are ``None``).
-    key_added
-        Where ``inplace=True`` stores the result.
     {inplace}
 
     Returns

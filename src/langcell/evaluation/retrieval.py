@@ -75,8 +75,6 @@ def retrieval_recall(
     use_rep, counts_layer, gene_column, n_counts_key, max_length, max_tokens, precision, progress
         As in :func:`retrieve_cells`.
 
-    key_added
-        Where ``inplace=True`` stores the result.
     {inplace}
 
     Returns
