@@ -1,6 +1,6 @@
 """Few-shot tuning cost: the matching loss over every class against ``match_classes`` hard negatives.
 
-``evaluation.fewshot``'s LangCell tuning (:func:`langcell.fewshot.tune_langcell`) runs the multimodal text tower
+``evaluation.fewshot``'s LangCell tuning (:func:`langcell.train.fewshot.tune_langcell`) runs the multimodal text tower
 over (cell, class) pairs at every step. By default (the paper's protocol) that is every class, K pairs
 per cell; ``match_classes=m`` scores the cell's own class and its m - 1 most similar others, m pairs
 per cell. This script times both on the same cells, model and split, in one process, and prints the

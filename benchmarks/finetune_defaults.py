@@ -2,7 +2,7 @@
 
 Full fine-tuning with 3 epochs makes a handful of optimiser steps on a training set of a few hundred cells
 (2 steps per epoch for 84 cells in batches of 64), which leaves the classifier close to where it started.
-``finetune(..., epochs=None)`` now makes at least 200 steps (:func:`langcell.finetune.full_finetuning_epochs`).
+``finetune(..., epochs=None)`` now makes at least 200 steps (:func:`langcell.train.finetune.full_finetuning_epochs`).
 This script measures what that changes, in one process, on the same held-out cells and the same 2:1 split:
 
 1. the cells the model never saw in pretraining, split as :mod:`benchmarks.cell_identity` splits them

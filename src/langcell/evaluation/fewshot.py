@@ -130,7 +130,7 @@ def fewshot(
     For every ``n`` in ``shots`` and every repeat, :func:`sample_shots` draws ``n`` training cells of
     every class and keeps the other labelled cells for testing; LangCell and every baseline are
     trained on exactly those cells and scored on exactly those test cells. The protocol is described
-    in :mod:`langcell.fewshot`. ``model`` is never changed: each run tunes a fresh copy.
+    in :mod:`langcell.evaluation.fewshot`. ``model`` is never changed: each run tunes a fresh copy.
 
     Parameters
     ----------

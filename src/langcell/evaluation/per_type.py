@@ -63,7 +63,7 @@ def per_type_accuracy(
             ``most_predicted_share``.
         ``"summary"``
             ``n_cells`` (scored), ``n_excluded``, ``n_types``, ``accuracy`` (over cells), ``macro_f1``
-            (:func:`langcell.finetune.classification_metrics` over the true and predicted classes, as
+            (:func:`langcell.metrics.classification_metrics` over the true and predicted classes, as
             scikit-learn's ``f1_score(average="macro")``), ``mean_type_accuracy`` (balanced accuracy);
             with ``seen``: ``n_seen_types``, ``n_unseen_types``, ``mean_accuracy_seen`` and
             ``mean_accuracy_unseen`` (means of the type accuracies; None without such types),
