@@ -191,3 +191,16 @@ def test_finetune_is_still_reachable_from_tl():
     from langcell.tl._finetune import finetune
 
     assert tl.finetune is finetune and "finetune" in tl.__all__
+
+
+def test_the_ontology_and_data_layers_import_no_torch():
+    # ARCHITECTURE: ontology/ and data/ turn files into arrays; tensors start in models/.
+    problems = []
+    for unit in ("ontology", "data"):
+        for path in sorted((PACKAGE / unit).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                )
+                problems += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {n}" for n in names if n.split(".")[0] == "torch"]
+    assert not problems, "\n".join(problems)
