@@ -13,7 +13,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,13 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    ours: Callable[[Path], bool] | None = None,
+    what: str = "result",
+) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; move it to ``path`` when the block succeeds.
 
     Parameters
@@ -131,12 +137,23 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     overwrite
         Replace an existing directory at ``path``. Without it an existing non-empty directory is an
         error (so a user never loses a result by accident).
+    ours
+        Recognises a directory this kind of writer made (by its own files). With it, ``overwrite``
+        replaces only such a directory, never a folder of other files.
+    what
+        The name of what is written (``"model"``, ``"corpus"``), for error messages.
     """
     path = check_output_parent(path)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+    occupied = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if occupied and not overwrite:
         raise LangCellError(
             f"{str(path)!r} already exists and is not empty; remove it, choose another path, or pass "
             "overwrite=True (--overwrite on the command line)"
+        )
+    if occupied and ours is not None and not (path.is_dir() and ours(path)):
+        raise LangCellError(
+            f"{str(path)!r} is not a {what} langcell wrote, so overwrite will not replace it (it would delete "
+            "files langcell did not make); remove it yourself or choose another path"
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -149,6 +166,28 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_apart_from_inputs(output: str | os.PathLike, inputs: Iterable[Any], *, option: str = "output") -> None:
+    """Refuse an ``output`` path that is, contains or lies inside one of the ``inputs`` (paths; other
+    objects, such as in-memory AnnData, are skipped): writing it would replace or delete the input."""
+    target = Path(output).resolve()
+    for source in inputs:
+        if not isinstance(source, str | os.PathLike):
+            continue
+        source_path = Path(source).resolve()
+        if target == source_path:
+            relation = "is"
+        elif source_path.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(source_path):
+            relation = "lies inside"
+        else:
+            continue
+        raise LangCellError(
+            f"the {option} {str(output)!r} {relation} the input {str(source)!r}: writing it would replace or "
+            "delete the input; choose an output path apart from the inputs"
+        )
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

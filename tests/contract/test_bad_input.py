@@ -903,10 +903,13 @@ def test_symbols_of_the_vocabulary_organism_reach_an_ensembl_vocabulary(tmp_path
 
 
 def test_overwrite_replaces_an_existing_output(tmp_path, capsys):
+    # The existing output is a corpus langcell wrote (--overwrite never replaces a folder of other files:
+    # tests/contract/test_overwrite.py).
+    write_h5ad(tmp_path / "old.h5ad", make_adata(counts(n_cells=6)))
     write_h5ad(tmp_path / "in.h5ad", make_adata(counts()))
     out = tmp_path / "corpus"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    assert main(["tokenize", str(tmp_path / "old.h5ad"), str(out), "--custom-genes", "-q"]) == 0
+    assert len(TokenCorpus(out)) == 6
     assert main(["tokenize", str(tmp_path / "in.h5ad"), str(out), "--custom-genes", "--overwrite", "-q"]) == 0
-    assert not (out / "old.txt").exists() and len(TokenCorpus(out)) == 12
+    assert len(TokenCorpus(out)) == 12
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus.")]

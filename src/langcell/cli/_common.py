@@ -19,13 +19,17 @@ def read_input(path: str, *, backed: bool = False):
     return load(path, backed=backed)
 
 
-def check_outputs(*paths: str | None) -> None:
-    """Refuse, before any work, output paths whose folder does not exist (``None`` = not requested)."""
-    from .._atomic import check_output_parent
+def check_outputs(args: argparse.Namespace, *paths: str | None) -> None:
+    """Refuse, before any work, output paths whose folder does not exist (``None`` = not requested) or
+    that are, contain or lie inside an input of the command (its IN.h5ad, --model, --corpus)."""
+    from .._atomic import check_apart_from_inputs, check_output_parent
 
+    inputs = [getattr(args, name, None) for name in ("input", "inputs", "model", "corpus")]
+    inputs = [path for value in inputs if value for path in (value if isinstance(value, list) else [value])]
     for path in paths:
         if path:
             check_output_parent(path)
+            check_apart_from_inputs(path, inputs)
 
 
 def write_h5ad(adata, path: str) -> None:

@@ -52,7 +52,7 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
 def run_annotate(args: argparse.Namespace) -> int:
 
     from .. import tl
-    check_outputs(args.out, args.report)
+    check_outputs(args, args.out, args.report)
     adata = read_input(args.input)
     model = load_model(args.model, args.device)
     labels = None
@@ -108,7 +108,7 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     from .. import tl
-    check_outputs(args.out)
+    check_outputs(args, args.out)
     adata = read_input(args.input, backed=args.backed)
     model = load_model(args.model, args.device)
     tl.embed(adata, model, counts_layer=args.counts_layer, gene_column=args.gene_column,
@@ -148,7 +148,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
 
     from .. import tl
-    check_outputs(args.out, args.write, args.report)
+    check_outputs(args, args.out, args.write, args.report)
     adata = read_input(args.input)
     model = load_model(args.model, args.device)
     classifier, metrics = tl.finetune(
@@ -181,7 +181,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .. import tl
     from ..models.classifier import CellTypeClassifier
 
-    check_outputs(args.out)
+    check_outputs(args, args.out)
     adata = read_input(args.input)
     classifier = CellTypeClassifier.load(args.classifier)
     tl.predict(adata, classifier, counts_layer=args.counts_layer, gene_column=args.gene_column,
@@ -211,7 +211,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
     import json
 
     from .. import evaluation, tl
-    check_outputs(args.report)
+    check_outputs(args, args.report)
     adata = read_input(args.input)
     model = load_model(args.model, args.device)
     if args.label_key:

@@ -41,8 +41,12 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
+    from .._atomic import check_apart_from_inputs
     from ..data.corpus import write_corpus
     from ..data.tokenizer import GeneTokenizer
+
+    # Before fitting a vocabulary: an output over an input would replace it (write_corpus checks too).
+    check_apart_from_inputs(args.out, [*args.inputs, *([args.tokenizer] if args.tokenizer else [])])
 
     if bool(args.token_dictionary) != bool(args.gene_median_dictionary):
         raise LangCellError(

@@ -58,7 +58,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
 
     from .. import evaluation, pl
 
-    check_outputs(args.report, args.plot, args.out)
+    check_outputs(args, args.report, args.plot, args.out)
     try:
         shots = [int(part) for part in args.shots.split(",") if part.strip()]
     except ValueError:
@@ -130,7 +130,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .. import evaluation
     from ..evaluation.integration import DEFAULT_METRICS
 
-    check_outputs(args.report, args.out)
+    check_outputs(args, args.report, args.out)
     labels = split_names(args.labels, "--labels")
     seen = split_names(args.seen_types, "--seen-types")
     metrics = DEFAULT_METRICS

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._atomic import atomic_directory
+from .._atomic import atomic_directory, check_apart_from_inputs
 from .._version import __version__
 from ..errors import LangCellError
 from .batching import pad_sequences
@@ -218,7 +218,10 @@ def write_corpus(
     if shard_size < 1:
         raise LangCellError(f"shard_size must be a positive number of cells, got {shard_size}")
     source_list = as_source_list(sources)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    check_apart_from_inputs(out_dir, source_list)
+    with atomic_directory(
+        out_dir, overwrite=overwrite, ours=lambda path: (path / MANIFEST_FILENAME).is_file(), what="token corpus"
+    ) as tmp:
         shard_dir = tmp / _SHARD_DIR
         shard_dir.mkdir()
         writer = _ShardWriter(

@@ -30,7 +30,7 @@ from .batched import forward_in_batches
 from .cell_encoder import CellEncoder
 from .config import CellEncoderConfig, dataclass_from_dict
 from .layers import init_bert_weights
-from .serialization import load_state_strict, read_format_document, read_weights
+from .serialization import load_state_strict, read_format_document, read_weights, written_by_langcell
 
 #: ``format`` of the classifier's config.json; :meth:`CellTypeClassifier.load` refuses any other.
 FORMAT_NAME = "langcell.CellTypeClassifier"
@@ -223,7 +223,7 @@ class CellTypeClassifier(nn.Module):
             "labels": list(self.labels),
         }
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
-        with atomic_directory(path, overwrite=overwrite) as tmp:
+        with atomic_directory(path, overwrite=overwrite, ours=written_by_langcell, what="classifier") as tmp:
             (tmp / CONFIG_FILENAME).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
             save_file(tensors, str(tmp / WEIGHTS_FILENAME), metadata={"format": "pt"})
             if self.gene_tokenizer is not None:

@@ -135,12 +135,22 @@ def save_pretrained(model: Any, path: str | os.PathLike, *, overwrite: bool = Fa
 
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
     document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path, overwrite=overwrite, ours=written_by_langcell, what="model") as tmp:
         (tmp / CONFIG_FILENAME).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp / WEIGHTS_FILENAME), metadata={"format": "pt"})
         if model.gene_tokenizer is not None:
             model.gene_tokenizer.save(tmp)
         model.text_tokenizer.save_pretrained(str(tmp / TEXT_TOKENIZER_DIRNAME))
+
+
+def written_by_langcell(path: Path) -> bool:
+    """Whether the directory ``path`` holds a model langcell saved: a ``config.json`` whose ``format`` is
+    one of langcell's (``langcell.LangCell``, ``langcell.CellTypeClassifier``)."""
+    try:
+        document = json.loads((Path(path) / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and str(document.get("format", "")).startswith("langcell.")
 
 
 def read_format_document(

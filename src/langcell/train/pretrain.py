@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .._atomic import atomic_file
+from .._atomic import atomic_file, check_apart_from_inputs
 from .._progress import progress_bar
 from ..data.corpus import TokenCorpus
 from ..errors import LangCellError
@@ -127,6 +127,12 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
         )
     if resume and not has_run:
         raise LangCellError(f"nothing to resume in {str(out)!r}; run without --resume first")
+    if has_run and not (out / "recipe.json").is_file():
+        # --overwrite deletes the directory: only ever one that a pretraining run wrote.
+        raise LangCellError(
+            f"{str(out)!r} is not empty and holds no pretraining run (no recipe.json), so neither --overwrite "
+            "nor --resume may use it; choose another --out or empty it yourself"
+        )
     if not out.parent.is_dir():
         raise LangCellError(f"the directory {str(out.parent)!r} does not exist; create it first")
     if not os.access(out.parent, os.W_OK):
@@ -146,6 +152,7 @@ def _create_out_dir(out: Path, config: PretrainConfig, resume: bool, has_run: bo
 def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite, progress, stop_after_steps):
     # Everything that can refuse the input runs before the run directory is created, so a refused
     # command leaves nothing behind and can be re-run as it is once the input is fixed.
+    check_apart_from_inputs(out, [corpus.directory if isinstance(corpus, TokenCorpus) else corpus], option="--out")
     has_run = _check_out_dir(out, resume, overwrite)
     if not isinstance(corpus, TokenCorpus):
         corpus = TokenCorpus(corpus)
