@@ -135,8 +135,11 @@ def test_gene_tokenizer_must_match_the_vocabulary():
     model = LangCell.from_config("tiny", gene_tokenizer=genes)
     assert model.gene_tokenizer is genes and genes.vocab_size == 100
     wrong = GeneTokenizer([f"G{i}" for i in range(10)], np.ones(10), gene_id_kind="custom")
+    # from_config sizes a fresh model for its tokenizer; a model built for a vocabulary refuses another.
     with pytest.raises(LangCellError, match="vocab_size"):
-        LangCell.from_config("tiny", gene_tokenizer=wrong)
+        LangCell(LangCellConfig.preset("tiny"), gene_tokenizer=wrong)
+    with pytest.raises(LangCellError, match="vocab_size"):
+        model.set_gene_tokenizer(wrong)
 
 
 def test_bad_inputs_are_clear_errors(tiny):
@@ -169,3 +172,17 @@ def test_small_preset_starts_from_the_packaged_minilm():
     assert torch.allclose(got[real], expected[real], atol=1e-5, rtol=0)
     layer = model.text_encoder.encoder.layer[0]
     assert layer.crossattention.self.key.weight.shape == (384, 256)
+
+
+def test_from_config_sizes_the_cell_vocabulary_for_the_gene_tokenizer():
+    # The README's line: a tokenizer fitted on the user's data rarely has the preset's vocabulary size.
+    from langcell.data.tokenizer import GeneTokenizer
+
+    tokenizer = GeneTokenizer([f"gene_{i}" for i in range(7)], [1.0] * 7, gene_id_kind="custom")
+    config = LangCellConfig.preset("tiny")
+    preset_size = config.cell.vocab_size
+    model = LangCell.from_config(config, gene_tokenizer=tokenizer)
+    assert model.config.cell.vocab_size == tokenizer.vocab_size == 10
+    assert model.cell_encoder.embeddings.word_embeddings.num_embeddings == 10
+    assert config.cell.vocab_size == preset_size  # the caller's config is not changed
+    assert LangCell.from_config("tiny", gene_tokenizer=tokenizer).config.cell.vocab_size == 10

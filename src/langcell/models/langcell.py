@@ -17,6 +17,7 @@ Heads (sizes from :class:`~langcell.models.config.LangCellConfig`):
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -111,7 +112,9 @@ class LangCell(nn.Module):
 
         When ``config.text.init_from`` names pretrained BERT weights (the ``small`` preset names the
         packaged all-MiniLM-L6-v2), the text tower starts from them and its tokenizer is that model's;
-        cross-attention and all heads are freshly initialised.
+        cross-attention and all heads are freshly initialised. With a ``gene_tokenizer`` the cell
+        vocabulary is sized for it (``cell.vocab_size = gene_tokenizer.vocab_size``; a config you pass is
+        copied, not changed).
         """
         if isinstance(config, str):
             config = LangCellConfig.preset(config)
@@ -119,6 +122,11 @@ class LangCell(nn.Module):
             raise LangCellError(
                 f"config must be a preset name or a LangCellConfig, got {type(config).__name__}"
             )
+        else:
+            config = copy.deepcopy(config)
+        if gene_tokenizer is not None:
+            # A fresh model is built for the tokenizer it is given (a fitted one rarely has the preset's size).
+            config.cell.vocab_size = int(gene_tokenizer.vocab_size)
         if text_tokenizer is None and config.text.init_from is not None and config.text.tokenizer_from is None:
             text_tokenizer = load_text_tokenizer(config.text.init_from)
         model = cls(config, text_tokenizer=text_tokenizer, gene_tokenizer=gene_tokenizer)
