@@ -97,3 +97,11 @@ def output_anndata(adata: Any, copy: bool) -> Any:
     if not copy:
         return adata
     return adata.to_memory() if adata.isbacked else adata.copy()
+
+
+def listed(names: Any, limit: int = 10) -> str:
+    """Up to ``limit`` names for an error message, saying how many more there are (never a silent cut)."""
+    names = [str(name) for name in names]
+    shown = ", ".join(repr(name) for name in names[:limit])
+    more = len(names) - limit
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._checks import listed
 from .errors import LangCellError
 
 #: Values of a label or ``*_ontology_term_id`` column that name no class (compared after ``str.strip``).
@@ -23,7 +24,7 @@ def label_codes(adata: Any, label_key: str) -> tuple[list[str], np.ndarray]:
     if not isinstance(label_key, str) or label_key not in adata.obs.columns:
         raise LangCellError(
             f"obs has no column {label_key!r}; pass label_key=<the obs column with cell-type labels> "
-            f"(columns: {list(adata.obs.columns)[:10]})"
+            f"(columns: {listed(adata.obs.columns)})"
         )
     column = adata.obs[label_key]
     values = column.astype(object).where(column.notna(), None)

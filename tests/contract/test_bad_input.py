@@ -30,6 +30,7 @@ import pytest
 import scipy.sparse as sp
 
 from langcell import tl
+from langcell._labels import label_codes
 from langcell.cli import main
 from langcell.data.corpus import TokenCorpus, write_corpus
 from langcell.data.genes import load_gene_table, map_to_ensembl
@@ -913,3 +914,13 @@ def test_overwrite_replaces_an_existing_output(tmp_path, capsys):
     assert main(["tokenize", str(tmp_path / "in.h5ad"), str(out), "--custom-genes", "--overwrite", "-q"]) == 0
     assert len(TokenCorpus(out)) == 12
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus.")]
+
+
+def test_a_long_column_list_says_how_many_more_there_are():
+    from langcell._checks import listed
+
+    adata = make_adata(counts(n_cells=3), obs=pd.DataFrame({f"c{i}": range(3) for i in range(14)},
+                                                           index=[f"cell_{i}" for i in range(3)]))
+    with pytest.raises(LangCellError, match=r"'c9', \.\.\. and 4 more\]"):
+        label_codes(adata, "missing")
+    assert listed(["a", "b"]) == "['a', 'b']"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .._atomic import write_json
+from .._checks import listed
 from ..errors import LangCellError
 from ._common import (
     add_compute_options,
@@ -87,7 +88,7 @@ def _annotation_report(adata, key: str, truth_key: str | None) -> dict:
         from sklearn.metrics import accuracy_score, f1_score
 
         if truth_key not in adata.obs:
-            raise LangCellError(f"--truth-key {truth_key!r} is not an obs column; pass one of {list(adata.obs.columns)}")
+            raise LangCellError(f"--truth-key {truth_key!r} is not an obs column; pass one of {listed(adata.obs.columns)}")
         truth = adata.obs[truth_key].astype(str)
         report["accuracy"] = float(accuracy_score(truth, predicted))
         report["macro_f1"] = float(f1_score(truth, predicted, average="macro", zero_division=0))

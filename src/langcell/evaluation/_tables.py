@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._checks import listed
 from ..errors import LangCellError
 
 
@@ -17,7 +18,7 @@ def obs_strings(adata: Any, key: Any, argument: str) -> np.ndarray:
     """An obs column as stripped strings ('' for missing values)."""
     if not isinstance(key, str) or key not in adata.obs.columns:
         raise LangCellError(
-            f"obs has no column {key!r}; pass {argument}=<an obs column> (columns: {list(adata.obs.columns)[:10]})"
+            f"obs has no column {key!r}; pass {argument}=<an obs column> (columns: {listed(adata.obs.columns)})"
         )
     column = adata.obs[key]
     return np.array(["" if pd.isna(v) else str(v).strip() for v in column.astype(object)], dtype=object)
@@ -26,7 +27,7 @@ def obs_strings(adata: Any, key: Any, argument: str) -> np.ndarray:
 def obsm_matrix(adata: Any, key: str) -> np.ndarray:
     if not isinstance(key, str) or key not in adata.obsm:
         raise LangCellError(
-            f"obsm has no embedding {key!r} (obsm keys: {list(adata.obsm)[:10]}); compute it first, e.g. "
+            f"obsm has no embedding {key!r} (obsm keys: {listed(adata.obsm)}); compute it first, e.g. "
             "langcell.tl.embed(adata, model)"
         )
     matrix = np.asarray(adata.obsm[key])

@@ -38,7 +38,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._checks import check_anndata, check_key_added, check_max_length, check_positive_int, gene_tokenizer_of
+from .._checks import (
+    check_anndata,
+    check_key_added,
+    check_max_length,
+    check_positive_int,
+    gene_tokenizer_of,
+    listed,
+)
 from .._docs import doc_params
 from .._labels import label_codes
 from .._progress import progress_bar
@@ -452,7 +459,7 @@ def _classes_and_codes(
     missing = [name for name in names if name not in present]
     if missing:
         raise LangCellError(
-            f"labels {missing[:5]!r} do not occur in obs[{label_key!r}] (it holds {present[:10]!r}); "
+            f"labels {missing[:5]!r} do not occur in obs[{label_key!r}] (it holds {listed(present)}); "
             "pass classes of that column"
         )
     if len(names) < 2:

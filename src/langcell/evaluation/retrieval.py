@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._checks import check_anndata as _check_anndata
-from .._checks import check_key_added
+from .._checks import check_key_added, listed
 from .._docs import doc_params
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
@@ -98,7 +98,7 @@ def retrieval_recall(
     if not isinstance(label_key, str) or label_key not in adata.obs.columns:
         raise LangCellError(
             f"obs has no column {label_key!r}; pass label_key=<the obs column with cell-type labels or Cell "
-            f"Ontology term ids> (columns: {list(adata.obs.columns)[:10]})"
+            f"Ontology term ids> (columns: {listed(adata.obs.columns)})"
         )
     column = adata.obs[label_key]
     values = np.array(

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from .._checks import check_class_names
+from .._checks import check_class_names, listed
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
 from .resolve import label_texts
@@ -150,7 +150,7 @@ def column_classes(adata: Any, column: str, aspect: str | None) -> tuple[list[st
     if not isinstance(column, str) or column not in adata.obs.columns:
         raise LangCellError(
             f"obs has no column {column!r}; pass classes_from=<an obs column of ontology term ids> "
-            f"(columns: {list(adata.obs.columns)[:10]})"
+            f"(columns: {listed(adata.obs.columns)})"
         )
     if aspect is None:
         aspect = aspect_of_column(column)

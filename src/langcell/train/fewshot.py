@@ -27,13 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from langcell.train.optim import check_rates
-
 from .._checks import check_max_length, check_positive_int
 from ..data.batching import as_sequences, pad_sequences, token_budget_batches
 from ..errors import LangCellError
 from ..inference.zero_shot import DEFAULT_MAX_PAIR_TOKENS, TEMPERATURE
-from .optim import param_groups
+from .optim import check_rates, param_groups
 from .supervised import adamw_with_schedule, fit_epochs, model_device, seeded
 
 #: Cell tokens (batch size x padded length) per step and per inference pass.

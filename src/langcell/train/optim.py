@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from langcell.errors import LangCellError
-
+from ..errors import LangCellError
 from ..models.langcell import LangCell
 
 
