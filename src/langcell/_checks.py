@@ -105,3 +105,13 @@ def listed(names: Any, limit: int = 10) -> str:
     shown = ", ".join(repr(name) for name in names[:limit])
     more = len(names) - limit
     return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def check_unit_interval(value: Any, name: str, *, meaning: str, fix: str) -> float:
+    """``value`` as a float in [0, 1]; otherwise an error naming ``name``, what it ``means`` and the ``fix``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise LangCellError(f"{name} must be a number in [0, 1], got {value!r}; {fix}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise LangCellError(f"{name} must lie in [0, 1] ({meaning}), got {value}; {fix}")
+    return value

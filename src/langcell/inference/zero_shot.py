@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import check_unit_interval
 from .._progress import progress_bar
 from ..data.batching import as_sequences, pad_sequences, token_budget_batches
 from ..errors import LangCellError
@@ -114,15 +115,7 @@ MODES = ("fast", "official")
 
 def check_alpha(alpha: Any) -> float:
     """``alpha`` as a float in [0, 1], or a :class:`LangCellError` saying how to fix it."""
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float | np.integer | np.floating):
-        raise LangCellError(f"alpha must be a number between 0 and 1, got {alpha!r}; the release uses 0.1")
-    alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise LangCellError(
-            f"alpha must lie in [0, 1] (the weight of the similarity score), got {alpha}; "
-            "the release uses 0.1"
-        )
-    return alpha
+    return check_unit_interval(alpha, "alpha", meaning="the weight of the similarity score", fix="the release uses 0.1")
 
 
 def check_top_k(top_k: Any, n_classes: int) -> int:

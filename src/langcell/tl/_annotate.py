@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .._checks import check_anndata as _check_anndata
-from .._checks import check_key_added, gene_tokenizer_of, output_anndata
+from .._checks import check_key_added, check_unit_interval, gene_tokenizer_of, output_anndata
 from .._docs import doc_params
 from ..errors import LangCellError
 from ..inference.zero_shot import (
@@ -160,14 +160,9 @@ def annotate(
     if mode not in MODES:
         raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'fast' is the default")
     if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.integer | np.floating):
-            raise LangCellError(f"threshold must be a number in [0, 1] or None, got {threshold!r}")
-        threshold = float(threshold)
-        if not 0.0 <= threshold <= 1.0:
-            raise LangCellError(
-                f"threshold must lie in [0, 1] (final scores are probabilities), got {threshold}; "
-                "pass e.g. 0.5, or None to never abstain"
-            )
+        threshold = check_unit_interval(
+            threshold, "threshold", meaning="final scores are probabilities", fix="pass e.g. 0.5, or None to never abstain"
+        )
     check_key_added(key_added)
     tokenizer = gene_tokenizer_of(model)
 
