@@ -27,9 +27,14 @@ def check_anndata(adata: Any) -> None:
 
 
 def check_key_added(key_added: Any) -> None:
-    """Refuse a ``key_added`` that is not a non-empty string."""
+    """Refuse a ``key_added`` that is not a non-empty string, or that h5ad cannot store (a ``/``)."""
     if not isinstance(key_added, str) or not key_added:
         raise LangCellError(f"key_added must be a non-empty string, got {key_added!r}")
+    if "/" in key_added:
+        raise LangCellError(
+            f"key_added {key_added!r} contains '/', which h5ad files cannot store as a key (the file would "
+            f"not read back); use another character, e.g. {key_added.replace('/', '_')!r}"
+        )
 
 
 def gene_tokenizer_of(model: Any) -> Any:

@@ -223,3 +223,32 @@ def test_the_model_gets_only_the_positions_its_recipe_trains(corpus_dir):
     assert config.cell.vocab_size == tokenizer.vocab_size
     base = load_recipe("base")  # trains every position of its encoder
     assert base.model_config_for(tokenizer).cell.max_position_embeddings == base.max_length == 2048
+
+
+def test_resume_refuses_a_pointer_outside_the_run_a_damaged_state_and_another_seed(corpus_dir, tmp_path):
+    import json
+
+    config = tiny(stage="cell", cell_steps=3, checkpoint_every=1)
+    run = tmp_path / "run"
+    pretrain(corpus_dir, run, config, progress=False, stop_after_steps=1)
+    pointer = run / "checkpoints" / "latest.json"
+    good = pointer.read_text()
+    # Another seed would mix two random streams.
+    with pytest.raises(LangCellError, match="seed 0 but this call has seed 7"):
+        pretrain(corpus_dir, run, tiny(stage="cell", cell_steps=3, checkpoint_every=1, seed=7), progress=False,
+                 resume=True)
+    # A pointer that leaves the run directory, or is not JSON.
+    for damaged, message in ((json.dumps({"checkpoint": "../../elsewhere"}), "not a checkpoint of this run"),
+                             ("{not json", "is damaged")):
+        pointer.write_text(damaged)
+        with pytest.raises(LangCellError, match=message):
+            pretrain(corpus_dir, run, config, progress=False, resume=True)
+    pointer.write_text(good)
+    # A training state without its optimiser.
+    name = json.loads(good)["checkpoint"]
+    state_file = run / "checkpoints" / name / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, state_file)
+    with pytest.raises(LangCellError, match="lacks optimizer"):
+        pretrain(corpus_dir, run, config, progress=False, resume=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,29 @@ def checkpoint_dir(out: Path) -> Path:
     return out / "checkpoints"
 
 
+#: Every entry :func:`save_checkpoint` writes into ``training_state.pt``.
+TRAINING_STATE_KEYS = ("stage", "step", "optimizer", "scheduler", "scaler", "rng", "config", "world_size")
+_CHECKPOINT_NAME = re.compile(r"(cell|joint)-\d{7}")
+
+
 def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint ``latest.json`` names, or ``None`` before the first one; refuses a damaged pointer
+    and any name that is not a checkpoint of this run directory (no path leaves it)."""
     pointer = checkpoint_dir(out) / "latest.json"
     if not pointer.is_file():
         return None
-    name = json.loads(pointer.read_text())["checkpoint"]
+    try:
+        name = json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise LangCellError(
+            f"{str(pointer)!r} is damaged (not {{\"checkpoint\": NAME}}); remove it to start over, or write the "
+            "name of a checkpoint in that folder into it"
+        ) from None
+    if not isinstance(name, str) or not _CHECKPOINT_NAME.fullmatch(name):
+        raise LangCellError(
+            f"{str(pointer)!r} names {name!r}, which is not a checkpoint of this run (STAGE-NNNNNNN inside "
+            f"{str(checkpoint_dir(out))!r}); remove latest.json to start over"
+        )
     path = checkpoint_dir(out) / name
     if not path.is_dir():
         raise LangCellError(
@@ -82,10 +101,29 @@ def save_checkpoint(
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
+    """The optimiser, schedule, RNG and step of a checkpoint; refuses an unreadable or incomplete one."""
+    redo = "delete it and point latest.json at an older one, or start over without --resume"
     try:
-        return torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     except Exception as err:
+        # torch's own message may advise weights_only=False (running pickled code): not relayed.
+        raise LangCellError(f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}); {redo}") from None
+    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise LangCellError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}; {redo}")
+    return state
+
+
+def check_resumable(state: dict[str, Any], config: PretrainConfig, world_size: int) -> None:
+    """Refuse to continue a run with settings that change what it computes (seed, process count)."""
+    saved = state["config"]
+    if isinstance(saved, dict) and saved.get("seed") != config.seed:
         raise LangCellError(
-            f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}: {err}); delete it and point "
-            "latest.json at an older one, or start over without --resume"
-        ) from err
+            f"the run was started with seed {saved.get('seed')!r} but this call has seed {config.seed}; resuming "
+            "would mix two random streams: resume with the run's recipe (its recipe.json), or start a new run"
+        )
+    if state["world_size"] != world_size:
+        raise LangCellError(
+            f"the checkpoint was written by {state['world_size']} process(es) but this run has "
+            f"{world_size}; resume with the same --nproc_per_node (the data order depends on it)"
+        )

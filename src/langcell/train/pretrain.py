@@ -51,7 +51,7 @@ from ..errors import LangCellError
 from ..models.langcell import LangCell
 from ..precision import autocast
 from . import distributed
-from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import check_resumable, latest_checkpoint, load_training_state, save_checkpoint
 from .config import STAGES, PretrainConfig
 from .data import CellTextTable, PretrainStream
 from .log import RunLog
@@ -187,11 +187,7 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
         latest = latest_checkpoint(out)
         if latest is not None:
             state = load_training_state(latest)
-            if state["world_size"] != ctx.world_size:
-                raise LangCellError(
-                    f"the checkpoint was written by {state['world_size']} process(es) but this run has "
-                    f"{ctx.world_size}; resume with the same --nproc_per_node (the data order depends on it)"
-                )
+            check_resumable(state, config, ctx.world_size)
             loaded = LangCell.from_pretrained(latest / "model")
             if loaded.gene_tokenizer != corpus.tokenizer:
                 raise LangCellError(
