@@ -75,3 +75,70 @@ def test_a_key_with_a_slash_is_refused_before_any_work():
         check_key_added("a/b")
     with pytest.raises(LangCellError, match="contains '/'"):
         tl.annotate(ad.AnnData(np.ones((2, 2), dtype=np.float32)), object(), ["B cell"], key_added="a/b")
+
+
+# ------------------------------------------------------------------------------------------ models
+@pytest.fixture
+def saved_model(tmp_path) -> Path:
+    import torch
+
+    from langcell.models.config import LangCellConfig
+    from langcell.models.langcell import LangCell
+
+    genes = GeneTokenizer([f"gene_{i}" for i in range(12)], np.ones(12), gene_id_kind="custom")
+    torch.manual_seed(0)
+    LangCell.from_config(LangCellConfig.preset("tiny"), gene_tokenizer=genes).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_a_model_with_nan_weights_is_refused_on_load(saved_model):
+    from safetensors.torch import load_file, save_file
+
+    from langcell.models.langcell import LangCell
+
+    tensors = load_file(saved_model / "model.safetensors")
+    name = next(k for k in sorted(tensors) if k.endswith("weight"))
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(saved_model / "model.safetensors"))
+    with pytest.raises(LangCellError, match="NaN or infinite values"):
+        LangCell.from_pretrained(saved_model)
+
+
+def test_a_config_with_a_negative_layer_norm_eps_is_refused(saved_model):
+    from langcell.models.langcell import LangCell
+
+    document = json.loads((saved_model / "config.json").read_text())
+    document["config"]["cell"]["layer_norm_eps"] = -1e-12
+    (saved_model / "config.json").write_text(json.dumps(document))
+    with pytest.raises(LangCellError, match="layer_norm_eps must be a small positive number"):
+        LangCell.from_pretrained(saved_model)
+
+
+def test_a_text_tokenizer_without_a_vocabulary_is_refused(saved_model):
+    from langcell.models.langcell import LangCell
+
+    for name in ("vocab.txt", "tokenizer.json"):
+        (saved_model / "text_tokenizer" / name).unlink(missing_ok=True)
+    with pytest.raises(LangCellError, match="holds no tokenizer vocabulary"):
+        LangCell.from_pretrained(saved_model)
+
+
+@pytest.mark.parametrize("bad", [5, "", "  ", None, float("nan")])
+def test_a_gene_name_that_is_no_name_is_refused(bad):
+    with pytest.raises(LangCellError, match="gene names must be non-empty strings"):
+        GeneTokenizer(["gene_a", bad], [1.0, 1.0], gene_id_kind="custom")
+
+
+def test_non_finite_scores_are_refused_at_the_end_of_scoring(saved_model):
+    import torch
+
+    from langcell.inference.zero_shot import encode_class_texts, zero_shot_scores
+    from langcell.models.langcell import LangCell
+
+    model = LangCell.from_pretrained(saved_model)
+    classes = encode_class_texts(model, ["a B cell.", "a T cell."], ["B", "T"])
+    with torch.no_grad():
+        model.cell_proj.weight.fill_(float("nan"))  # damaged in memory after loading
+    cells = [np.array([model.gene_tokenizer.cls_id, 3, 4, 5])]
+    with pytest.raises(LangCellError, match="NaN or infinite scores for 1 of 1 cells"):
+        zero_shot_scores(model, cells, classes)

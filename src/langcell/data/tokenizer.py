@@ -197,6 +197,12 @@ class GeneTokenizer:
     ) -> None:
         if gene_id_kind not in ("ensembl", "custom"):
             raise LangCellError(f"gene_id_kind must be 'ensembl' or 'custom', got {gene_id_kind!r}")
+        bad_names = [g for g in genes if not isinstance(g, str) or not g.strip()]
+        if bad_names:
+            raise LangCellError(
+                f"gene names must be non-empty strings; got {bad_names[:5]!r}: drop those genes (or name them) "
+                "before building the vocabulary"
+            )
         genes_list = [str(g) for g in genes]
         medians_arr = np.asarray(medians, dtype=np.float64).ravel()
         if len(genes_list) == 0:

@@ -664,6 +664,12 @@ def zero_shot_scores(
     finally:
         if bar is not None:
             bar.close()
+    bad = ~np.isfinite(out["scores"]).all(axis=1)
+    if bad.any():
+        raise LangCellError(
+            f"the model gave NaN or infinite scores for {int(bad.sum())} of {n_cells} cells: its weights or "
+            "settings are damaged (load it again from a good copy), or precision='fp16' overflowed (use bf16)"
+        )
     return ZeroShotScores(classes=list(classes.names), **out)
 
 

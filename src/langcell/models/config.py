@@ -259,6 +259,11 @@ def _check_bert_sizes(prefix: str, cfg: CellEncoderConfig | TextEncoderConfig) -
         p = getattr(cfg, name)
         if not 0.0 <= p < 1.0:
             raise LangCellError(f"{prefix}.{name} must be in [0, 1), got {p}")
+    eps, init = cfg.layer_norm_eps, cfg.initializer_range
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not (0 < eps < 1):
+        raise LangCellError(f"{prefix}.layer_norm_eps must be a small positive number (BERT: 1e-12), got {eps!r}")
+    if isinstance(init, bool) or not isinstance(init, int | float) or not (0 <= init < 10):
+        raise LangCellError(f"{prefix}.initializer_range must be a small non-negative number (BERT: 0.02), got {init!r}")
     if not 0 <= cfg.pad_token_id < cfg.vocab_size:
         raise LangCellError(
             f"{prefix}.pad_token_id={cfg.pad_token_id} is outside the vocabulary (0..{cfg.vocab_size - 1})"

@@ -267,6 +267,12 @@ def load_state_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
             f"the weights in {source!r} do not match the model's config ({'; '.join(problems)}); the files "
             f"belong to different models or were edited: {REDOWNLOAD_FIX}"
         )
+    not_finite = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not_finite:
+        raise LangCellError(
+            f"the weights in {source!r} hold NaN or infinite values ({short_list(sorted(not_finite))}): the model "
+            f"is damaged and would give meaningless scores; {REDOWNLOAD_FIX}"
+        )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
@@ -295,12 +301,21 @@ def resolve_hf_directory(path: str | os.PathLike) -> Path:
     return directory
 
 
+#: A Hugging Face tokenizer directory holds one of these: without it a tokenizer loads with no vocabulary.
+_TOKENIZER_VOCABULARY_FILES = ("vocab.txt", "tokenizer.json", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_text_tokenizer(path: str | os.PathLike | None):
     """Load a Hugging Face tokenizer from a local directory (``None``: the packaged MiniLM's), offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     directory = resolve_hf_directory(PACKAGED_MINILM if path is None else path)
+    if not any((directory / name).is_file() for name in _TOKENIZER_VOCABULARY_FILES):
+        raise LangCellError(
+            f"{str(directory)!r} holds no tokenizer vocabulary ({' or '.join(_TOKENIZER_VOCABULARY_FILES)}); "
+            "pass the directory of the text tokenizer the model was trained with"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as error:
