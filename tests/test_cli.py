@@ -220,3 +220,37 @@ def test_finetune_predict_and_retrieve_commands(model_and_cells, tmp_path, capsy
     assert code == 0
     assert len(json.loads(retrieved.read_text())["cell_names"]) == 2
     assert "B cell:" in capsys.readouterr().out
+
+
+def test_device_typos_metrics_without_batches_and_a_demo_file_get_one_line(tmp_path, capsys):
+    import anndata as ad
+    import numpy as np
+
+    cells = tmp_path / "cells.h5ad"
+    ad.AnnData(np.ones((2, 2), dtype=np.float32)).write_h5ad(cells)
+    model = tmp_path / "model"
+    model.mkdir()
+    for argv, words in (
+        (["annotate", str(cells), "--model", str(model), "--out", str(tmp_path / "o.h5ad"), "--labels", "B cell",
+          "--device", "cdua"], ("--device 'cdua' is not a device",)),
+        (["demo", "--out", str(cells)], ("is a file, not a folder",)),
+    ):
+        code = main([*argv, "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert all(w in err[0] for w in words), err
+
+
+def test_evaluate_refuses_metrics_without_a_batch_key():
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import pytest
+
+    from langcell.errors import LangCellError
+    from langcell.evaluation import evaluate
+
+    adata = ad.AnnData(np.ones((4, 3), dtype=np.float32), obs=pd.DataFrame({"cell_type": ["B cell", "T cell"] * 2}))
+    model = type("NoModel", (), {"gene_tokenizer": object()})()
+    with pytest.raises(LangCellError, match="metrics were given without batch_key"):
+        evaluate(adata, model, label_key="cell_type", metrics=["silhouette_label", "telepathy"])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ._atomic import atomic_file, check_output_parent
 from .data.splits import held_out_split
+from .errors import LangCellError
 from .evaluation.baselines import logistic_regression_baseline
 
 DEMO_KEY = "langcell_cell_type"
@@ -64,6 +65,8 @@ def run_demo(
     start = time.perf_counter()
     out = Path(out_dir)
     check_output_parent(out)
+    if out.exists() and not out.is_dir():
+        raise LangCellError(f"{str(out)!r} is a file, not a folder; pass --out <a folder for the demo's outputs>")
     out.mkdir(exist_ok=True)
     torch.manual_seed(seed)
     timings: dict[str, float] = {}

@@ -490,3 +490,11 @@ def test_cli_refuses_an_output_in_a_missing_directory_before_any_work(saved, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("langcell evaluate: error:") and "does not exist" in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_predictions_in_another_vocabulary_are_refused_not_scored_zero():
+    adata = ad.AnnData(np.zeros((4, 1), dtype=np.float32))
+    adata.obs["truth"] = ["B cell, CD19-positive", "T cell", "B cell, CD19-positive", "T cell"]
+    adata.obs["predicted"] = ["B cell", "T cell, alpha-beta", "B cell", "B cell"]
+    with pytest.raises(LangCellError, match="no prediction in obs\\['predicted'\\] is a label of obs\\['truth'\\]"):
+        per_type_accuracy(adata, label_key="truth", prediction_key="predicted")

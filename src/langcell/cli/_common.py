@@ -47,7 +47,11 @@ def load_model(path: str, device: str | None = None):
 
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LangCellError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise LangCellError(f"--device {device}: no CUDA device is available here; use --device cpu")
     return LangCell.from_pretrained(path, map_location=device)
 

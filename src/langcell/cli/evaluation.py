@@ -128,12 +128,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from .. import evaluation
-    from ..evaluation.integration import DEFAULT_METRICS
 
     check_outputs(args, args.report, args.out)
     labels = split_names(args.labels, "--labels")
     seen = split_names(args.seen_types, "--seen-types")
-    metrics = DEFAULT_METRICS
+    metrics = None
     if args.metrics is not None:
         metrics = [part.strip() for part in args.metrics.split(",") if part.strip()]
         if not metrics:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added as _check_key
+from .._checks import listed
 from .._docs import doc_params
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
@@ -77,7 +78,8 @@ def per_type_accuracy(
     Raises
     ------
     LangCellError
-        For a missing column, the same column twice, no scored cell, a bad ``seen`` or ``key_added``.
+        For a missing column, the same column twice, no scored cell, predictions that share no name with
+        the labels (two vocabularies), a bad ``seen`` or ``key_added``.
     """
     _check_anndata(adata)
     _check_key(key_added)
@@ -92,6 +94,14 @@ def per_type_accuracy(
             f"obs[{label_key!r}] has no usable label (only missing, 'unknown' or 'na'); pass a labelled column"
         )
     truth, predicted = truth[scored], predicted[scored]
+    named = {str(p) for p in predicted if p is not None and str(p)}
+    if named and not named & set(truth):
+        # Different vocabularies ("B cell" vs "B cell, CD19-positive") would score every type 0.
+        raise LangCellError(
+            f"no prediction in obs[{prediction_key!r}] is a label of obs[{label_key!r}] (predictions "
+            f"{listed(sorted(named), 5)}, labels {listed(sorted(set(truth)), 5)}): they name classes differently; "
+            "annotate with the label column's own names as labels, or compare Cell Ontology term id columns"
+        )
     column = adata.obs[label_key]
     present = set(truth)
     if isinstance(column.dtype, pd.CategoricalDtype):

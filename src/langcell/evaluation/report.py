@@ -48,7 +48,7 @@ def evaluate(
     top_k: int | None = None,
     mode: str = "fast",
     ks: Sequence[int] = DEFAULT_KS,
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: Sequence[str] | None = None,
     baseline: str = "X_pca",
     n_pcs: int = 50,
     neighbors: str = "exact",
@@ -96,7 +96,8 @@ def evaluate(
     ks
         Retrieval cut-offs.
     metrics, baseline, n_pcs, neighbors
-        Integration settings (:func:`integration_metrics`).
+        Integration settings (:func:`integration_metrics`; ``metrics=None``: its default set). Metrics
+        without ``batch_key`` are refused: they would be ignored.
     counts_layer, gene_column, n_counts_key, max_length, precision, progress
         Where the counts are and how the model runs (as in :func:`langcell.tl.annotate`).
     annotation_key
@@ -144,6 +145,14 @@ def evaluate(
     label_column_texts(present, label_key, descriptions, mapping)
 
     rows = np.flatnonzero(labelled)
+    if metrics is not None:
+        if batch_key is None:
+            raise LangCellError(
+                "metrics were given without batch_key: the scIB integration metrics compare batches; pass "
+                "batch_key=<the obs column of the batch> (--batch-key), or leave metrics out"
+            )
+        check_metrics(metrics)
+    metrics = DEFAULT_METRICS if metrics is None else metrics
     computed_baseline = None
     if batch_key is not None:
         computed_baseline = _check_integration(
