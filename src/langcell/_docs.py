@@ -34,7 +34,8 @@ precision
     matrix units, e.g. every recent GPU) or ``"fp16"`` (CUDA only); see :mod:`langcell.precision`.""",
     "progress": """\
 progress
-    Show progress bars.""",
+    Show progress bars (the default: long calls are never silent; tqdm picks a notebook bar in
+    Jupyter); ``False`` silences them.""",
     "inplace": """\
 key_added
     The ``adata.uns`` key that ``inplace=True`` writes.

@@ -13,8 +13,9 @@ from langcell._docs import PARAMETER_DOCS, fill_docstring
 
 def test_a_placeholder_becomes_the_shared_entry_indented_like_it():
     doc = "Title.\n\n    Parameters\n    ----------\n    x\n        An x.\n    {progress}\n    y\n        A y.\n"
-    filled = fill_docstring(doc)
+    filled = fill_docstring(doc, {"progress": "progress\n    Show progress bars."})
     assert "    progress\n        Show progress bars.\n    y\n" in filled
+    assert PARAMETER_DOCS["progress"].splitlines()[0] in fill_docstring(doc)
     assert "{progress}" not in filled
     # other braces (dict literals in prose) are left alone
     assert fill_docstring("a {name: text} dict\n") == "a {name: text} dict\n"

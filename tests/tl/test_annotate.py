@@ -262,3 +262,11 @@ def test_copy_of_a_backed_anndata_is_annotated_and_the_file_is_left_alone(model,
     assert KEY not in backed.obs
     in_memory = tl.annotate(ad.read_h5ad(path), model, DESCRIPTIONS, copy=True)
     assert annotated.obs[KEY].tolist() == in_memory.obs[KEY].tolist()
+
+
+def test_long_calls_show_progress_by_default(model, capsys):
+    # A biologist's call on many cells is never silent; progress=False silences it.
+    tl.annotate(make_adata(), model, DESCRIPTIONS)
+    assert "zero-shot" in capsys.readouterr().err
+    tl.annotate(make_adata(), model, DESCRIPTIONS, progress=False)
+    assert "zero-shot" not in capsys.readouterr().err

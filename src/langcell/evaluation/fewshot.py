@@ -128,7 +128,7 @@ def fewshot(
     max_pair_tokens: int = DEFAULT_MAX_PAIR_TOKENS,
     max_length: int | None = None,
     match_classes: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
     key_added: str = "langcell_fewshot",
     inplace: bool = False,
 ):

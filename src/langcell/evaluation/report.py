@@ -57,7 +57,7 @@ def evaluate(
     n_counts_key: str | None = "n_counts",
     max_length: int | None = None,
     precision: str = "fp32",
-    progress: bool = False,
+    progress: bool = True,
     annotation_key: str = "langcell_cell_type",
     embedding_key: str = "X_langcell",
     key_added: str = "langcell_evaluation",

@@ -35,7 +35,7 @@ def retrieval_recall(
     max_length: int | None = None,
     max_tokens: int = 16_384,
     precision: str = "fp32",
-    progress: bool = False,
+    progress: bool = True,
     key_added: str = "langcell_retrieval_recall",
     inplace: bool = False,
 ) -> dict[str, Any] | None:

@@ -57,7 +57,7 @@ def annotate(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_pair_tokens: int = DEFAULT_MAX_PAIR_TOKENS,
     precision: str = "fp32",
-    progress: bool = False,
+    progress: bool = True,
     key_added: str = "langcell_cell_type",
     copy: bool = False,
 ):
@@ -115,8 +115,7 @@ def annotate(
     max_pair_tokens
         Text tokens per cell-text matching pass (bounds memory).
     {precision}
-    progress
-        Show progress bars (tokenisation and scoring).
+    {progress}
     key_added
         Name of the fields written (see Returns). Existing fields of that name are overwritten.
     {copy}

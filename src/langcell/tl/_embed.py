@@ -23,7 +23,7 @@ def embed(
     max_tokens: int = 16_384,
     chunk_size: int = 8_192,
     precision: str = "fp32",
-    progress: bool = False,
+    progress: bool = True,
     key_added: str = "X_langcell",
     copy: bool = False,
 ):

@@ -67,7 +67,7 @@ def finetune(
     counts_layer: str | None = None,
     gene_column: str | None = None,
     n_counts_key: str | None = "n_counts",
-    progress: bool = False,
+    progress: bool = True,
     key_added: str = "langcell_ce",
     copy: bool = False,
 ):

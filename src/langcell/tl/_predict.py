@@ -26,7 +26,7 @@ def predict(
     n_counts_key: str | None = "n_counts",
     max_length: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    progress: bool = False,
+    progress: bool = True,
     key_added: str = "langcell_ce",
     copy: bool = False,
 ):

@@ -55,7 +55,7 @@ def retrieve_cells(
     max_length: int | None = None,
     max_tokens: int = 16_384,
     precision: str = "fp32",
-    progress: bool = False,
+    progress: bool = True,
     key_added: str = "langcell_retrieval",
     copy: bool = False,
 ):
@@ -149,7 +149,7 @@ def retrieve_texts(
     max_length: int | None = None,
     max_tokens: int = 16_384,
     precision: str = "fp32",
-    progress: bool = False,
+    progress: bool = True,
     key_added: str = "langcell_text_retrieval",
     copy: bool = False,
 ):
