@@ -254,3 +254,19 @@ def test_evaluate_refuses_metrics_without_a_batch_key():
     model = type("NoModel", (), {"gene_tokenizer": object()})()
     with pytest.raises(LangCellError, match="metrics were given without batch_key"):
         evaluate(adata, model, label_key="cell_type", metrics=["silhouette_label", "telepathy"])
+
+
+def test_errors_name_the_command_lines_flags_not_python_keywords(tmp_path, capsys):
+    import anndata as ad
+    import numpy as np
+
+    cells = tmp_path / "cells.h5ad"
+    normalised = np.log1p(np.random.default_rng(0).poisson(3.0, size=(6, 4)) + 0.5).astype(np.float32)
+    ad.AnnData(normalised).write_h5ad(cells)
+    code = main(["tokenize", str(cells), str(tmp_path / "corpus"), "--custom-genes", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--counts-layer" in err and "counts_layer" not in err and "use_raw" not in err, err
+    ad.AnnData(np.ones((3, 2), dtype=np.float32), var={"x": ["a", "b"]}).write_h5ad(cells)
+    code = main(["tokenize", str(cells), str(tmp_path / "corpus2"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "gene_id_kind" not in err, err

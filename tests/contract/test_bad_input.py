@@ -32,6 +32,7 @@ import scipy.sparse as sp
 from langcell import tl
 from langcell._labels import label_codes
 from langcell.cli import main
+from langcell.cli._common import cli_wording
 from langcell.data.corpus import TokenCorpus, write_corpus
 from langcell.data.genes import load_gene_table, map_to_ensembl
 from langcell.data.tokenizer import GeneTokenizer
@@ -760,6 +761,7 @@ def test_cli_prints_one_line_exits_2_and_leaves_nothing(name, check_outputs, tmp
     assert lines[0].startswith(f"langcell {case.command}: error: "), err
     assert "Traceback" not in err and out == ""
     for word in case.keywords:
+        word = cli_wording(word)  # the command line names its flags where the API names keywords
         assert word.lower() in lines[0].lower(), f"{word!r} not in {lines[0]!r}"
     if check_outputs:
         _assert_nothing_left(case)

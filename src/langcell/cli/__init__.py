@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from ..errors import LangCellError
 from . import annotation, build, evaluation
+from ._common import cli_wording
 
 # Commands never reach the network: the text tower and tokenizer come from installed packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LangCellError as err:
-        print(f"langcell {args.command}: error: {err}", file=sys.stderr)
+        print(f"langcell {args.command}: error: {cli_wording(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"langcell {args.command}: interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ the common options, and printing."""
 from __future__ import annotations
 
 import argparse
+import re
 
 from ..errors import LangCellError
 
@@ -106,3 +107,31 @@ def split_names(text: str | None, option: str) -> list[str] | None:
     if not names:
         raise LangCellError(f"{option} holds no name; pass names separated by ';'")
     return names
+
+
+#: Library errors name Python keyword arguments; on the command line they are these flags. Longest first.
+_FLAGS_FOR_KEYWORDS = (
+    ("e.g. counts_layer='counts' or use_raw (counts_layer='raw')", "e.g. --counts-layer counts, or --counts-layer raw for .raw"),
+    ("overwrite=True (--overwrite on the command line)", "--overwrite"),
+    ("counts_layer=<the layer of raw counts> (or 'raw')", "--counts-layer LAYER (or raw)"),
+    ("counts_layer='<layer>'", "--counts-layer LAYER"),
+    ("counts_layer='raw'", "--counts-layer raw"),
+    ("counts_layer=None", "no --counts-layer"),
+    ("gene_column=None", "no --gene-column"),
+    ("gene_column=<", "--gene-column <"),
+    ("gene_id_kind='custom'", "--custom-genes"),
+    ("organism='human' or 'mouse'", "--organism human or mouse"),
+    ("label_key=<", "--label-key <"),
+    ("classes_from=<", "--classes-from <"),
+    ("precision='fp32'", "--precision fp32"),
+    ("precision='fp16'", "--precision fp16"),
+)
+#: Bare argument names that are flags of the same name on the command line.
+_FLAG_WORDS = re.compile(r"(?<![\w-])(counts_layer|gene_column|label_key|key_added|max_length|batch_key|classes_from)\b")
+
+
+def cli_wording(message: str) -> str:
+    """A library error message with the Python keyword arguments it names replaced by the CLI's flags."""
+    for keyword, flag in _FLAGS_FOR_KEYWORDS:
+        message = message.replace(keyword, flag)
+    return _FLAG_WORDS.sub(lambda match: "--" + match.group(1).replace("_", "-"), message)
