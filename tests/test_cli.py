@@ -270,3 +270,31 @@ def test_errors_name_the_command_lines_flags_not_python_keywords(tmp_path, capsy
     code = main(["tokenize", str(cells), str(tmp_path / "corpus2"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "gene_id_kind" not in err, err
+
+
+def test_files_that_are_folders_or_not_utf8_and_bad_recipes_get_one_line(tmp_path, capsys):
+    import anndata as ad
+    import numpy as np
+
+    cells = tmp_path / "cells.h5ad"
+    ad.AnnData(np.ones((2, 2), dtype=np.float32)).write_h5ad(cells)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    latin1 = tmp_path / "descriptions.json"
+    latin1.write_bytes('{"B cell": "Lymphozyt f\xfcr Antik\xf6rper"}'.encode("latin-1"))
+    listed = tmp_path / "recipe.json"
+    listed.write_text("[1, 2]")
+    model = tmp_path / "model"
+    model.mkdir()
+    annotate = ["annotate", str(cells), "--model", str(model), "--out", str(tmp_path / "o.h5ad")]
+    for argv, words in (
+        ([*annotate, "--labels", "B cell", "--report", str(folder)], ("is a directory", "file to write")),
+        ([*annotate, "--descriptions", str(latin1)], ("not UTF-8",)),
+        ([*annotate, "--descriptions", str(folder)], ("is not a file",)),
+        (["pretrain", "--corpus", str(folder), "--out", str(tmp_path / "run"), "--config", str(listed)],
+         ("holds a JSON list",)),
+    ):
+        code = main([*argv, "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert all(w in err[0] for w in words), err

@@ -538,3 +538,16 @@ def test_tokenizing_keeps_the_torch_thread_count():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_float16_counts_tokenize_like_float32():
+    # scipy has no float16 sparse matrices; the counts are read as float32 (exact for counts up to 2048).
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    counts = (rng.poisson(3.0, size=(10, 8)) + 1).astype(np.float32)
+    var = pd.DataFrame(index=[f"gene_{i}" for i in range(8)])
+    tokenizer = GeneTokenizer.fit(ad.AnnData(counts, var=var), gene_id_kind="custom")
+    half = tokenizer.encode(ad.AnnData(counts.astype(np.float16), var=var))
+    full = tokenizer.encode(ad.AnnData(counts, var=var))
+    assert np.array_equal(half.ids, full.ids) and np.array_equal(half.offsets, full.offsets)

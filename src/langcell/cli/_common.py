@@ -20,17 +20,23 @@ def read_input(path: str, *, backed: bool = False):
     return load(path, backed=backed)
 
 
-def check_outputs(args: argparse.Namespace, *paths: str | None) -> None:
-    """Refuse, before any work, output paths whose folder does not exist (``None`` = not requested) or
-    that are, contain or lie inside an input of the command (its IN.h5ad, --model, --corpus)."""
+def check_outputs(args: argparse.Namespace, *files: str | None, directories: tuple[str | None, ...] = ()) -> None:
+    """Refuse, before any work, output paths (``None`` = not requested) whose folder does not exist, that
+    are, contain or lie inside an input of the command (its IN.h5ad, --model, --corpus), or, for the
+    ``files``, that name an existing directory."""
+    from pathlib import Path
+
     from .._atomic import check_apart_from_inputs, check_output_parent
 
     inputs = [getattr(args, name, None) for name in ("input", "inputs", "model", "corpus")]
     inputs = [path for value in inputs if value for path in (value if isinstance(value, list) else [value])]
-    for path in paths:
+    for path in (*files, *directories):
         if path:
             check_output_parent(path)
             check_apart_from_inputs(path, inputs)
+    for path in files:
+        if path and Path(path).is_dir():
+            raise LangCellError(f"{path!r} is a directory; pass the path of a file to write")
 
 
 def write_h5ad(adata, path: str) -> None:
@@ -85,18 +91,10 @@ def add_counts_options(p: argparse.ArgumentParser) -> None:
 
 
 def read_descriptions(path: str) -> dict[str, str]:
-    import json
+    """``--descriptions``: a JSON object (or two-column TSV) ``{class name: description}``."""
+    from ..ontology.resolve import read_label_table
 
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except FileNotFoundError as err:
-        raise LangCellError(f"descriptions file {path!r} does not exist; check the path") from err
-    except json.JSONDecodeError as err:
-        raise LangCellError(f"descriptions file {path!r} is not valid JSON ({err}); fix the file") from err
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise LangCellError(f"descriptions file {path!r} must hold a JSON object {{class name: description}}")
-    return data
+    return read_label_table(path, "descriptions")
 
 
 def split_names(text: str | None, option: str) -> list[str] | None:

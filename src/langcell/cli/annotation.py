@@ -51,11 +51,10 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_annotate(args: argparse.Namespace) -> int:
-
     from .. import tl
+
     check_outputs(args, args.out, args.report)
-    adata = read_input(args.input)
-    model = load_model(args.model, args.device)
+    # The class names first: a bad --labels or --descriptions costs no reading of cells or weights.
     labels = None
     if args.labels is not None:
         labels = [part.strip() for part in args.labels.split(";") if part.strip()]
@@ -63,6 +62,8 @@ def run_annotate(args: argparse.Namespace) -> int:
             raise LangCellError("--labels holds no class name; pass names separated by ';'")
     elif args.descriptions is not None:
         labels = read_descriptions(args.descriptions)
+    adata = read_input(args.input)
+    model = load_model(args.model, args.device)
     tl.annotate(
         adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, alpha=args.alpha,
         top_k=args.top_k, mode=args.mode, threshold=args.threshold, counts_layer=args.counts_layer,
@@ -149,7 +150,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
 
     from .. import tl
-    check_outputs(args, args.out, args.write, args.report)
+    check_outputs(args, args.write, args.report, directories=(args.out,))
     adata = read_input(args.input)
     model = load_model(args.model, args.device)
     classifier, metrics = tl.finetune(

@@ -183,5 +183,7 @@ def read_rows(matrix: Any, start: int, stop: int) -> CsrRows:
         )
     chunk = matrix[start:stop]
     if not sp.issparse(chunk):
-        chunk = sp.csr_matrix(np.asarray(chunk))
+        chunk = np.asarray(chunk)
+        # scipy has no float16 sparse matrices; counts of that type are exact in float32.
+        chunk = sp.csr_matrix(chunk.astype(np.float32) if chunk.dtype == np.float16 else chunk)
     return CsrRows.from_scipy(chunk)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import difflib
 import functools
+import io
 import json
 import re
 from collections import Counter
@@ -413,8 +414,11 @@ def _closest_names(label: str, ontology: str, n: int = 5) -> list[str]:
     return found[:n]
 
 
-def _load_mapping(mapping: Mapping[str, str] | str | Path | None, what: str) -> dict[str, str]:
-    """A {label: value} dict from a dict, or a JSON / two-column TSV file."""
+def read_label_table(mapping: Mapping[str, str] | str | Path | None, what: str) -> dict[str, str]:
+    """A ``{label: value}`` dict from a dict, or a JSON object / two-column TSV file (UTF-8).
+
+    ``what`` names the table in error messages (``"mapping"``, ``"descriptions"``).
+    """
     if mapping is None:
         return {}
     if isinstance(mapping, Mapping):
@@ -422,11 +426,15 @@ def _load_mapping(mapping: Mapping[str, str] | str | Path | None, what: str) -> 
     path = Path(mapping)
     if not path.is_file():
         raise LangCellError(
-            f"{what} file {str(path)!r} does not exist; pass a dict or the path of a JSON/TSV file"
+            f"{what} file {str(path)!r} does not exist or is not a file; pass a dict or the path of a JSON/TSV file"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LangCellError(f"{what} file {str(path)!r} is not UTF-8 text; save it as UTF-8 JSON or TSV") from None
     if path.suffix.lower() == ".json":
         try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            loaded = json.loads(text)
         except json.JSONDecodeError as error:
             raise LangCellError(
                 f"{what} file {str(path)!r} is not valid JSON ({error}); fix the file"
@@ -435,16 +443,15 @@ def _load_mapping(mapping: Mapping[str, str] | str | Path | None, what: str) -> 
             raise LangCellError(f"{what} file {str(path)!r} must hold one JSON object {{label: value}}")
         return {str(key): str(value) for key, value in loaded.items()}
     result: dict[str, str] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        for line_number, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
-            if not row or not "".join(row).strip() or row[0].startswith("#"):
-                continue
-            if len(row) != 2:
-                raise LangCellError(
-                    f"{what} file {str(path)!r} line {line_number} has {len(row)} tab-separated fields; "
-                    "write two per line: label<TAB>value"
-                )
-            result[row[0].strip()] = row[1].strip()
+    for line_number, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter="\t"), start=1):
+        if not row or not "".join(row).strip() or row[0].startswith("#"):
+            continue
+        if len(row) != 2:
+            raise LangCellError(
+                f"{what} file {str(path)!r} line {line_number} has {len(row)} tab-separated fields; "
+                "write two per line: label<TAB>value"
+            )
+        result[row[0].strip()] = row[1].strip()
     return result
 
 
@@ -580,7 +587,7 @@ def resolve_labels(
         raise LangCellError(
             f"cannot resolve labels into ontology {ontology!r}; use 'CL' (cell types), 'UBERON', 'MONDO', ..."
         )
-    user_mapping = _load_mapping(mapping, "mapping")
+    user_mapping = read_label_table(mapping, "mapping")
     rows, problems = [], []
     for label in labels:
         outcome = _resolve_one(label, user_mapping, ontology)
@@ -638,7 +645,7 @@ def label_texts(
         As :func:`resolve_labels`, and for an empty user description.
     """
     labels = _check_labels(labels)
-    user_texts = _load_mapping(descriptions, "descriptions")
+    user_texts = read_label_table(descriptions, "descriptions")
     empty = [label for label in labels if label in user_texts and not user_texts[label].strip()]
     if empty:
         raise LangCellError(

@@ -69,7 +69,7 @@ class PretrainConfig:
         if self.stage not in ("cell", "joint", "both"):
             raise LangCellError(f"stage must be 'cell', 'joint' or 'both', got {self.stage!r}")
         check_precision(self.precision)
-        for name in ("cell_steps", "joint_steps", "warmup_steps"):
+        for name in ("cell_steps", "joint_steps", "warmup_steps", "num_workers", "seed"):
             if getattr(self, name) < 0:
                 raise LangCellError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_tokens", "max_batch_size", "max_length", "text_max_length", "grad_accum",
@@ -160,8 +160,13 @@ def load_recipe(name_or_path: str | os.PathLike) -> PretrainConfig:
             f"no pretraining recipe {str(name_or_path)!r}: pass one of {names} or the path of a JSON recipe file"
         )
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LangCellError(f"recipe {str(path)!r} is not valid JSON ({err}); fix the file") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LangCellError(f"recipe {str(path)!r} is not valid UTF-8 JSON ({err}); fix the file") from None
+    if not isinstance(data, dict):
+        raise LangCellError(
+            f"recipe {str(path)!r} holds a JSON {type(data).__name__}, not an object of settings "
+            '({"model": "small", "cell_steps": ...}); fix the file'
+        )
     data.pop("_comment", None)
     return PretrainConfig.from_dict(data)
