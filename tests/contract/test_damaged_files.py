@@ -142,3 +142,39 @@ def test_non_finite_scores_are_refused_at_the_end_of_scoring(saved_model):
     cells = [np.array([model.gene_tokenizer.cls_id, 3, 4, 5])]
     with pytest.raises(LangCellError, match="NaN or infinite scores for 1 of 1 cells"):
         zero_shot_scores(model, cells, classes)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda shard: shard.update(n_cells="many"), "no whole n_cells"),
+        (lambda shard: shard.pop("name"), "has no name"),
+        (lambda shard: shard["files"].pop("ids"), "lacks a file entry"),
+    ],
+)
+def test_manifest_entries_with_missing_keys_or_wrong_types_are_refused(corpus, damage, message):
+    manifest = manifest_of(corpus)
+    damage(manifest["shards"][0])
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LangCellError, match=message):
+        TokenCorpus(corpus)
+
+
+def test_a_corrupt_metadata_file_is_refused(corpus):
+    (corpus / manifest_of(corpus)["obs_file"]).write_bytes(b"not an h5ad file")
+    with pytest.raises(LangCellError, match="metadata file .* is unreadable"):
+        TokenCorpus(corpus).obs
+
+
+def test_geneformer_dictionaries_with_text_ids_or_medians_are_refused(tmp_path):
+    import pickle
+
+    tokens, medians = tmp_path / "tokens.pkl", tmp_path / "medians.pkl"
+    pickle.dump({"<pad>": 0, "<mask>": 1, "ENSG00000000003": "two"}, tokens.open("wb"))
+    pickle.dump({"ENSG00000000003": 1.5}, medians.open("wb"))
+    with pytest.raises(LangCellError, match="token ids .* are not integers"):
+        GeneTokenizer.from_geneformer(tokens, medians)
+    pickle.dump({"<pad>": 0, "<mask>": 1, "ENSG00000000003": 2}, tokens.open("wb"))
+    pickle.dump({"ENSG00000000003": "high"}, medians.open("wb"))
+    with pytest.raises(LangCellError, match="medians .* are not numbers"):
+        GeneTokenizer.from_geneformer(tokens, medians)

@@ -303,6 +303,28 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in the manifest")
 
 
+def _check_shard_entry(shard: Any, number: int, manifest_path: Path) -> None:
+    """Refuse a manifest shard entry without the fields :func:`write_corpus` writes, or with wrong types."""
+    problem = None
+    if not isinstance(shard, dict):
+        problem = "is not an object"
+    elif not isinstance(shard.get("name"), str):
+        problem = "has no name"
+    elif any(isinstance(shard.get(k), bool) or not isinstance(shard.get(k), int) or shard[k] < 0
+             for k in ("n_cells", "n_tokens")):
+        problem = "has no whole n_cells / n_tokens"
+    elif not isinstance(shard.get("files"), dict) or any(
+        not isinstance(shard["files"].get(kind), dict)
+        or not isinstance(shard["files"][kind].get("path"), str)
+        or not isinstance(shard["files"][kind].get("bytes"), int)
+        or not isinstance(shard["files"][kind].get("sha256"), str)
+        for kind in _SHARD_ARRAYS
+    ):
+        problem = "lacks a file entry (path, bytes, sha256) of " + "/".join(_SHARD_ARRAYS)
+    if problem:
+        raise LangCellError(f"{str(manifest_path)!r}: shard entry {number} {problem}; write the corpus again")
+
+
 class TokenCorpus:
     """A corpus written by :func:`write_corpus`, opened for random access.
 
@@ -356,7 +378,10 @@ class TokenCorpus:
         self._ids: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
         lengths = []
-        for shard in manifest["shards"]:
+        if not isinstance(manifest["shards"], list):
+            raise LangCellError(f"{str(manifest_path)!r}: 'shards' is not a list; write the corpus again")
+        for number, shard in enumerate(manifest["shards"]):
+            _check_shard_entry(shard, number, manifest_path)
             arrays = {kind: self._open_shard_array(shard, kind) for kind in _SHARD_ARRAYS}
             if arrays["offsets"].size != shard["n_cells"] + 1 or arrays["ids"].size != shard["n_tokens"]:
                 raise LangCellError(
@@ -495,7 +520,13 @@ class TokenCorpus:
                 raise LangCellError(
                     f"{str(self.directory)!r} is missing its metadata file {path.name!r}; write the corpus again"
                 )
-            self._obs = anndata.read_h5ad(path).obs
+            try:
+                self._obs = anndata.read_h5ad(path).obs
+            except (OSError, ValueError, KeyError) as err:
+                raise LangCellError(
+                    f"{str(self.directory)!r}: its metadata file {path.name!r} is unreadable ({type(err).__name__}); "
+                    "write the corpus again"
+                ) from None
         return self._obs
 
     def batch(

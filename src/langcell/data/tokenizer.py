@@ -307,6 +307,12 @@ class GeneTokenizer:
                 f"{str(token_dictionary_path)!r} does not have <pad>=0 and <mask>=1; pass Geneformer's "
                 "token_dictionary.pkl"
             )
+        not_ids = [k for k, v in tokens.items() if isinstance(v, bool) or not isinstance(v, int | np.integer)]
+        if not_ids:
+            raise LangCellError(
+                f"{str(token_dictionary_path)!r}: the token ids of {not_ids[:3]!r} are not integers; pass Geneformer's "
+                "token_dictionary.pkl"
+            )
         gene_items = sorted(((int(v), str(k)) for k, v in tokens.items() if k not in ("<pad>", "<mask>")))
         ids = np.array([token for token, _ in gene_items], dtype=np.int64)
         if not np.array_equal(ids, np.arange(2, 2 + ids.size)):
@@ -320,6 +326,12 @@ class GeneTokenizer:
             raise LangCellError(
                 f"{len(missing)} vocabulary genes have no median in {str(gene_median_dictionary_path)!r} "
                 f"(e.g. {missing[:3]}); pass the gene_median_dictionary.pkl of the same release"
+            )
+        not_numbers = [g for g in genes if isinstance(medians[g], bool) or not isinstance(medians[g], int | float | np.number)]
+        if not_numbers:
+            raise LangCellError(
+                f"{str(gene_median_dictionary_path)!r}: the medians of {not_numbers[:3]!r} are not numbers; pass "
+                "Geneformer's gene_median_dictionary.pkl"
             )
         return cls(genes, [float(medians[g]) for g in genes], gene_id_kind="ensembl", organism="human")
 
