@@ -163,7 +163,7 @@ def test_manifest_entries_with_missing_keys_or_wrong_types_are_refused(corpus, d
 def test_a_corrupt_metadata_file_is_refused(corpus):
     (corpus / manifest_of(corpus)["obs_file"]).write_bytes(b"not an h5ad file")
     with pytest.raises(LangCellError, match="metadata file .* is unreadable"):
-        TokenCorpus(corpus).obs
+        TokenCorpus(corpus).obs  # noqa: B018 (reading the property is the test)
 
 
 def test_geneformer_dictionaries_with_text_ids_or_medians_are_refused(tmp_path):
