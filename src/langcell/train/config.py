@@ -161,8 +161,10 @@ def load_recipe(name_or_path: str | os.PathLike) -> PretrainConfig:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LangCellError(f"recipe {str(path)!r} is not valid UTF-8 JSON ({err}); fix the file") from None
+    except json.JSONDecodeError as err:
+        raise LangCellError(f"recipe {str(path)!r} is not valid JSON ({err}); fix the file") from None
+    except UnicodeDecodeError:
+        raise LangCellError(f"recipe {str(path)!r} is not UTF-8 text; save it as UTF-8 JSON") from None
     if not isinstance(data, dict):
         raise LangCellError(
             f"recipe {str(path)!r} holds a JSON {type(data).__name__}, not an object of settings "
