@@ -10,11 +10,13 @@ from ..errors import LangCellError
 
 
 def say(args: argparse.Namespace, *parts: object) -> None:
+    """Print a line of the command's output, unless ``--quiet``."""
     if not getattr(args, "quiet", False):
         print(*parts, flush=True)
 
 
 def read_input(path: str, *, backed: bool = False):
+    """The command's IN.h5ad (``backed``: read lazily from disk), with one clear error for a bad file."""
     from ..data.datasets import load
 
     return load(path, backed=backed)
@@ -40,6 +42,7 @@ def check_outputs(args: argparse.Namespace, *files: str | None, directories: tup
 
 
 def write_h5ad(adata, path: str) -> None:
+    """Write ``adata`` to ``path`` atomically: the old file, if any, stays until the new one is complete."""
     from .._atomic import atomic_file
 
     with atomic_file(path) as tmp:
@@ -82,10 +85,12 @@ def add_input(p: argparse.ArgumentParser, *, labelled: bool = False, model: bool
 
 
 def add_mapping(p: argparse.ArgumentParser) -> None:
+    """--mapping: a label -> term id table for labels the resolver cannot place."""
     p.add_argument("--mapping", metavar="FILE", help="JSON/TSV {label: term id} for labels that do not resolve")
 
 
 def add_counts_options(p: argparse.ArgumentParser) -> None:
+    """--counts-layer and --gene-column: where the raw counts and the gene names are."""
     p.add_argument("--counts-layer", metavar="LAYER", help="layer with raw counts, or 'raw' for .raw (default: X)")
     p.add_argument("--gene-column", metavar="COL", help="var column holding gene IDs/symbols (default: var names)")
 

@@ -23,6 +23,7 @@ from ._common import (
 
 
 def add_annotate(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell annotate`` and its options."""
     p = sub.add_parser(
         "annotate",
         help="zero-shot cell-type annotation from label names or descriptions",
@@ -51,6 +52,7 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_annotate(args: argparse.Namespace) -> int:
+    """Run ``langcell annotate`` with the parsed arguments; return the exit status."""
     from .. import tl
 
     check_outputs(args, args.out, args.report)
@@ -83,6 +85,7 @@ def run_annotate(args: argparse.Namespace) -> int:
 
 
 def _annotation_report(adata, key: str, truth_key: str | None) -> dict:
+    """Counts per predicted class and, with a truth column, accuracy and macro-F1: annotate's report."""
     predicted = adata.obs[key].astype(str)
     report: dict = {"n_cells": int(adata.n_obs), "predicted": predicted.value_counts().to_dict()}
     if truth_key is not None:
@@ -98,6 +101,7 @@ def _annotation_report(adata, key: str, truth_key: str | None) -> dict:
 
 
 def add_embed(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell embed`` and its options."""
     p = sub.add_parser("embed", help="LangCell cell embeddings into obsm (streams backed files)")
     add_input(p)
     p.add_argument("--out", required=True, metavar="OUT.h5ad", help="copy of the input with obsm[KEY] (atomic)")
@@ -109,6 +113,7 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    """Run ``langcell embed`` with the parsed arguments; return the exit status."""
     from .. import tl
     check_outputs(args, args.out)
     adata = read_input(args.input, backed=args.backed)
@@ -125,6 +130,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def add_finetune(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell finetune`` and its options."""
     p = sub.add_parser(
         "finetune",
         help="LangCell-CE: fine-tune the cell encoder + a linear classifier on labelled cells",
@@ -148,6 +154,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    """Run ``langcell finetune`` with the parsed arguments; return the exit status."""
 
     from .. import tl
     check_outputs(args, args.write, args.report, directories=(args.out,))
@@ -170,6 +177,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell predict`` and its options."""
     p = sub.add_parser("predict", help="cell types from a fine-tuned LangCell-CE classifier")
     add_input(p, model=False)
     p.add_argument("--classifier", required=True, metavar="DIR", help="directory written by `langcell finetune`")
@@ -180,6 +188,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """Run ``langcell predict`` with the parsed arguments; return the exit status."""
     from .. import tl
     from ..models.classifier import CellTypeClassifier
 
@@ -194,6 +203,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def add_retrieve(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell retrieve`` and its options."""
     p = sub.add_parser(
         "retrieve",
         help="text -> top cells, or recall@k of cell-text retrieval on labelled cells",
@@ -210,6 +220,7 @@ def add_retrieve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
+    """Run ``langcell retrieve`` with the parsed arguments; return the exit status."""
     import json
 
     from .. import evaluation, tl

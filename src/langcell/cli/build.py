@@ -11,6 +11,7 @@ from ._common import say
 
 
 def add_tokenize(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell tokenize`` and its options."""
     p = sub.add_parser(
         "tokenize",
         help="turn h5ad files of raw counts into an on-disk corpus of rank-ordered gene tokens",
@@ -41,6 +42,7 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
+    """Run ``langcell tokenize`` with the parsed arguments; return the exit status."""
     from .._atomic import check_apart_from_inputs
     from ..data.corpus import write_corpus
     from ..data.tokenizer import GeneTokenizer
@@ -101,6 +103,7 @@ def _median(values) -> float:
 
 
 def add_import_official(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell import-official`` and its options."""
     p = sub.add_parser(
         "import-official",
         help="convert the released LangCell checkpoint (five modules) into a langcell model directory",
@@ -115,6 +118,7 @@ def add_import_official(sub: argparse._SubParsersAction) -> None:
 
 
 def run_import_official(args: argparse.Namespace) -> int:
+    """Run ``langcell import-official`` with the parsed arguments; return the exit status."""
     from ..convert import import_official
 
     model = import_official(
@@ -131,6 +135,7 @@ def run_import_official(args: argparse.Namespace) -> int:
 
 
 def add_pretrain(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell pretrain`` and its options."""
     p = sub.add_parser(
         "pretrain",
         help="pretrain a LangCell model on a tokenized corpus (one process, or under torchrun)",
@@ -157,6 +162,7 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    """Run ``langcell pretrain`` with the parsed arguments; return the exit status."""
     from ..train import load_recipe, pretrain
 
     config = load_recipe(args.config)
@@ -182,6 +188,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell demo`` and its options."""
     p = sub.add_parser("demo", help="run the whole pipeline on scanpy's bundled PBMC cells")
     p.add_argument("--out", default="langcell_demo", metavar="DIR", help="output directory (default ./langcell_demo)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers)")
@@ -189,6 +196,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Run ``langcell demo`` with the parsed arguments; return the exit status."""
     from ..demo import run_demo
 
     run_demo(args.out, seed=args.seed, quiet=args.quiet)

@@ -23,6 +23,7 @@ from ._common import (
 
 
 def add_fewshot(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell fewshot`` and its options."""
     p = sub.add_parser(
         "fewshot",
         help="few-shot annotation curves: LangCell tuned on n cells per class vs logistic regression and kNN",
@@ -54,6 +55,7 @@ def add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
+    """Run ``langcell fewshot`` with the parsed arguments; return the exit status."""
     import pandas as pd
 
     from .. import evaluation, pl
@@ -95,6 +97,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell evaluate`` and its options."""
     p = sub.add_parser(
         "evaluate",
         help="score a model on labelled cells: zero-shot accuracy per type (seen/unseen), retrieval, scIB metrics",
@@ -125,6 +128,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``langcell evaluate`` with the parsed arguments; return the exit status."""
     import json
 
     from .. import evaluation
