@@ -28,7 +28,7 @@ def check_outputs(args: argparse.Namespace, *files: str | None, directories: tup
     ``files``, that name an existing directory."""
     from pathlib import Path
 
-    from .._atomic import check_apart_from_inputs, check_output_parent
+    from .._atomic import check_apart_from_inputs, check_free_space, check_output_parent
 
     inputs = [getattr(args, name, None) for name in ("input", "inputs", "model", "corpus")]
     inputs = [path for value in inputs if value for path in (value if isinstance(value, list) else [value])]
@@ -39,14 +39,44 @@ def check_outputs(args: argparse.Namespace, *files: str | None, directories: tup
     for path in files:
         if path and Path(path).is_dir():
             raise LangCellError(f"{path!r} is a directory; pass the path of a file to write")
+    h5ad_out = [path for path in files if path and str(path).endswith(".h5ad")]
+    source = getattr(args, "input", None)
+    if h5ad_out and isinstance(source, str) and Path(source).is_file():
+        # An annotated copy of the input is at least as large as the input: refuse a disk that cannot
+        # take it now, not after the work.
+        for path in h5ad_out:
+            check_free_space(path, Path(source).stat().st_size)
 
 
 def write_h5ad(adata, path: str) -> None:
-    """Write ``adata`` to ``path`` atomically: the old file, if any, stays until the new one is complete."""
+    """Write ``adata`` to ``path`` atomically: the old file, if any, stays until the new one is complete;
+    a disk too small for it is refused before writing, a disk that fills is one clear error."""
     from .._atomic import atomic_file
 
-    with atomic_file(path) as tmp:
+    with atomic_file(path, needed_bytes=h5ad_bytes(adata)) as tmp:
         adata.write_h5ad(tmp)
+
+
+def h5ad_bytes(adata) -> int:
+    """About how many bytes ``adata`` takes in an h5ad (its in-memory arrays and tables; a lower bound,
+    as HDF5 adds little on top of uncompressed arrays)."""
+    import numpy as np
+    import pandas as pd
+
+    def size(value) -> int:
+        if isinstance(value, np.ndarray):
+            return value.nbytes
+        if isinstance(value, pd.DataFrame):
+            return int(value.memory_usage(deep=True).sum())
+        parts = [getattr(value, name, None) for name in ("data", "indices", "indptr")]
+        return sum(part.nbytes for part in parts if isinstance(part, np.ndarray))
+
+    arrays = [adata.obs, adata.var] + ([] if adata.isbacked else [adata.X])
+    for mapping in (adata.layers, adata.obsm, adata.varm, adata.obsp):
+        arrays += list(mapping.values())
+    if adata.raw is not None and not adata.isbacked:
+        arrays.append(adata.raw.X)
+    return sum(size(value) for value in arrays)
 
 
 def load_model(path: str, device: str | None = None):
