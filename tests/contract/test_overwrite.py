@@ -118,3 +118,22 @@ def test_annotate_refuses_an_output_over_its_input(tmp_path, capsys):
                      "--labels", "B cell;T cell"], capsys)
     assert code == 2 and "is the input" in err
     assert source.read_bytes() == before
+
+
+def test_annotate_refuses_a_report_that_is_a_directory_before_any_work(tmp_path, capsys, monkeypatch):
+    """The red team found the h5ad written although the command then failed on ``--report DIR``."""
+    source = cells_file(tmp_path / "cells.h5ad")
+    tokenizer = GeneTokenizer.fit(ad.read_h5ad(source), gene_id_kind="custom")
+    config = LangCellConfig.preset("tiny")
+    config.cell.vocab_size = tokenizer.vocab_size
+    LangCell.from_config(config, gene_tokenizer=tokenizer).save_pretrained(tmp_path / "model")
+    (tmp_path / "report").mkdir()
+    loaded = []
+    monkeypatch.setattr(LangCell, "from_pretrained", lambda *a, **k: loaded.append(1))
+    code, err = run(["annotate", str(source), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "a.h5ad"),
+                     "--labels", "B cell;T cell", "--report", str(tmp_path / "report")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is a directory" in err, err
+    assert loaded == [], "the model was loaded before --report was refused"
+    assert not (tmp_path / "a.h5ad").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "model", "report"]
+    assert list((tmp_path / "report").iterdir()) == []

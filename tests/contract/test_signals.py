@@ -215,3 +215,51 @@ def test_a_write_removes_stale_temporaries_beside_it(tmp_path):
     with _atomic.atomic_file(tmp_path / "latest.json") as tmp:
         tmp.write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json"]
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    """200 labelled CBMC cells, tokenized (128 tokens) with a vocabulary of their genes."""
+    from langcell.data.corpus import write_corpus
+
+    if not CBMC.is_file():
+        pytest.skip(f"{CBMC} is missing")
+    cells = ad.read_h5ad(CBMC)
+    cells = cells[cells.obs["cell_type_ontology_term_id"] != "unknown"][:200].copy()
+    folder = tmp_path_factory.mktemp("signals_corpus")
+    tokenizer = GeneTokenizer.fit(cells, gene_id_kind="custom")
+    write_corpus(cells, tokenizer, folder / "corpus", max_length=128, progress=False)
+    return folder / "corpus"
+
+
+@pytest.mark.slow
+def test_pretrain_interrupted_while_checkpointing_removes_the_partial_checkpoint(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    process = langcell("pretrain", "--config", "tiny", "--corpus", str(small_corpus), "--out", str(run))
+    assert signal_while_writing(process, run / "checkpoints", signal.SIGINT), "pretrain ended first"
+    line = assert_interrupted(process, signal.SIGINT, run / "checkpoints" / "cell-0000002")
+    assert "cell-0000002" in line
+    assert not [p for p in run.rglob(".*")], "temporaries were left in the run"
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_without_deadlock_or_debris(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    env = dict(ENV, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "langcell",
+         "pretrain", "--config", "tiny", "--corpus", str(small_corpus), "--out", str(run), "--device", "cpu",
+         "--quiet"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert signal_while_writing(process, run / "checkpoints", signal.SIGTERM), "torchrun ended first"
+    try:
+        _, err = process.communicate(timeout=90)  # torchrun's own grace period is 30 s: well within
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("a rank did not stop: torchrun was still running 90 s after SIGTERM") from None
+    assert process.returncode != 0
+    assert "interrupted by SIGTERM" in err, err[-3000:]
+    assert not [p for p in run.rglob(".*")], "temporaries were left in the run"
+    assert not (run / "model").exists()

@@ -110,9 +110,17 @@ def pretrain(
     config.validate()
     ctx = distributed.setup(config.device)
     try:
-        return _pretrain(corpus, Path(out_dir), config, ctx, resume, overwrite, progress, stop_after_steps)
-    finally:
+        model = _pretrain(corpus, Path(out_dir), config, ctx, resume, overwrite, progress, stop_after_steps)
+    except KeyboardInterrupt:
+        # Interrupted (Ctrl-C, or torchrun passing on a SIGTERM): a peer may be stopped inside a
+        # collective, and leaving the group politely could wait for it for ever (NCCL); the process
+        # is ending, so it leaves without the goodbye.
+        raise
+    except BaseException:
         distributed.teardown()
+        raise
+    distributed.teardown()
+    return model
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
