@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anndata as ad
 import pytest
 
-from langcell.demo import run_demo
+from langcell.cli import main
+from langcell.demo import INTERMEDIATE, is_demo_output, remove_intermediate, run_demo
 
 
 @pytest.mark.slow
@@ -17,6 +19,12 @@ def test_demo_writes_its_outputs_and_scores(tmp_path):
     for name in ("annotated.h5ad", "umap.png", "confusion_matrix.png", "report.json"):
         assert (out / name).is_file(), name
     assert (out / "run" / "model" / "model.safetensors").is_file()
+    # What a user needs stays; the checkpoints (optimiser state) and the corpus are gone, and no temporary.
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["annotated.h5ad", "umap.png", "confusion_matrix.png", "report.json", "run"])
+    run = {p.name for p in (out / "run").iterdir()}
+    assert {"log.csv", "model", "recipe.json"} <= run <= {"log.csv", "model", "recipe.json", "tensorboard"}, run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
     saved = json.loads((out / "report.json").read_text())
     assert saved["langcell_zero_shot"] == report["langcell_zero_shot"]
     for method in ("langcell_zero_shot", "logistic_regression"):
@@ -28,3 +36,55 @@ def test_demo_writes_its_outputs_and_scores(tmp_path):
     assert annotated.n_obs == report["cells"]["test"] == 140
     assert {"langcell_cell_type", "langcell_cell_type_score"} <= set(annotated.obs.columns)
     assert "X_langcell" in annotated.obsm and "X_umap" in annotated.obsm
+
+
+def demo_layout(out: Path) -> int:
+    """A demo directory as the demo leaves it before its clean-up (real names, small stand-in contents);
+    return the bytes of its intermediate files."""
+    files = {
+        "corpus/manifest.json": b"{}", "corpus/obs.h5ad": b"o" * 3000, "corpus/gene_tokenizer.json": b"{}",
+        "corpus/shards/shard_00000.ids.npy": b"i" * 5000,
+        "run/recipe.json": b"{}", "run/log.csv": b"step,loss\n", "run/model/model.safetensors": b"m" * 7000,
+        "run/model/config.json": b"{}", "run/checkpoints/latest.json": b'{"checkpoint": "joint-0000220"}',
+        "run/checkpoints/cell-0000020/model/model.safetensors": b"m" * 7000,
+        "run/checkpoints/cell-0000020/training_state.pt": b"s" * 11000,
+        "run/checkpoints/joint-0000220/training_state.pt": b"s" * 11000,
+        "annotated.h5ad": b"a" * 100, "umap.png": b"png", "confusion_matrix.png": b"png", "report.json": b"{}",
+    }
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+    return sum(len(content) for name, content in files.items() if name.startswith(tuple(INTERMEDIATE)))
+
+
+def test_the_demo_keeps_what_a_user_needs_and_removes_the_intermediate_results(tmp_path):
+    out = tmp_path / "demo"
+    intermediate = demo_layout(out)
+    assert is_demo_output(out)
+    assert remove_intermediate(out) == intermediate
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["annotated.h5ad", "confusion_matrix.png", "report.json", "run/log.csv",
+                    "run/model/config.json", "run/model/model.safetensors", "run/recipe.json", "umap.png"]
+    assert remove_intermediate(out) == 0  # nothing left to remove
+
+
+def test_the_demo_refuses_an_earlier_demo_without_overwrite_and_other_folders_always(tmp_path, capsys):
+    earlier = tmp_path / "earlier"
+    demo_layout(earlier)
+    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    code = main(["demo", "--out", str(earlier), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "holds an earlier demo" in err[0] and "--overwrite" in err[0], err
+
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("years of work")
+    (thesis / "report.json").write_text("{}")  # a demo's file name among the user's files is not enough
+    for extra in ([], ["--overwrite"]):
+        code = main(["demo", "--out", str(thesis), *extra, "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "is not a demo's output" in err[0], err
+    assert sorted(p.name for p in thesis.iterdir()) == ["chapter1.tex", "report.json"]
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "thesis"]  # no temporary either
+    assert not is_demo_output(thesis) and not is_demo_output(tmp_path / "missing")

@@ -9,21 +9,32 @@
 5. the test cells annotated zero-shot from the 10 type descriptions;
 6. accuracy and macro-F1 printed next to a logistic regression trained on the same training cells;
 7. the annotated h5ad, a UMAP coloured by predicted and true type, and a confusion matrix written.
+
+The whole output directory is written under a temporary name and appears complete (an interrupted demo
+leaves nothing, and an earlier demo stays until the new one is whole). What a user needs stays: the
+model (``run/model``), the training log and recipe, the annotated cells, the figures and ``report.json``.
+The training checkpoints (with the optimiser's state) and the token corpus are intermediate and are
+removed unless ``keep_intermediate=True``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
-from ._atomic import atomic_file, check_output_parent
+from ._atomic import atomic_directory, atomic_file, check_output_parent
 from .data.splits import held_out_split
 from .errors import LangCellError
 from .evaluation.baselines import logistic_regression_baseline
 
 DEMO_KEY = "langcell_cell_type"
+#: What a finished demo directory holds (an interrupted one of an older version: a subset).
+DEMO_ENTRIES = frozenset({"corpus", "run", "annotated.h5ad", "umap.png", "confusion_matrix.png", "report.json"})
+#: Intermediate results, removed unless ``keep_intermediate``: relative path -> what it is.
+INTERMEDIATE = {"run/checkpoints": "training checkpoints with the optimiser's state", "corpus": "token corpus"}
 
 
 def _say(quiet: bool, *parts: object) -> None:
@@ -31,52 +42,121 @@ def _say(quiet: bool, *parts: object) -> None:
         print(*parts, flush=True)
 
 
+def is_demo_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory that ``langcell demo`` wrote: only the demo's own entries (and
+    hidden temporaries), with its report, its run's recipe or its corpus's manifest among them. Only such
+    a directory may be replaced with ``overwrite``."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    visible = {entry.name for entry in path.iterdir() if not entry.name.startswith(".")}
+    signature = ("report.json", "run/recipe.json", "corpus/manifest.json")
+    return bool(visible) and visible <= DEMO_ENTRIES and any((path / name).is_file() for name in signature)
+
+
+def remove_intermediate(out: str | os.PathLike) -> int:
+    """Delete the demo's intermediate results (:data:`INTERMEDIATE`) inside ``out``; return the bytes freed."""
+    freed = 0
+    for relative in INTERMEDIATE:
+        path = Path(out) / relative
+        if path.is_dir():
+            freed += sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+            shutil.rmtree(path)
+    return freed
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an ``out`` that is a file, an earlier demo without ``overwrite``, or a
+    folder of other files (even with ``overwrite``)."""
+    check_output_parent(out)
+    if out.exists() and not out.is_dir():
+        raise LangCellError(f"{str(out)!r} is a file, not a folder; pass --out <a folder for the demo's outputs>")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not is_demo_output(out):
+        raise LangCellError(
+            f"{str(out)!r} is not empty and is not a demo's output, so the demo will not write into it or replace "
+            "it (overwrite=True replaces only an earlier demo); choose another --out"
+        )
+    if not overwrite:
+        raise LangCellError(
+            f"{str(out)!r} holds an earlier demo; pass overwrite=True (--overwrite on the command line) to replace "
+            "it, or choose another --out"
+        )
+
+
 def run_demo(
-    out_dir: str | os.PathLike = "langcell_demo", *, seed: int = 0, quiet: bool = False, recipe: str = "demo"
+    out_dir: str | os.PathLike = "langcell_demo",
+    *,
+    seed: int = 0,
+    quiet: bool = False,
+    recipe: str = "demo",
+    overwrite: bool = False,
+    keep_intermediate: bool = False,
 ) -> dict:
     """Run the demo end to end; return the report written to ``OUT/report.json``.
 
     Parameters
     ----------
     out_dir
-        Output directory (created; an earlier demo there is replaced).
+        Output directory. It appears once the demo is complete.
     seed
         Seed of the split, the weights and the training; the same seed gives the same numbers.
     quiet
         Print nothing.
     recipe
         Pretraining recipe (the packaged ``demo``; tests pass ``tiny``).
+    overwrite
+        Replace an earlier demo in ``out_dir``. A non-empty folder that is not a demo's output is
+        refused all the same.
+    keep_intermediate
+        Keep the training checkpoints (with the optimiser's state) and the token corpus.
 
     Returns
     -------
     dict
         ``accuracy``, ``macro_f1`` of LangCell zero-shot and of the logistic regression, and timings.
     """
-    import scanpy as sc
     import torch
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    _check_out(out, overwrite)
+    torch.manual_seed(seed)
+    timings: dict[str, float] = {}
+    with atomic_directory(out, overwrite=overwrite, ours=is_demo_output, what="demo output") as tmp:
+        report = _run_steps(tmp, seed, quiet, recipe, timings)
+        if keep_intermediate:
+            report["intermediate"] = "kept"
+        else:
+            freed = remove_intermediate(tmp)
+            report["intermediate"] = f"removed ({freed / 1e6:.0f} MB)"
+            _say(quiet, f"      removed the intermediate results ({', '.join(INTERMEDIATE.values())}: "
+                        f"{freed / 1e6:.0f} MB); --keep-intermediate keeps them")
+        timings["total"] = round(time.perf_counter() - start, 1)
+        report["seconds"] = timings
+        with atomic_file(tmp / "report.json") as file:
+            file.write_text(json.dumps(report, indent=2))
+    _print_summary(out, report, quiet)
+    return report
+
+
+def _run_steps(out: Path, seed: int, quiet: bool, recipe_name: str, timings: dict[str, float]) -> dict:
+    """Steps 1 to 7 into ``out``; return the report (without its timings' total)."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    from . import pl, tl
+    from . import tl
     from .data.corpus import write_corpus
     from .data.datasets import pbmc68k
     from .data.tokenizer import GeneTokenizer
     from .train import load_recipe, pretrain
-
-    start = time.perf_counter()
-    out = Path(out_dir)
-    check_output_parent(out)
-    if out.exists() and not out.is_dir():
-        raise LangCellError(f"{str(out)!r} is a file, not a folder; pass --out <a folder for the demo's outputs>")
-    out.mkdir(exist_ok=True)
-    torch.manual_seed(seed)
-    timings: dict[str, float] = {}
 
     def lap(name: str, since: float) -> float:
         timings[name] = round(time.perf_counter() - since, 1)
         return time.perf_counter()
 
     t = time.perf_counter()
-    _say(quiet, "[1/6] loading scanpy's PBMC sample (700 cells, 10 labelled types) ...")
+    _say(quiet, "[1/7] loading scanpy's PBMC sample (700 cells, 10 labelled types) ...")
     adata = pbmc68k()
     train, test = held_out_split(adata, "cell_type", seed=seed)
     resolution = adata.uns["cell_type_resolution"]
@@ -85,67 +165,74 @@ def run_demo(
     _say(quiet, f"      split: {train.n_obs} training cells, {test.n_obs} test cells (stratified, seed {seed})")
     t = lap("load", t)
 
-    _say(quiet, "[2/6] fitting the gene vocabulary and tokenizing the training cells ...")
+    _say(quiet, "[2/7] fitting the gene vocabulary and tokenizing the training cells ...")
     tokenizer = GeneTokenizer.fit(train)
-    recipe_name = recipe
     recipe = load_recipe(recipe_name)
     recipe.seed = seed
-    corpus = write_corpus(
-        [train], tokenizer, out / "corpus", max_length=recipe.max_length, overwrite=True, progress=False
-    )
+    corpus = write_corpus([train], tokenizer, out / "corpus", max_length=recipe.max_length, progress=False)
     _say(quiet, corpus.reports[0].summary())
     t = lap("tokenize", t)
 
-    _say(quiet, f"[3/6] pretraining the small model, both stages ({recipe.cell_steps} + {recipe.joint_steps} steps) ...")
-    model = pretrain(corpus, out / "run", recipe, overwrite=True, progress=not quiet)
+    _say(quiet, f"[3/7] pretraining the small model, both stages ({recipe.cell_steps} + {recipe.joint_steps} steps) ...")
+    model = pretrain(corpus, out / "run", recipe, progress=not quiet)
     model.eval()
     t = lap("pretrain", t)
 
-    _say(quiet, "[4/6] zero-shot annotation of the test cells from the 10 type descriptions ...")
+    _say(quiet, f"[4/7] zero-shot annotation of the {test.n_obs} test cells from the 10 type descriptions ...")
     labels = sorted(test.obs["cell_type"].astype(str).unique())
-    tl.annotate(test, model, labels, key_added=DEMO_KEY, progress=False)
+    tl.annotate(test, model, labels, key_added=DEMO_KEY, progress=not quiet)
     truth = test.obs["cell_type"].astype(str).to_numpy()
     predicted = test.obs[DEMO_KEY].astype(str).to_numpy()
     t = lap("annotate", t)
 
-    _say(quiet, "[5/6] logistic regression on the same split ...")
+    _say(quiet, "[5/7] logistic regression on the same split ...")
     baseline = logistic_regression_baseline(train, test, "cell_type", seed)
     t = lap("baseline", t)
 
+    def scores(prediction) -> dict[str, float]:
+        return {
+            "accuracy": round(float(accuracy_score(truth, prediction)), 4),
+            "macro_f1": round(float(f1_score(truth, prediction, average="macro", labels=labels, zero_division=0)), 4),
+        }
+
     report = {
         "cells": {"train": int(train.n_obs), "test": int(test.n_obs)},
-        "langcell_zero_shot": {
-            "accuracy": round(float(accuracy_score(truth, predicted)), 4),
-            "macro_f1": round(float(f1_score(truth, predicted, average="macro", labels=labels, zero_division=0)), 4),
-        },
-        "logistic_regression": {
-            "accuracy": round(float(accuracy_score(truth, baseline)), 4),
-            "macro_f1": round(float(f1_score(truth, baseline, average="macro", labels=labels, zero_division=0)), 4),
-        },
+        "langcell_zero_shot": scores(predicted),
+        "logistic_regression": scores(baseline),
         "seed": seed,
         "recipe": recipe.to_dict(),
     }
+    _write_figures_and_cells(out, test, model, truth, predicted, labels, seed, quiet)
+    lap("write", t)
+    return report
 
-    _say(quiet, "[6/6] writing the annotated cells and figures ...")
-    tl.embed(test, model, key_added="X_langcell", progress=False)
+
+def _write_figures_and_cells(out: Path, test, model, truth, predicted, labels, seed: int, quiet: bool) -> None:
+    """Steps 6 and 7: the embedding, UMAP and figures; the annotated h5ad."""
+    import scanpy as sc
+
+    from . import pl, tl
+
+    _say(quiet, f"[6/7] embedding the {test.n_obs} test cells, UMAP and figures ...")
+    tl.embed(test, model, key_added="X_langcell", progress=not quiet)
+    _say(quiet, "      neighbours and UMAP of the embeddings ...")
     sc.pp.neighbors(test, use_rep="X_langcell", random_state=seed)
     sc.tl.umap(test, random_state=seed)
+    _say(quiet, "      drawing umap.png and confusion_matrix.png ...")
     pl.umap(test, ["cell_type", DEMO_KEY], out / "umap.png", titles=["true type", "LangCell zero-shot"])
     pl.confusion_matrix(truth, predicted, out / "confusion_matrix.png", labels=labels,
                         title="LangCell zero-shot, held-out PBMCs")
+    _say(quiet, "[7/7] writing annotated.h5ad and report.json ...")
     with atomic_file(out / "annotated.h5ad") as tmp:
         test.write_h5ad(tmp)
-    lap("write", t)
-    timings["total"] = round(time.perf_counter() - start, 1)
-    report["seconds"] = timings
-    with atomic_file(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
 
+
+def _print_summary(out: Path, report: dict, quiet: bool) -> None:
     z, b = report["langcell_zero_shot"], report["logistic_regression"]
+    n_test = report["cells"]["test"]
     _say(quiet, "")
-    _say(quiet, f"                           accuracy   macro-F1   ({test.n_obs} held-out cells, 10 types)")
+    _say(quiet, f"                           accuracy   macro-F1   ({n_test} held-out cells, 10 types)")
     _say(quiet, f"LangCell zero-shot           {z['accuracy']:.3f}      {z['macro_f1']:.3f}")
     _say(quiet, f"logistic regression          {b['accuracy']:.3f}      {b['macro_f1']:.3f}   (trained on labels)")
     _say(quiet, f"\nwrote {out}/annotated.h5ad, umap.png, confusion_matrix.png, report.json, run/model "
-                f"in {timings['total']:.0f} s")
-    return report
+                f"in {report['seconds']['total']:.0f} s")

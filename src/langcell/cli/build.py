@@ -192,6 +192,9 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on scanpy's bundled PBMC cells")
     p.add_argument("--out", default="langcell_demo", metavar="DIR", help="output directory (default ./langcell_demo)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in DIR (never another folder)")
+    p.add_argument("--keep-intermediate", action="store_true",
+                   help="keep the training checkpoints (with optimiser state) and the token corpus")
     p.set_defaults(func=run_demo)
 
 
@@ -199,5 +202,6 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run ``langcell demo`` with the parsed arguments; return the exit status."""
     from ..demo import run_demo
 
-    run_demo(args.out, seed=args.seed, quiet=args.quiet)
+    run_demo(args.out, seed=args.seed, quiet=args.quiet, overwrite=args.overwrite,
+             keep_intermediate=args.keep_intermediate)
     return 0
