@@ -11,7 +11,7 @@ What is left over is handled here too:
   removes them and can say which outputs were left unwritten;
 - an exception in the block (KeyboardInterrupt included) removes the block's temporary, for the Python
   API as for the command line;
-- a temporary's name records the host and the process that writes it, ``.NAME.HHHH-PID.XXXXXXXX.tmp``,
+- a temporary's name records the host and the process that writes it, ``.NAME.HHHHHH-PID.XXXXXXXX.tmp``,
   so that one left by a process that no longer runs (killed with SIGKILL, a power cut) is recognised and
   removed at the next write into the same folder (:func:`remove_stale_temporaries`);
 - a full disk (ENOSPC/EDQUOT, also when h5py wraps it) becomes one :class:`~langcell.errors.LangCellError`
@@ -71,10 +71,21 @@ def check_output_parent(path: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------ temporaries we write
-#: A short tag of this machine in temporary names: a process id means something on its own host only.
-_HOST = format(zlib.crc32(socket.gethostname().encode()) & 0xFFFF, "04x")
-#: ``.NAME.HHHH-PID.XXXXXXXX.tmp`` (or ``.old``, a replaced result being deleted): a temporary of ours.
-_OURS = re.compile(r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{4})-(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.(?:tmp|old)")
+def _host_tag() -> str:
+    """A short tag of this host and process-id namespace: a process id in a temporary's name can be
+    checked only from the same host and namespace (containers sharing a host name and a volume differ
+    in their namespace)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: the host name alone
+        namespace = ""
+    return format(zlib.crc32(f"{socket.gethostname()}|{namespace}".encode()) & 0xFFFFFF, "06x")
+
+
+#: The tag of this host (and pid namespace) in temporary names.
+_HOST = _host_tag()
+#: ``.NAME.HHHHHH-PID.XXXXXXXX.tmp`` (or ``.old``, a replaced result being deleted): a temporary of ours.
+_OURS = re.compile(r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.(?:tmp|old)")
 #: A temporary of another host is stale once nothing in it changed for this long: its process cannot
 #: be asked, and no langcell write leaves a temporary untouched for a day.
 STALE_AFTER_S = 24 * 3600
@@ -161,8 +172,11 @@ def _untouched_for(path: Path) -> float:
 
 
 def is_stale_temporary(path: Path) -> bool:
-    """Whether ``path`` is a temporary of ours that no process will finish: written on this host by a
-    process that no longer runs, or on another host and untouched for :data:`STALE_AFTER_S`."""
+    """Whether ``path`` is a temporary of ours that no process will finish: written on this host (and
+    process-id namespace) by a process that no longer runs, or elsewhere and untouched for
+    :data:`STALE_AFTER_S`. The tag is 24 bits, so two hosts may share one: then a temporary of a live
+    process elsewhere whose id is unused here could be taken for stale; the odds are 1 in 16.7 million per
+    pair of hosts writing into the same folder."""
     match = _OURS.fullmatch(path.name)
     if match is None or path in _LIVE:
         return False

@@ -2,7 +2,7 @@
 
 Each test runs a real ``python -m langcell`` process on a small input and signals it while it writes. The
 moment is made deterministic without any hook in langcell: the test polls for the command's temporary
-(langcell names them ``.OUT.HHHH-PID.XXXXXXXX.tmp`` beside the output), freezes the process with SIGSTOP the
+(langcell names them ``.OUT.HHHHHH-PID.XXXXXXXX.tmp`` beside the output), freezes the process with SIGSTOP the
 moment one appears, checks that the write is still under way, then sends the signal and SIGCONT. The
 outputs are written in many pieces (layers of an h5ad, shards of a corpus), so the process is still
 writing when Python runs the handler.
@@ -175,7 +175,7 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_nothing_else(tmp_pa
     (stale_dir / "shards" / "shard_00000.ids.npy").write_bytes(b"ids")
     live = tmp_path / f".run.{host}-{os.getppid()}.abcdefgh.tmp"  # a process that still runs
     live.mkdir()
-    other_host = "0000" if host != "0000" else "ffff"
+    other_host = "000000" if host != "000000" else "ffffff"
     recent_elsewhere = tmp_path / f".model.{other_host}-{dead}.abcdefgh.tmp"
     recent_elsewhere.mkdir()
     old_elsewhere = tmp_path / f".model.{other_host}-{dead}.zzzzzzzz.tmp"
