@@ -102,6 +102,7 @@ log = logging.getLogger("langcell")
 
 def _temporary(path: Path, *, directory: bool, suffix: str = ".tmp", partial: bool = True) -> Path:
     """Create and register a temporary file or directory beside ``path``, named as ours."""
+    raise_if_interrupted()
     remove_stale_temporaries(path.parent)
     prefix = f".{path.name}.{_HOST}-{os.getpid()}."
     with _signals_deferred():  # registered the moment it exists, so an interruption cannot miss it
@@ -132,16 +133,19 @@ def _discard(tmp: Path, error: BaseException) -> None:
     """The block failed: remove its temporary; remember an interrupted output for the command line."""
     output, partial = _LIVE.get(tmp, (None, False))
     interrupted = isinstance(error, KeyboardInterrupt) and _signal_state.installed
-    if _remove(tmp) and partial and output is not None and interrupted:
+    with _signals_held():
+        removed = _remove(tmp)
+    if removed and partial and output is not None and interrupted:
         _INTERRUPTED_WRITES.append((output, tmp))
 
 
 def remove_live_temporaries() -> list[Path]:
     """Remove every temporary this process still has, and return the outputs left unwritten by an
     interruption (those removed here and those the interrupted blocks removed), outermost only."""
-    for tmp, (output, partial) in list(_LIVE.items()):
-        if _remove(tmp) and partial:
-            _INTERRUPTED_WRITES.append((output, tmp))
+    with _signals_held():
+        for tmp, (output, partial) in list(_LIVE.items()):
+            if _remove(tmp) and partial:
+                _INTERRUPTED_WRITES.append((output, tmp))
     found = list(_INTERRUPTED_WRITES)
     _INTERRUPTED_WRITES.clear()
     # A file written inside a temporary directory (a corpus's tokenizer file) is part of that output.
@@ -233,8 +237,11 @@ class Interrupted(KeyboardInterrupt):
 class _SignalState(threading.local):
     installed = False  # inside interrupts_remove_temporaries
     deferring = 0  # depth of _signals_deferred blocks: a signal there is raised at the block's end
+    holding = 0  # depth of clean-ups after an interruption: a signal there is noted, not raised
     pending: int | None = None
-    stopping = False  # an Interrupted was raised: later signals wait for the clean-up to finish
+    # The signal received, kept: Python may run the handler inside a destructor or a weakref callback,
+    # where the exception it raises is swallowed, so it is raised again at the next commit point.
+    signalled: int | None = None
 
 
 _signal_state = _SignalState()
@@ -255,15 +262,44 @@ def _signals_deferred() -> Iterator[None]:
         raise Interrupted(signum)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """A clean-up that a second Ctrl-C must not cut short: signals in the block are noted only."""
+    _signal_state.holding += 1
+    try:
+        yield
+    finally:
+        _signal_state.holding -= 1
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     state = _signal_state
-    if state.stopping:
+    state.signalled = signum
+    if state.holding:
         return
     if state.deferring:
         state.pending = signum
         return
-    state.stopping = True
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """A commit point: raise :class:`Interrupted` if a signal arrived whose exception was swallowed on
+    the way (by a destructor, a callback, an ``except BaseException`` of another library)."""
+    state = _signal_state
+    if state.installed and state.signalled is not None and not state.deferring and not state.holding:
+        raise Interrupted(state.signalled)
+
+
+def _ignore_swallowed_interruptions(previous_hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable hook that stays silent about an :class:`Interrupted` that Python could not raise
+    (it is raised again at the next commit point) and passes everything else on."""
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous_hook(unraisable)
+
+    return hook
 
 
 @contextlib.contextmanager
@@ -271,15 +307,20 @@ def interrupts_remove_temporaries(signals: tuple[int, ...] = (signal.SIGINT, sig
     """Turn ``signals`` into :class:`Interrupted` inside the block; restore the previous handlers after.
 
     For a program's entry point (the command line): a library call must not take over a process's
-    signals. The caller catches :class:`Interrupted` and calls :func:`remove_live_temporaries`. Outside
-    the main thread (where Python cannot set handlers) the block runs without them.
+    signals. The caller catches :class:`Interrupted`, calls :func:`remove_live_temporaries`, and checks
+    :func:`raise_if_interrupted` before reporting success. Outside the main thread (where Python cannot
+    set handlers) the block runs without them.
     """
+    import sys
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {signum: signal.getsignal(signum) for signum in signals}
+    previous_hook = sys.unraisablehook
     state = _signal_state
-    state.stopping, state.pending, state.installed = False, None, True
+    state.pending, state.signalled, state.installed = None, None, True
+    sys.unraisablehook = _ignore_swallowed_interruptions(previous_hook)
     for signum in signals:
         signal.signal(signum, _on_signal)
     try:
@@ -287,7 +328,8 @@ def interrupts_remove_temporaries(signals: tuple[int, ...] = (signal.SIGINT, sig
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        state.stopping, state.pending, state.installed = False, None, False
+        sys.unraisablehook = previous_hook
+        state.pending, state.signalled, state.installed = None, None, False
 
 
 # ------------------------------------------------------------------------------------- a full disk
@@ -371,6 +413,7 @@ def atomic_file(path: str | os.PathLike, *, needed_bytes: int | None = None) -> 
     tmp = _temporary(path, directory=False)
     try:
         yield tmp
+        raise_if_interrupted()
         if tmp.exists():
             os.chmod(tmp, _default_mode(directory=False))
         with _signals_deferred():
@@ -477,6 +520,7 @@ def atomic_directory(
     tmp = _temporary(path, directory=True)
     try:
         yield tmp
+        raise_if_interrupted()
         os.chmod(tmp, _default_mode(directory=True))
         if path.exists():
             _swap_into_place(tmp, path)

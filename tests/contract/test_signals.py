@@ -48,6 +48,20 @@ def ours(directory: Path) -> list[Path]:
     return [entry for entry in directory.iterdir() if _atomic._OURS.fullmatch(entry.name)]
 
 
+def wait_until_stopped(process: subprocess.Popen, timeout: float = 10) -> None:
+    """Return once the kernel shows ``process`` stopped (SIGSTOP is delivered asynchronously)."""
+    if not Path("/proc/self/stat").is_file():  # not Linux: give the signal time to land
+        time.sleep(0.05)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.0005)
+    raise AssertionError("the process did not stop")
+
+
 def signal_while_writing(process: subprocess.Popen, directory: Path, signum: int, timeout: float = 120) -> bool:
     """Send ``signum`` to ``process`` while one of its temporaries exists in ``directory``; True if it
     was caught there (frozen with SIGSTOP, checked, signalled, resumed), False if it ended first."""
@@ -57,6 +71,7 @@ def signal_while_writing(process: subprocess.Popen, directory: Path, signum: int
             return False
         if ours(directory):
             process.send_signal(signal.SIGSTOP)
+            wait_until_stopped(process)
             if ours(directory):  # frozen mid-write
                 process.send_signal(signum)
                 process.send_signal(signal.SIGCONT)
@@ -155,6 +170,26 @@ def test_the_command_line_gives_the_previous_signal_handlers_back(tmp_path, caps
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_interruption_swallowed_by_a_destructor_is_raised_at_the_next_commit(tmp_path, capsys):
+    """Python may run the signal handler inside a destructor or weakref callback, where its exception is
+    swallowed (seen on annotate: the command then finished with exit 0); the write must not commit."""
+
+    class Collected:
+        def __del__(self):
+            _atomic._on_signal(signal.SIGTERM, None)  # the handler, run where Python ignores its exception
+
+    with _atomic.interrupts_remove_temporaries():
+        with pytest.raises(_atomic.Interrupted):
+            with _atomic.atomic_file(tmp_path / "out.txt") as tmp:
+                tmp.write_text("half")
+                Collected()  # collected at once: the Interrupted it raises is swallowed
+                tmp.write_text("all of it")  # the block goes on ...
+        removed = _atomic.remove_live_temporaries()  # ... but the rename onto out.txt never happens
+    assert removed == [tmp_path / "out.txt"]
+    assert list(tmp_path.iterdir()) == []
+    assert "Interrupted" not in capsys.readouterr().err  # no "Exception ignored in ..." noise
 
 
 # ------------------------------------------------------------------------------------- stale temporaries

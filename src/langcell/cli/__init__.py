@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
-    from .._atomic import interrupts_remove_temporaries
+    from .._atomic import interrupts_remove_temporaries, raise_if_interrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with interrupts_remove_temporaries():
         try:
             remove_stale_outputs(args)
-            return int(args.func(args) or 0)
+            status = int(args.func(args) or 0)
+            raise_if_interrupted()  # a signal whose exception a destructor swallowed is not a success
+            return status
         except LangCellError as err:
             print(f"langcell {args.command}: error: {cli_wording(str(err))}", file=sys.stderr)
             return EXIT_USER_ERROR
