@@ -231,6 +231,7 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def signal_name(self) -> str:
+        """``"SIGINT"`` or ``"SIGTERM"``."""
         return signal.Signals(self.signum).name
 
 
