@@ -311,12 +311,14 @@ class ZeroShotScores:
     similarity
         ``[N, K]`` cosine similarities.
     match_prob
-        ``[N, K]`` CTM match probabilities; NaN where the fast mode did not score the pair.
+        ``[N, K]`` CTM match probabilities; NaN where the fast mode did not score the pair (everywhere
+        with ``alpha = 1``).
     p_sim, p_ctm, scores
         ``[N, K]``: the two softmaxes and the final score (see :func:`combine_scores`).
     fully_scored
         ``[N]`` bool: every class of the cell was scored by CTM (always in official mode; in fast mode
-        when ``top_k = K`` or when ``exact_argmax`` could not certify the cell).
+        when ``top_k = K`` or when ``exact_argmax`` could not certify the cell; never with ``alpha = 1``,
+        where CTM's weight is 0 and it is not run).
     """
 
     classes: list[str]  # class names, column order
@@ -513,6 +515,14 @@ def score_batch(
     dict of torch.Tensor
         ``cell_embeddings``, ``similarity``, ``match_prob``, ``p_sim``, ``p_ctm``, ``scores`` and
         ``fully_scored``.
+
+    Notes
+    -----
+    Work whose weight is 0 is skipped. With ``alpha = 1`` (similarity only) CTM is not run in any
+    mode: ``match_prob`` is NaN everywhere, ``p_ctm`` uniform, ``fully_scored`` False, and ``scores``
+    equal ``p_sim`` exactly, as they did when CTM ran. With ``alpha = 0`` nothing can be skipped: the
+    similarities choose the fast mode's ``top_k`` classes, and they cost one ``[B, D] x [D, K]``
+    product next to the cell encoder whose states CTM needs anyway.
     """
     mode = _check_mode(mode)
     alpha = check_alpha(alpha)
@@ -529,7 +539,11 @@ def score_batch(
     with torch.autocast(device.type, enabled=False):
         similarity = model.similarity(embeddings, classes.embeddings.float())
     fully_scored = torch.ones(similarity.shape[0], dtype=torch.bool, device=similarity.device)
-    if mode == "official":
+    if alpha == 1.0:
+        # p_ctm's weight is 0: the scores are p_sim whatever CTM says, so CTM is not run at all.
+        match = torch.full_like(similarity, float("nan"))
+        fully_scored[:] = False
+    elif mode == "official":
         match = _official_match(model, states, mask, classes, max_pair_tokens)
     else:
         top_classes = torch.topk(similarity, top_k, dim=1, sorted=True).indices
@@ -582,7 +596,8 @@ def zero_shot_scores(
     classes
         From :func:`encode_class_texts`.
     alpha
-        Weight of ``p_sim`` (0.1 in the release).
+        Weight of ``p_sim`` (0.1 in the release). At 1 the matching head is not run (its weight is 0;
+        see :func:`score_batch`).
     top_k
         Fast mode: classes per cell, by similarity, that CTM scores; at least 1, clamped to K.
     mode

@@ -90,7 +90,8 @@ def annotate(
     mapping
         ``{label: term id}`` (or a JSON/TSV path) for cell-type labels the resolver cannot place.
     alpha
-        Weight of the similarity score, in [0, 1] (the release: 0.1).
+        Weight of the similarity score, in [0, 1] (the release: 0.1). At 1 (similarity only) the
+        cell-text matching head is not run: its weight is 0.
     top_k
         ``mode="fast"``: classes per cell, ranked by similarity, that the cell-text matching head
         scores; at least 1. A value above the number of classes K is clamped to K (every class
