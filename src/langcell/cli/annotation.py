@@ -211,7 +211,7 @@ def add_retrieve(sub: argparse._SubParsersAction) -> None:
     add_input(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--texts", metavar="'A;B'", help="queries separated by ';' (cell-type names or descriptions)")
-    what.add_argument("--label-key", metavar="COL", help="evaluate recall@1/5/10 against this obs column")
+    what.add_argument("--label-key", metavar="COL", help="evaluate recall@1/5/10 against this obs column (cell -> text recall@k is left out for k >= the number of types: it is 1.0 by construction)")
     p.add_argument("--top-n", type=int, default=10, help="cells per query (default 10)")
     p.add_argument("--report", metavar="REPORT.json", help="write the result as JSON")
     add_counts_options(p)
