@@ -24,12 +24,15 @@ def _save(fig, path: str | os.PathLike) -> None:
 def umap(
     adata,
     color: Sequence[str],
-    path: str | os.PathLike,
+    path: str | os.PathLike | None = None,
     *,
     basis: str = "X_umap",
     titles: Sequence[str] | None = None,
-) -> None:
+):
     """Scatter plots of a 2-D embedding, one panel per obs column, side by side, saved as PNG.
+
+    Every panel has its own legend, listing the categories of its own column; a category has the
+    same colour in every panel, so that a predicted and a true type can be compared by eye.
 
     Parameters
     ----------
@@ -39,11 +42,17 @@ def umap(
         Categorical obs columns, e.g. ``["cell_type", "langcell_cell_type"]``: predicted and true type
         share one colour per category.
     path
-        The PNG file to write.
+        The PNG file to write (atomically); ``None`` writes nothing.
     basis
         The obsm key of the embedding.
     titles
         Panel titles (default: the column names).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (not registered with pyplot, so it needs no closing); its axes are the panels, in
+        the order of ``color``.
     """
     if basis not in adata.obsm:
         raise LangCellError(f"adata.obsm has no {basis!r}; compute it first (e.g. scanpy.tl.umap)")
@@ -57,7 +66,7 @@ def umap(
     categories = sorted({str(v) for c in color for v in adata.obs[c].astype(str)})
     cmap = matplotlib.colormaps["tab20" if len(categories) > 10 else "tab10"]
     colours = {cat: cmap(i % cmap.N) for i, cat in enumerate(categories)}
-    fig = Figure(figsize=(6.2 * len(color), 5.2))
+    fig = Figure(figsize=(8.4 * len(color), 5.2))
     axes = fig.subplots(1, len(color), squeeze=False)
     for ax, column, title in zip(axes[0], color, titles or color, strict=False):
         values = adata.obs[column].astype(str).to_numpy()
@@ -68,15 +77,12 @@ def umap(
         ax.set_title(title)
         ax.set_xticks([])
         ax.set_yticks([])
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2)
+        # This panel's own categories only: a shared legend listed types a panel does not show.
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2, frameon=False)
     fig.tight_layout()
-    _save(fig, path)
+    if path is not None:
+        _save(fig, path)
+    return fig
 
 
 def confusion_matrix(
