@@ -14,6 +14,7 @@ import numpy as np
 
 from ._atomic import atomic_file
 from .errors import LangCellError
+from .metrics import frequency_order
 
 
 def _save(fig, path: str | os.PathLike) -> None:
@@ -102,7 +103,8 @@ def confusion_matrix(
     path
         The PNG file to write.
     labels
-        Row/column order (default: sorted union of both).
+        Row/column order (default: the true labels, most frequent first, then the labels only
+        predicted: :func:`langcell.metrics.frequency_order`).
     title
         Figure title.
 
@@ -115,7 +117,7 @@ def confusion_matrix(
     y_pred = np.asarray(y_pred, dtype=str)
     if y_true.shape != y_pred.shape:
         raise LangCellError("y_true and y_pred must have one label per cell each")
-    labels = list(labels) if labels is not None else sorted(set(y_true) | set(y_pred))
+    labels = list(labels) if labels is not None else frequency_order(y_true, y_pred)
     index = {lab: i for i, lab in enumerate(labels)}
     counts = np.zeros((len(labels), len(labels)), dtype=np.int64)
     for t, p in zip(y_true, y_pred, strict=True):

@@ -78,13 +78,16 @@ __all__ = [
     "DEFAULT_TOP_K",
     "MODES",
     "TEMPERATURE",
+    "THRESHOLD_ON",
     "ClassTexts",
     "ZeroShotScores",
     "check_alpha",
     "check_top_k",
     "combine_scores",
     "encode_class_texts",
+    "max_margin",
     "score_batch",
+    "scaled_margin",
     "uncertified_cells",
     "zero_shot_scores",
 ]
@@ -106,6 +109,9 @@ DEFAULT_MAX_PAIR_TOKENS = 16_384
 
 MODES = ("fast", "official")
 """The scoring modes; see the module docstring."""
+
+THRESHOLD_ON = ("score", "margin")
+"""What an abstention threshold compares: the best final score, or :func:`scaled_margin`."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,6 +303,45 @@ def combine_scores(
     p_ctm = torch.softmax(torch.nan_to_num(match_prob, nan=0.0), dim=-1)
     return p_sim, p_ctm, alpha * p_sim + (1.0 - alpha) * p_ctm
 
+
+
+def max_margin(n_classes: int, alpha: float = DEFAULT_ALPHA) -> float:
+    """The largest gap :func:`combine_scores` can put between the best and the second-best class.
+
+    ``p_sim`` can differ by at most 1 between two classes (one-hot). ``p_ctm`` is a softmax over match
+    probabilities ``m`` in [0, 1]: ``(exp(m_a) - exp(m_b)) / sum_j exp(m_j)`` grows with ``m_a`` and
+    falls with every other ``m``, so its largest value, ``(e - 1) / (e + K - 1)``, is reached at
+    ``m_a = 1`` and every other ``m = 0``. Both happen at once, so the largest gap is
+    ``alpha + (1 - alpha) (e - 1) / (e + K - 1)``.
+    """
+    return float(alpha + (1.0 - alpha) * (math.e - 1.0) / (math.e + n_classes - 1.0))
+
+
+def scaled_margin(scores: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """Per cell: the gap between its best and second-best final score over :func:`max_margin`.
+
+    Final scores blend two softmaxes over the K classes, so they sit near ``1 / K`` and a threshold
+    on them means something else for every K. This margin lies in [0, 1] for every K and ``alpha``:
+    0 is a tie between the two best classes, 1 the clearest decision the formula can express. With a
+    single class it is 1.
+
+    Parameters
+    ----------
+    scores
+        ``[N, K]`` final scores (:attr:`ZeroShotScores.scores`).
+    alpha
+        The weight of ``p_sim`` the scores were made with.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64 [N]``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape[1] < 2:
+        return np.ones(scores.shape[0])
+    top_two = -np.partition(-scores, 1, axis=1)[:, :2]
+    return np.clip((top_two[:, 0] - top_two[:, 1]) / max_margin(scores.shape[1], alpha), 0.0, 1.0)
 
 @dataclass
 class ZeroShotScores:
