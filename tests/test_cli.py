@@ -145,6 +145,68 @@ def test_annotate_writes_predictions_and_a_report(model_and_cells, tmp_path, cap
     assert data["accuracy"] == pytest.approx(float(np.mean(truth == predicted)))
 
 
+
+def test_annotate_report_per_class_confusion_and_label_resolution(model_and_cells, tmp_path, capsys):
+    import json
+
+    import anndata as ad
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    model, cells = model_and_cells
+    adata = ad.read_h5ad(cells)
+    # Unequal type sizes (20, 15, 10, 5 cells) so that "most frequent first" is not alphabetical.
+    order = ["natural killer cell", "CD4-positive, alpha-beta T cell", "B cell", "CD14-positive monocyte"]
+    keep = np.concatenate([np.flatnonzero(adata.obs["cell_type"] == t)[:n] for t, n in zip(order, (20, 15, 10, 5),
+                                                                                          strict=True)])
+    adata = adata[np.sort(keep)].copy()
+    cells = tmp_path / "unequal.h5ad"
+    adata.write_h5ad(cells)
+    out, report = tmp_path / "annotated.h5ad", tmp_path / "report.json"
+    labels = "B cell;natural killer cell;CD14-positive monocyte;CD4-positive, alpha-beta T cell"
+    code = main(["annotate", str(cells), "--model", str(model), "--out", str(out), "--report", str(report),
+                 "--labels", labels, "--truth-key", "cell_type", "--threshold-on", "margin"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(report.read_text())
+    annotated = ad.read_h5ad(out)
+    truth = annotated.obs["cell_type"].astype(str).to_numpy()
+    predicted = annotated.obs["langcell_cell_type"].astype(str).to_numpy()
+    expected_order = order + sorted(set(predicted) - set(order))  # labels only predicted come last
+    assert 0 < np.mean(truth == predicted) < 1  # numbers worth comparing
+    assert data["confusion"]["labels"] == expected_order
+    np.testing.assert_array_equal(data["confusion"]["counts"],
+                                  confusion_matrix(truth, predicted, labels=expected_order))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, labels=expected_order, zero_division=0
+    )
+    assert [row["label"] for row in data["per_class"]] == expected_order
+    for i, row in enumerate(data["per_class"]):
+        assert row["precision"] == pytest.approx(precision[i]) and row["recall"] == pytest.approx(recall[i])
+        assert row["f1"] == pytest.approx(f1[i]) and row["support"] == support[i]
+        assert row["n_predicted"] == int((predicted == row["label"]).sum())
+    assert data["params"]["threshold_on"] == "margin"
+    # Every label's resolution is stored and was printed before the scores.
+    assert [r["label"] for r in data["resolution"]] == labels.split(";")
+    by_label = {r["label"]: r for r in data["resolution"]}
+    assert by_label["B cell"]["term_id"] == "CL:0000236" and by_label["B cell"]["term_label"] == "B cell"
+    assert printed.index("B cell -> CL:0000236 (B cell) [") < printed.index("macro-F1")
+    # The summary has one line per class, most frequent true type first.
+    lines = [line.strip() for line in printed.splitlines()]
+    assert [line.split("  ")[0] for line in lines if line.split("  ")[0] in order] == order
+
+
+def test_annotate_prints_the_resolution_before_loading_the_model(model_and_cells, tmp_path, capsys):
+    import json
+
+    _, cells = model_and_cells
+    descriptions = tmp_path / "descriptions.json"
+    descriptions.write_text(json.dumps({"killers": "a lymphocyte that kills infected cells"}))
+    code = main(["annotate", str(cells), "--model", str(tmp_path / "no_model"), "--out", str(tmp_path / "o.h5ad"),
+                 "--descriptions", str(descriptions)])
+    captured = capsys.readouterr()
+    assert code == 2 and "no_model" in captured.err
+    assert "killers -> free text, no term [user description]" in captured.out
+
 def test_annotate_refuses_bad_alpha_and_leaves_no_output(model_and_cells, tmp_path, capsys):
     model, cells = model_and_cells
     out = tmp_path / "annotated.h5ad"

@@ -59,6 +59,62 @@ def classification_metrics(true_codes: np.ndarray, predicted_codes: np.ndarray, 
     }
 
 
+
+def frequency_order(truth: Sequence[str], predicted: Sequence[str]) -> list[str]:
+    """The labels of ``truth`` by frequency (most frequent first, ties alphabetical), then the labels
+    that are only predicted (e.g. an abstention label), ordered the same way by their predictions."""
+    def by_count(values: np.ndarray) -> list[str]:
+        names, counts = np.unique(values, return_counts=True)
+        return [str(names[i]) for i in sorted(range(names.size), key=lambda i: (-counts[i], str(names[i])))]
+
+    true_labels = by_count(np.asarray(truth, dtype=str))
+    predicted = np.asarray(predicted, dtype=str)
+    return true_labels + by_count(predicted[~np.isin(predicted, true_labels)])
+
+
+def per_class_report(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
+    """Per-class precision, recall, F1 and support, and the confusion matrix, of string labels.
+
+    For class ``c`` with ``TP`` cells predicted ``c`` that are ``c``, ``P`` cells predicted ``c``
+    and ``T`` cells that are ``c`` (its support): precision ``TP / P``, recall ``TP / T`` and
+    F1 ``2 TP / (P + T)``, each 0 when its denominator is 0 (scikit-learn's ``zero_division=0``).
+    Classes are in :func:`frequency_order` (the truth's most frequent first).
+
+    Parameters
+    ----------
+    truth, predicted
+        One label per cell each (at least one cell).
+
+    Returns
+    -------
+    dict
+        ``"labels"`` (the order), ``"per_class"`` (one record per label: ``label``, ``precision``,
+        ``recall``, ``f1``, ``support``, ``n_predicted``) and ``"confusion"`` (``list`` of rows: counts of
+        true label ``i`` predicted as label ``j``, in the order of ``"labels"``).
+    """
+    truth = np.asarray(truth, dtype=str)
+    predicted = np.asarray(predicted, dtype=str)
+    if truth.shape != predicted.shape or truth.ndim != 1 or truth.size == 0:
+        raise LangCellError("truth and predictions must be 1-D, one label per cell each, and not empty")
+    labels = frequency_order(truth, predicted)
+    index = {label: i for i, label in enumerate(labels)}
+    true_codes = np.array([index[v] for v in truth], dtype=np.int64)
+    predicted_codes = np.array([index[v] for v in predicted], dtype=np.int64)
+    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    np.add.at(confusion, (true_codes, predicted_codes), 1)
+    hits, support, n_predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, out=np.zeros(a.shape, dtype=np.float64), where=b > 0)
+
+    precision, recall, f1 = ratio(hits, n_predicted), ratio(hits, support), ratio(2 * hits, support + n_predicted)
+    per_class = [
+        {"label": label, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+         "support": int(support[i]), "n_predicted": int(n_predicted[i])}
+        for i, label in enumerate(labels)
+    ]
+    return {"labels": labels, "per_class": per_class, "confusion": confusion.tolist()}
+
 def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Column indices of the ``k`` highest scores of every row, best first (ties: lower index first).
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ._atomic import atomic_file
 from .errors import LangCellError
+from .metrics import frequency_order
 
 
 def _save(fig, path: str | os.PathLike) -> None:
@@ -24,12 +25,15 @@ def _save(fig, path: str | os.PathLike) -> None:
 def umap(
     adata,
     color: Sequence[str],
-    path: str | os.PathLike,
+    path: str | os.PathLike | None = None,
     *,
     basis: str = "X_umap",
     titles: Sequence[str] | None = None,
-) -> None:
+):
     """Scatter plots of a 2-D embedding, one panel per obs column, side by side, saved as PNG.
+
+    Every panel has its own legend, listing the categories of its own column; a category has the
+    same colour in every panel, so that a predicted and a true type can be compared by eye.
 
     Parameters
     ----------
@@ -39,11 +43,17 @@ def umap(
         Categorical obs columns, e.g. ``["cell_type", "langcell_cell_type"]``: predicted and true type
         share one colour per category.
     path
-        The PNG file to write.
+        The PNG file to write (atomically); ``None`` writes nothing.
     basis
         The obsm key of the embedding.
     titles
         Panel titles (default: the column names).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (not registered with pyplot, so it needs no closing); its axes are the panels, in
+        the order of ``color``.
     """
     if basis not in adata.obsm:
         raise LangCellError(f"adata.obsm has no {basis!r}; compute it first (e.g. scanpy.tl.umap)")
@@ -57,7 +67,7 @@ def umap(
     categories = sorted({str(v) for c in color for v in adata.obs[c].astype(str)})
     cmap = matplotlib.colormaps["tab20" if len(categories) > 10 else "tab10"]
     colours = {cat: cmap(i % cmap.N) for i, cat in enumerate(categories)}
-    fig = Figure(figsize=(6.2 * len(color), 5.2))
+    fig = Figure(figsize=(8.4 * len(color), 5.2))
     axes = fig.subplots(1, len(color), squeeze=False)
     for ax, column, title in zip(axes[0], color, titles or color, strict=False):
         values = adata.obs[column].astype(str).to_numpy()
@@ -68,15 +78,12 @@ def umap(
         ax.set_title(title)
         ax.set_xticks([])
         ax.set_yticks([])
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2)
+        # This panel's own categories only: a shared legend listed types a panel does not show.
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2, frameon=False)
     fig.tight_layout()
-    _save(fig, path)
+    if path is not None:
+        _save(fig, path)
+    return fig
 
 
 def confusion_matrix(
@@ -96,7 +103,8 @@ def confusion_matrix(
     path
         The PNG file to write.
     labels
-        Row/column order (default: sorted union of both).
+        Row/column order (default: the true labels, most frequent first, then the labels only
+        predicted: :func:`langcell.metrics.frequency_order`).
     title
         Figure title.
 
@@ -109,7 +117,7 @@ def confusion_matrix(
     y_pred = np.asarray(y_pred, dtype=str)
     if y_true.shape != y_pred.shape:
         raise LangCellError("y_true and y_pred must have one label per cell each")
-    labels = list(labels) if labels is not None else sorted(set(y_true) | set(y_pred))
+    labels = list(labels) if labels is not None else frequency_order(y_true, y_pred)
     index = {lab: i for i, lab in enumerate(labels)}
     counts = np.zeros((len(labels), len(labels)), dtype=np.int64)
     for t, p in zip(y_true, y_pred, strict=True):

@@ -459,9 +459,11 @@ def test_cli_round_trip_with_integration_metrics(saved, tmp_path, capsys):
         "--seen-types", ";".join(TYPES[:2]), "--metrics", "silhouette_label,ilisi,graph_connectivity,pcr_comparison",
         "--report", str(report_path), "--out", str(out),
     ])
-    assert code == 0, capsys.readouterr().err
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    printed = captured.out
     assert "mean accuracy seen" in printed and "scIB X_langcell" in printed
+    assert not [line for line in captured.err.splitlines() if "TPU" in line or "may be present" in line]
     report = json.loads(report_path.read_text())
     rows = {row["embedding"]: row for row in report["integration"]}
     assert set(rows) == {"X_langcell", "X_pca"} and rows["X_pca"]["pcr_comparison"] == 0.0
@@ -498,3 +500,24 @@ def test_predictions_in_another_vocabulary_are_refused_not_scored_zero():
     adata.obs["predicted"] = ["B cell", "T cell, alpha-beta", "B cell", "B cell"]
     with pytest.raises(LangCellError, match="no prediction in obs\\['predicted'\\] is a label of obs\\['truth'\\]"):
         per_type_accuracy(adata, label_key="truth", prediction_key="predicted")
+
+
+
+def test_jax_platform_probing_is_dropped_and_nothing_else(caplog):
+    import logging
+
+    from langcell.evaluation.integration import JAX_PROBE_LOGGER, quiet_jax_probe
+
+    jax_logger = logging.getLogger(JAX_PROBE_LOGGER)
+    probe = ("An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed. "
+             "Falling back to cpu.")
+    with caplog.at_level(logging.INFO, logger=JAX_PROBE_LOGGER):
+        with quiet_jax_probe():
+            jax_logger.warning(probe)
+            jax_logger.warning("No GPU/TPU found, falling back to CPU.")
+            jax_logger.info("Unable to initialize backend 'tpu': no libtpu")
+            jax_logger.warning("something else jax has to say")
+        jax_logger.warning("after the block: %s", probe)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["something else jax has to say", f"after the block: {probe}"]
+    assert jax_logger.filters == []

@@ -100,6 +100,27 @@ def test_official_mode_equals_the_plain_pairwise_computation(model, cells, class
     assert np.ptp(expected_match) > 0.05 and np.ptp(result.similarity) > 0.05
 
 
+
+@pytest.mark.parametrize("mode", ["fast", "official"])
+def test_alpha_one_skips_the_matching_head_and_keeps_the_scores(model, cells, classes, mode):
+    """alpha = 1 gives CTM weight 0: its head never runs, and the scores are those of the formula."""
+    calls = []
+    hook = model.ctm_head.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    try:
+        similarity_only = zero_shot_scores(model, cells, classes, mode=mode, alpha=1.0, max_tokens=100)
+        assert calls == []
+        blended = zero_shot_scores(model, cells, classes, mode=mode, alpha=0.5, max_tokens=100)
+        assert calls, "the hook sees the matching head when its weight is not 0"
+    finally:
+        hook.remove()
+    expected, _ = plain_scores(model, cells, list(TEXTS.values()), alpha=1.0)
+    np.testing.assert_allclose(similarity_only.scores, expected, atol=1e-5, rtol=0)
+    # Exactly what 1.0 * p_sim + 0.0 * p_ctm gave when CTM ran.
+    np.testing.assert_array_equal(similarity_only.scores, similarity_only.p_sim)
+    np.testing.assert_array_equal(similarity_only.similarity, blended.similarity)
+    assert np.isnan(similarity_only.match_prob).all() and not similarity_only.fully_scored.any()
+    np.testing.assert_array_equal(similarity_only.predicted, expected.argmax(axis=1))
+
 def test_fast_with_top_k_equal_to_k_is_official(model, cells, classes):
     official = zero_shot_scores(model, cells, classes, mode="official")
     fast = zero_shot_scores(model, cells, classes, mode="fast", top_k=len(TEXTS))

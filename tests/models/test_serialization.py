@@ -6,7 +6,10 @@ match scores against a plain BERT + cross-attention forward written here from th
 
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +80,35 @@ def test_save_load_round_trip_gives_identical_outputs(saved, tiny_with_genes):
     # The MGM decoder is still the gene embedding after loading (tie intact).
     assert loaded.mgm_head.bias.shape == (100,)
 
+
+
+@pytest.mark.parametrize("before", [None, "0", "1"])
+def test_loading_leaves_the_hugging_face_variables_as_they_were(saved, monkeypatch, before):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if before is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, before)
+    environment = dict(os.environ)
+    LangCell.from_pretrained(saved)
+    LangCell.from_config("tiny")  # the packaged text tokenizer: the other load path
+    assert dict(os.environ) == environment
+
+
+@pytest.mark.slow  # spawns a process: huggingface_hub must be imported for the first time by the load
+def test_a_first_load_does_not_put_the_process_offline(saved):
+    code = (
+        "import os, sys\n"
+        "from langcell.models import LangCell\n"
+        "assert 'huggingface_hub' not in sys.modules\n"
+        f"LangCell.from_pretrained({str(saved)!r})\n"
+        "import huggingface_hub.constants as hub\n"
+        "print(hub.HF_HUB_OFFLINE, os.environ.get('HF_HUB_OFFLINE'), os.environ.get('TRANSFORMERS_OFFLINE'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "None", "None"]
 
 def test_existing_directory_is_not_overwritten_by_accident(saved, tiny_with_genes):
     with pytest.raises(LangCellError, match="overwrite"):

@@ -518,3 +518,16 @@ def test_term_label_names_known_terms_and_is_empty_for_unknown_ids():
     assert ontology.term_label("UBERON:0000178") == "blood"
     assert ontology.term_label("CL:9999999") == ""
     assert ontology.term_label("not a term") == ""
+
+
+def test_annotation_classes_and_their_resolution_lines():
+    from langcell.ontology.classes import annotation_classes, resolution_lines
+
+    names, texts, table, aspect = annotation_classes(None, ["B cells", "CL:0000623"], None, None, None)
+    assert names == ["B cells", "CL:0000623"] and aspect == "cell_type" and len(texts) == 2
+    lines = resolution_lines(table)
+    assert lines[0].startswith("B cells -> CL:0000236 (B cell) [")
+    assert lines[1] == "CL:0000623 -> CL:0000623 (natural killer cell) [term id]"
+    _, texts, table, _ = annotation_classes(None, {"killers": "a lymphocyte  that kills"}, None, None, None)
+    assert texts == ["a lymphocyte that kills"]
+    assert resolution_lines(table) == ["killers -> free text, no term [user description]"]

@@ -154,6 +154,49 @@ def test_abstention(model):
         tl.annotate(make_adata(), model, {**DESCRIPTIONS, "unknown": "no idea"}, threshold=0.5)
 
 
+
+def test_abstention_on_the_scaled_margin(model):
+    adata = tl.annotate(make_adata(), model, DESCRIPTIONS, copy=True)
+    probs = adata.obsm[KEY + "_probs"].astype(np.float64)
+    # By hand: best minus second best, over alpha + (1 - alpha)(e - 1)/(e + K - 1).
+    ordered = np.sort(probs, axis=1)
+    k, alpha = probs.shape[1], 0.1
+    margin = (ordered[:, -1] - ordered[:, -2]) / (alpha + (1 - alpha) * (np.e - 1) / (np.e + k - 1))
+    assert ((margin >= 0) & (margin <= 1)).all()
+    threshold = float(np.median(margin))
+    abstained = tl.annotate(make_adata(), model, DESCRIPTIONS, threshold=threshold, threshold_on="margin", copy=True)
+    low = margin < threshold
+    assert 0 < low.sum() < adata.n_obs
+    called = abstained.obs[KEY].astype(str).to_numpy()
+    assert (called[low] == "unknown").all()
+    assert (called[~low] == adata.obs[KEY].astype(str).to_numpy()[~low]).all()
+    assert abstained.uns[KEY]["params"]["threshold_on"] == "margin"
+    assert adata.uns[KEY]["params"]["threshold_on"] == "score"  # the default: today's behaviour
+    with pytest.raises(LangCellError, match="threshold_on"):
+        tl.annotate(make_adata(n_cells=4), model, DESCRIPTIONS, threshold=0.5, threshold_on="entropy")
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 8, 40])
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.7, 1.0])
+def test_the_margin_scale_is_the_largest_gap_the_formula_allows(n_classes, alpha):
+    from langcell.inference.zero_shot import combine_scores, max_margin, scaled_margin
+
+    rng = np.random.default_rng(n_classes)
+    similarity = torch.tensor(rng.uniform(-1, 1, size=(2000, n_classes)))
+    match = torch.tensor(rng.uniform(0, 1, size=(2000, n_classes)) ** rng.uniform(0.05, 20, size=(2000, 1)))
+    scores = combine_scores(similarity, match, alpha=alpha)[2].numpy()
+    margins = scaled_margin(scores, alpha)
+    assert (margins >= 0).all() and (margins <= 1).all()
+    # The extreme case reaches 1: one-hot similarity softmax, match probability 1 for one class, 0 elsewhere.
+    extreme_sim = torch.full((1, n_classes), -1.0)
+    extreme_sim[0, 0] = 1.0
+    extreme_match = torch.zeros(1, n_classes, dtype=torch.float64)
+    extreme_match[0, 0] = 1.0
+    extreme = combine_scores(extreme_sim.double(), extreme_match, alpha=alpha, temperature=1e-3)[2].numpy()
+    gap = np.sort(extreme[0])[-1] - np.sort(extreme[0])[-2]
+    assert gap == pytest.approx(max_margin(n_classes, alpha), rel=1e-9)
+    assert scaled_margin(extreme, alpha)[0] == pytest.approx(1.0)
+
 def test_cell_type_names_are_resolved_through_the_cell_ontology(model):
     labels = ["B cells", "CD14+ Monocytes", "NK cells"]
     adata = tl.annotate(make_adata(), model, labels, copy=True)
@@ -222,6 +265,8 @@ def test_progress_bar(model, capsys):
         ({"labels": DESCRIPTIONS, "top_k": 0}, "top_k"),
         ({"labels": DESCRIPTIONS, "mode": "quick"}, "mode"),
         ({"labels": DESCRIPTIONS, "threshold": 1.5}, "threshold"),
+        ({"labels": DESCRIPTIONS, "threshold": 1.5, "threshold_on": "margin"}, "threshold"),
+        ({"labels": DESCRIPTIONS, "threshold_on": "confidence"}, "threshold_on"),
         ({"labels": DESCRIPTIONS, "aspect": "colour"}, "aspect"),
         ({"labels": DESCRIPTIONS, "max_length": 0}, "max_length"),
         ({"labels": ["not a real cell type xyz"]}, "could not be resolved"),

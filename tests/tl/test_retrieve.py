@@ -255,6 +255,29 @@ def test_recall_computed_embeddings_equal_the_metric_functions(cells_and_model):
         assert result[key] == pytest.approx(value, abs=1e-6), key
 
 
+
+@needs_cbmc
+def test_recall_at_k_of_at_least_the_number_of_texts_warns_and_leaves_the_default_report(cells_and_model):
+    adata, model = cells_and_model
+    n_texts = adata.obs["cell_type"].nunique()
+    assert 1 < n_texts <= 5  # so that the default ks (1, 5, 10) hold k >= the number of texts
+    trivial = [k for k in (1, 5, 10) if k >= n_texts]
+    with pytest.warns(UserWarning) as caught:
+        default = retrieval_recall(adata, model, "cell_type", progress=False)
+    messages = [str(w.message) for w in caught if "by construction" in str(w.message)]
+    assert len(messages) == 1
+    assert f"k={', '.join(map(str, trivial))}" in messages[0] and f"only {n_texts} candidate texts" in messages[0]
+    assert default["ks_left_out"] == trivial and default["n_texts"] == n_texts
+    assert {f"cell_to_text_recall@{k}" for k in trivial}.isdisjoint(default)
+    assert "cell_to_text_recall@1" in default and "text_to_cell_recall@10" in default
+    # Asked for explicitly, they are kept (1.0 whatever the model), with the same warning.
+    with pytest.warns(UserWarning, match="by construction"):
+        explicit = retrieval_recall(adata, model, "cell_type", ks=(1, 5, 10), progress=False)
+    assert explicit["ks_left_out"] == []
+    assert all(explicit[f"cell_to_text_recall@{k}"] == 1.0 for k in trivial)
+    assert {k: v for k, v in explicit.items() if k not in ("ks_left_out",) and "@" in k and
+            not any(k == f"cell_to_text_recall@{t}" for t in trivial)} == {k: v for k, v in default.items() if "@" in k}
+
 @needs_cbmc
 def test_bad_input_is_refused(cells_and_model):
     adata, model = cells_and_model

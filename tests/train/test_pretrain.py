@@ -124,6 +124,26 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus_dir, tmp_p
     assert steps == [("cell", 1), ("cell", 2), ("cell", 3), ("joint", 1), ("joint", 2), ("joint", 3)]
 
 
+
+def test_log_has_one_clock_for_both_stages_and_across_a_resume(corpus_dir, tmp_path):
+    """elapsed_s never goes back: not at the joint stage, not after a resume; every row names its stage."""
+    import time
+
+    config = tiny(cell_steps=2, joint_steps=2, log_every=1, checkpoint_every=1)
+    run = tmp_path / "run"
+    wall = time.perf_counter()
+    pretrain(corpus_dir, run, config, progress=False, stop_after_steps=3)  # stops inside the joint stage
+    before = read_log(run)
+    pretrain(corpus_dir, run, config, progress=False, resume=True)
+    wall = time.perf_counter() - wall
+    rows = read_log(run)
+    assert [(r["stage"], int(r["step"])) for r in rows] == [("cell", 1), ("cell", 2), ("joint", 1), ("joint", 2)]
+    assert rows[: len(before)] == before
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert all(b > a for a, b in zip(elapsed, elapsed[1:], strict=False)), elapsed
+    # The run's clock counts only time inside the two calls.
+    assert 0 < elapsed[-1] <= wall
+
 def test_cell_stage_leaves_the_text_tower_untouched(corpus_dir, tmp_path):
     config = tiny(stage="cell", cell_steps=2)
     model = pretrain(corpus_dir, tmp_path / "run", config, progress=False)

@@ -25,9 +25,9 @@ from ..errors import LangCellError
 from . import annotation, build, evaluation
 from ._common import cli_wording
 
-# Commands never reach the network: the text tower and tokenizer come from installed packages.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Commands never reach the network: the text tower and tokenizer come from installed packages, and
+# every load puts Hugging Face offline for its own duration only (langcell.models.serialization.hub_offline),
+# so that `main` called from Python leaves the caller's environment as it was.
 
 EXIT_USER_ERROR = 2
 

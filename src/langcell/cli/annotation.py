@@ -42,10 +42,23 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.1, help="weight of the similarity score (default 0.1)")
     p.add_argument("--top-k", type=int, default=3, help="classes per cell reranked by matching (fast mode)")
     p.add_argument("--mode", choices=["fast", "official"], default="fast", help="scoring mode (default fast)")
-    p.add_argument("--threshold", type=float, help="cells whose best score is below this become 'unknown'")
+    p.add_argument(
+        "--threshold", type=float,
+        help="cells whose best final score (or, with --threshold-on margin, scaled margin) is below this become "
+             "'unknown'. Final scores blend two softmaxes over the K classes and sum to 1: the best lies in "
+             "[1/K, 1] and sits not far above 1/K, so a score threshold depends on K",
+    )
+    p.add_argument(
+        "--threshold-on", choices=["score", "margin"], default="score",
+        help="what --threshold applies to: 'score' (default, the best final score) or 'margin' (best minus "
+             "second-best score over the largest gap possible with K classes: in [0, 1] whatever K)",
+    )
     p.add_argument("--key-added", default="langcell_cell_type", help="obs column for the prediction")
-    p.add_argument("--truth-key", metavar="COL", help="obs column of true labels: adds accuracy/macro-F1 to the report")
-    p.add_argument("--report", metavar="REPORT.json", help="write a JSON report (counts per class, metrics)")
+    p.add_argument("--truth-key", metavar="COL",
+                   help="obs column of true labels: adds accuracy, macro-F1, per-class precision/recall/F1/support "
+                        "and the confusion matrix (most frequent true type first) to the report")
+    p.add_argument("--report", metavar="REPORT.json",
+                   help="write a JSON report (how each label was resolved, counts per class, metrics)")
     add_counts_options(p)
     add_compute_options(p)
     p.set_defaults(func=run_annotate)
@@ -54,6 +67,7 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
 def run_annotate(args: argparse.Namespace) -> int:
     """Run ``langcell annotate`` with the parsed arguments; return the exit status."""
     from .. import tl
+    from ..ontology.classes import annotation_classes, resolution_lines
 
     check_outputs(args, args.out, args.report)
     # The class names first: a bad --labels or --descriptions costs no reading of cells or weights.
@@ -65,38 +79,69 @@ def run_annotate(args: argparse.Namespace) -> int:
     elif args.descriptions is not None:
         labels = read_descriptions(args.descriptions)
     adata = read_input(args.input)
+    if args.truth_key is not None and args.truth_key not in adata.obs:
+        raise LangCellError(f"--truth-key {args.truth_key!r} is not an obs column; pass one of {listed(adata.obs.columns)}")
+    # How every class gets its text, before the model is loaded and anything is scored.
+    _, _, resolution, _ = annotation_classes(adata, labels, args.classes_from, None, args.mapping)
+    say(args, "classes (label -> ontology term used for its text):")
+    for line in resolution_lines(resolution):
+        say(args, f"  {line}")
     model = load_model(args.model, args.device)
     tl.annotate(
         adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, alpha=args.alpha,
-        top_k=args.top_k, mode=args.mode, threshold=args.threshold, counts_layer=args.counts_layer,
-        gene_column=args.gene_column, precision=args.precision, progress=not args.quiet,
-        key_added=args.key_added,
+        top_k=args.top_k, mode=args.mode, threshold=args.threshold, threshold_on=args.threshold_on,
+        counts_layer=args.counts_layer, gene_column=args.gene_column, precision=args.precision,
+        progress=not args.quiet, key_added=args.key_added,
     )
     report = _annotation_report(adata, args.key_added, args.truth_key)
     write_h5ad(adata, args.out)
     if args.report:
         write_json(args.report, report)
-    for name, count in report["predicted"].items():
-        say(args, f"  {name:<45}{count:>8}")
-    if "accuracy" in report:
-        say(args, f"accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f} against {args.truth_key}")
+    _print_summary(args, report)
     say(args, f"annotated {adata.n_obs} cells -> {args.out}")
     return 0
 
 
+def _print_summary(args: argparse.Namespace, report: dict) -> None:
+    """Cells per predicted class, or, with a truth column, one line per class with its metrics."""
+    if "per_class" not in report:
+        for name, count in report["predicted"].items():
+            say(args, f"  {name:<45}{count:>8}")
+        return
+    say(args, f"  {'class':<40}{'true':>7}{'called':>8}{'prec':>7}{'recall':>7}{'F1':>7}")
+    for row in report["per_class"]:
+        say(args, f"  {row['label'][:39]:<40}{row['support']:>7}{row['n_predicted']:>8}"
+                  f"{row['precision']:>7.3f}{row['recall']:>7.3f}{row['f1']:>7.3f}")
+    say(args, f"accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f} against {args.truth_key}")
+
+
 def _annotation_report(adata, key: str, truth_key: str | None) -> dict:
-    """Counts per predicted class and, with a truth column, accuracy and macro-F1: annotate's report."""
+    """annotate's report: how each class was resolved, counts per predicted class and, with a truth
+    column, accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
     predicted = adata.obs[key].astype(str)
-    report: dict = {"n_cells": int(adata.n_obs), "predicted": predicted.value_counts().to_dict()}
+    stored = adata.uns[key]
+    resolution = stored["resolution"]
+    report: dict = {
+        "n_cells": int(adata.n_obs),
+        "predicted": predicted.value_counts().to_dict(),
+        "resolution": [
+            {column: (values[i] or None) for column, values in resolution.items()}
+            for i in range(len(stored["classes"]))
+        ],
+    }
     if truth_key is not None:
         from sklearn.metrics import accuracy_score, f1_score
 
-        if truth_key not in adata.obs:
-            raise LangCellError(f"--truth-key {truth_key!r} is not an obs column; pass one of {listed(adata.obs.columns)}")
+        from ..metrics import per_class_report
+
         truth = adata.obs[truth_key].astype(str)
         report["accuracy"] = float(accuracy_score(truth, predicted))
         report["macro_f1"] = float(f1_score(truth, predicted, average="macro", zero_division=0))
-    report["params"] = {k: v for k, v in adata.uns[key]["params"].items() if v is not None}
+        table = per_class_report(truth.to_numpy(), predicted.to_numpy())
+        report["per_class"] = table["per_class"]
+        report["confusion"] = {"labels": table["labels"], "counts": table["confusion"],
+                               "rows": "true label", "columns": "predicted label"}
+    report["params"] = {k: v for k, v in stored["params"].items() if v is not None}
     return report
 
 
@@ -211,7 +256,7 @@ def add_retrieve(sub: argparse._SubParsersAction) -> None:
     add_input(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--texts", metavar="'A;B'", help="queries separated by ';' (cell-type names or descriptions)")
-    what.add_argument("--label-key", metavar="COL", help="evaluate recall@1/5/10 against this obs column")
+    what.add_argument("--label-key", metavar="COL", help="evaluate recall@1/5/10 against this obs column (cell -> text recall@k is left out for k >= the number of types: it is 1.0 by construction)")
     p.add_argument("--top-n", type=int, default=10, help="cells per query (default 10)")
     p.add_argument("--report", metavar="REPORT.json", help="write the result as JSON")
     add_counts_options(p)

@@ -34,6 +34,8 @@ set.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -214,10 +216,11 @@ def integration_scores(
     matrices[baseline] = pre
 
     n_neighbors = min(max(_NEIGHBORS_OF.values()), adata.n_obs - 1)
-    rows = [
-        _scib_scores(scib_metrics, matrix, labels, batches, pre, metrics, neighbors, n_neighbors)
-        for matrix in matrices.values()
-    ]
+    with quiet_jax_probe():  # jax sets up its backend on first use, here
+        rows = [
+            _scib_scores(scib_metrics, matrix, labels, batches, pre, metrics, neighbors, n_neighbors)
+            for matrix in matrices.values()
+        ]
     table = _with_aggregates(pd.DataFrame(rows, index=pd.Index(list(matrices), name="embedding")), metrics)
     params = {
         "batch_key": batch_key,
@@ -319,14 +322,51 @@ def _with_aggregates(table: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFr
 
 
 def import_scib_metrics() -> Any:
+    """scib-metrics, imported with jax's platform probing kept quiet (:func:`quiet_jax_probe`)."""
     try:
-        import scib_metrics
+        with quiet_jax_probe():
+            import scib_metrics
     except ImportError as error:
         raise LangCellError(
             "the integration metrics need scib-metrics, an optional dependency (it brings jax); install it "
             f"with {_INSTALL_HINT}"
         ) from error
     return scib_metrics
+
+
+#: What jax logs while it looks for accelerators it then does not use (it falls back to the CPU either way).
+JAX_PROBE_MESSAGES = (
+    "may be present on this machine",  # "An NVIDIA GPU (or a Google TPU) may be present ... Falling back to cpu."
+    "No GPU/TPU found",  # older jax: "No GPU/TPU found, falling back to CPU."
+    "Unable to initialize backend",  # a backend that is not there (tpu, rocm, ...)
+)
+#: The logger jax's backend set-up writes those messages to.
+JAX_PROBE_LOGGER = "jax._src.xla_bridge"
+
+
+class _DropJaxProbe(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in JAX_PROBE_MESSAGES)
+
+
+@contextlib.contextmanager
+def quiet_jax_probe():
+    """Drop jax's platform-probing messages (:data:`JAX_PROBE_MESSAGES`) inside the ``with`` block.
+
+    jax looks for GPUs and TPUs the first time it needs a backend, and says so when it finds none it
+    can use ("An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not
+    installed", "No GPU/TPU found"): noise for a user who asked for metrics, which run on the CPU
+    either way. Only those messages of :data:`JAX_PROBE_LOGGER` are dropped; anything else jax says
+    is shown, the environment (``JAX_PLATFORMS``) is not touched, and the filter is removed on exit.
+    """
+    logger = logging.getLogger(JAX_PROBE_LOGGER)
+    probe_filter = _DropJaxProbe()
+    logger.addFilter(probe_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(probe_filter)
 
 
 def check_metrics(metrics: Any) -> tuple[str, ...]:

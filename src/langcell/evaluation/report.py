@@ -18,7 +18,7 @@ from .._checks import check_key_added as _check_key
 from .._checks import gene_tokenizer_of, output_anndata
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
-from ..metrics import DEFAULT_KS, check_ks
+from ..metrics import check_ks
 from ..ontology.classes import label_column_texts
 from ._tables import check_name_list, json_value, obs_strings, obsm_matrix, table_columns, table_records
 from .baselines import baseline_pca
@@ -47,7 +47,7 @@ def evaluate(
     alpha: float | None = None,
     top_k: int | None = None,
     mode: str = "fast",
-    ks: Sequence[int] = DEFAULT_KS,
+    ks: Sequence[int] | None = None,
     metrics: Sequence[str] | None = None,
     baseline: str = "X_pca",
     n_pcs: int = 50,
@@ -94,7 +94,8 @@ def evaluate(
     alpha, top_k, mode
         Annotation settings (:func:`langcell.tl.annotate`; ``None``: its defaults).
     ks
-        Retrieval cut-offs.
+        Retrieval cut-offs (:func:`retrieval_recall`; ``None``: 1, 5, 10 less those at or above the
+        number of candidate texts, where cell -> text recall is 1.0 by construction).
     metrics, baseline, n_pcs, neighbors
         Integration settings (:func:`integration_metrics`; ``metrics=None``: its default set). Metrics
         without ``batch_key`` are refused: they would be ignored.
@@ -137,7 +138,8 @@ def evaluate(
     for key in (key_added, annotation_key, embedding_key):
         _check_key(key)
     gene_tokenizer_of(model)
-    ks = check_ks(ks)
+    if ks is not None:
+        ks = check_ks(ks)
     labelled, present, labels = _classes(adata, label_key, labels)
     descriptions = dict(labels) if isinstance(labels, Mapping) else None
     seen = None if seen is None else check_name_list(seen, "seen")
@@ -188,7 +190,7 @@ def evaluate(
         "mode": mode,
         "alpha": annotation_params["alpha"],
         "top_k": annotation_params["top_k"],
-        "ks": list(ks),
+        "ks": list(retrieval["ks"]),
         "annotation_key": annotation_key,
         "embedding_key": embedding_key,
     }
@@ -207,7 +209,7 @@ def evaluate(
     stored: dict[str, Any] = {
         "params": params,
         "annotation": {"summary": annotation["summary"], "per_type": per_type_columns(annotation["per_type"])},
-        "retrieval": {**retrieval_numbers, "ks": list(ks), "n_cells": int(retrieval["n_cells"])},
+        "retrieval": {**retrieval_numbers, "ks": list(retrieval["ks"]), "n_cells": int(retrieval["n_cells"])},
     }
     if integration_table is not None:
         stored["integration"] = table_columns(integration_table.reset_index())

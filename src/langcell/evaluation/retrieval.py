@@ -3,6 +3,7 @@ each label described by its ontology text (the numbers come from :mod:`langcell.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ def retrieval_recall(
     model: Any,
     label_key: str,
     *,
-    ks: Sequence[int] = DEFAULT_KS,
+    ks: Sequence[int] | None = None,
     texts: Mapping[str, str] | None = None,
     mapping: Mapping[str, str] | str | None = None,
     use_rep: str | None = "X_langcell",
@@ -67,7 +68,10 @@ def retrieval_recall(
     label_key
         The obs column of cell-type labels (names or Cell Ontology term ids).
     ks
-        The cut-offs, each at least 1.
+        The cut-offs, each at least 1. ``None``: (1, 5, 10) without the k at or above the number of
+        candidate texts. Cell -> text recall@k is 1.0 by construction for such a k (every text is
+        among the k most similar), so it is left out of the default result, and a warning names it;
+        ks you pass are all kept, with the same warning.
     texts
         ``{label: text}`` for labels whose text you write yourself.
     mapping
@@ -81,7 +85,9 @@ def retrieval_recall(
     -------
     dict or None
         ``inplace=False``: ``"cell_to_text_recall@k"``, ``"text_to_cell_recall@k"``, ``"text_to_cell_precision@k"`` for every
-        k (floats in [0, 1]); ``"ks"``; ``"n_cells"`` (cells scored), ``"n_excluded"`` (cells left out);
+        k (floats in [0, 1]; with ``ks=None``, no ``"cell_to_text_recall@k"`` for a k at or above the
+        number of texts); ``"ks"``; ``"ks_left_out"`` (the default ks whose cell -> text recall was left
+        out); ``"n_texts"``; ``"n_cells"`` (cells scored), ``"n_excluded"`` (cells left out);
         ``"texts"`` (the candidate texts) and ``"text_labels"`` (for each text, the labels it describes);
         ``"reused_embeddings"`` (bool). ``inplace=True``: ``None``, and ``uns[key_added]`` holds the same
         entries (each text's labels joined by ``"; "``) and ``"params"`` (label_key, ks, use_rep).
@@ -94,7 +100,8 @@ def retrieval_recall(
     """
     _check_anndata(adata)
     check_key_added(key_added)
-    ks = check_ks(ks)
+    default_ks = ks is None
+    ks = check_ks(DEFAULT_KS if default_ks else ks)
     if not isinstance(label_key, str) or label_key not in adata.obs.columns:
         raise LangCellError(
             f"obs has no column {label_key!r}; pass label_key=<the obs column with cell-type labels or Cell "
@@ -124,8 +131,14 @@ def retrieval_recall(
     names = [f"text {i}" for i in range(len(candidate_texts))]  # texts may repeat words; names need not
     similarity = cell_embeddings[rows] @ text_embeddings(model, candidate_texts, names, precision).T
     result: dict[str, Any] = dict(retrieval_metrics(similarity, codes[rows], ks))
+    trivial = trivial_ks(ks, len(candidate_texts), left_out=default_ks)
+    if default_ks:
+        for k in trivial:
+            del result[f"cell_to_text_recall@{k}"]
     result.update(
         ks=list(ks),
+        ks_left_out=trivial if default_ks else [],
+        n_texts=len(candidate_texts),
         n_cells=int(rows.size),
         n_excluded=int(values.size - rows.size),
         texts=candidate_texts,
@@ -140,3 +153,17 @@ def retrieval_recall(
         "params": {"label_key": label_key, "ks": list(ks), "use_rep": use_rep},
     }
     return None
+
+
+def trivial_ks(ks: Sequence[int], n_texts: int, *, left_out: bool) -> list[int]:
+    """The ks at or above ``n_texts``, for which cell -> text recall@k is 1.0 whatever the model does;
+    one warning names them (and says whether they were ``left_out`` of the result)."""
+    trivial = [int(k) for k in ks if k >= n_texts]
+    if trivial:
+        what = "left out of the result" if left_out else "pass ks below the number of texts to measure anything"
+        warnings.warn(
+            f"cell -> text recall@k is 1.0 by construction for k={', '.join(map(str, trivial))}: there are "
+            f"only {n_texts} candidate texts, all of them among the k most similar; {what}",
+            stacklevel=3,
+        )
+    return trivial

@@ -78,13 +78,16 @@ __all__ = [
     "DEFAULT_TOP_K",
     "MODES",
     "TEMPERATURE",
+    "THRESHOLD_ON",
     "ClassTexts",
     "ZeroShotScores",
     "check_alpha",
     "check_top_k",
     "combine_scores",
     "encode_class_texts",
+    "max_margin",
     "score_batch",
+    "scaled_margin",
     "uncertified_cells",
     "zero_shot_scores",
 ]
@@ -106,6 +109,9 @@ DEFAULT_MAX_PAIR_TOKENS = 16_384
 
 MODES = ("fast", "official")
 """The scoring modes; see the module docstring."""
+
+THRESHOLD_ON = ("score", "margin")
+"""What an abstention threshold compares: the best final score, or :func:`scaled_margin`."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +304,45 @@ def combine_scores(
     return p_sim, p_ctm, alpha * p_sim + (1.0 - alpha) * p_ctm
 
 
+
+def max_margin(n_classes: int, alpha: float = DEFAULT_ALPHA) -> float:
+    """The largest gap :func:`combine_scores` can put between the best and the second-best class.
+
+    ``p_sim`` can differ by at most 1 between two classes (one-hot). ``p_ctm`` is a softmax over match
+    probabilities ``m`` in [0, 1]: ``(exp(m_a) - exp(m_b)) / sum_j exp(m_j)`` grows with ``m_a`` and
+    falls with every other ``m``, so its largest value, ``(e - 1) / (e + K - 1)``, is reached at
+    ``m_a = 1`` and every other ``m = 0``. Both happen at once, so the largest gap is
+    ``alpha + (1 - alpha) (e - 1) / (e + K - 1)``.
+    """
+    return float(alpha + (1.0 - alpha) * (math.e - 1.0) / (math.e + n_classes - 1.0))
+
+
+def scaled_margin(scores: np.ndarray, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """Per cell: the gap between its best and second-best final score over :func:`max_margin`.
+
+    Final scores blend two softmaxes over the K classes, so they sit near ``1 / K`` and a threshold
+    on them means something else for every K. This margin lies in [0, 1] for every K and ``alpha``:
+    0 is a tie between the two best classes, 1 the clearest decision the formula can express. With a
+    single class it is 1.
+
+    Parameters
+    ----------
+    scores
+        ``[N, K]`` final scores (:attr:`ZeroShotScores.scores`).
+    alpha
+        The weight of ``p_sim`` the scores were made with.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64 [N]``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape[1] < 2:
+        return np.ones(scores.shape[0])
+    top_two = -np.partition(-scores, 1, axis=1)[:, :2]
+    return np.clip((top_two[:, 0] - top_two[:, 1]) / max_margin(scores.shape[1], alpha), 0.0, 1.0)
+
 @dataclass
 class ZeroShotScores:
     """Zero-shot results for N cells and K classes (rows in the order the cells were given).
@@ -311,12 +356,14 @@ class ZeroShotScores:
     similarity
         ``[N, K]`` cosine similarities.
     match_prob
-        ``[N, K]`` CTM match probabilities; NaN where the fast mode did not score the pair.
+        ``[N, K]`` CTM match probabilities; NaN where the fast mode did not score the pair (everywhere
+        with ``alpha = 1``).
     p_sim, p_ctm, scores
         ``[N, K]``: the two softmaxes and the final score (see :func:`combine_scores`).
     fully_scored
         ``[N]`` bool: every class of the cell was scored by CTM (always in official mode; in fast mode
-        when ``top_k = K`` or when ``exact_argmax`` could not certify the cell).
+        when ``top_k = K`` or when ``exact_argmax`` could not certify the cell; never with ``alpha = 1``,
+        where CTM's weight is 0 and it is not run).
     """
 
     classes: list[str]  # class names, column order
@@ -513,6 +560,14 @@ def score_batch(
     dict of torch.Tensor
         ``cell_embeddings``, ``similarity``, ``match_prob``, ``p_sim``, ``p_ctm``, ``scores`` and
         ``fully_scored``.
+
+    Notes
+    -----
+    Work whose weight is 0 is skipped. With ``alpha = 1`` (similarity only) CTM is not run in any
+    mode: ``match_prob`` is NaN everywhere, ``p_ctm`` uniform, ``fully_scored`` False, and ``scores``
+    equal ``p_sim`` exactly, as they did when CTM ran. With ``alpha = 0`` nothing can be skipped: the
+    similarities choose the fast mode's ``top_k`` classes, and they cost one ``[B, D] x [D, K]``
+    product next to the cell encoder whose states CTM needs anyway.
     """
     mode = _check_mode(mode)
     alpha = check_alpha(alpha)
@@ -529,7 +584,11 @@ def score_batch(
     with torch.autocast(device.type, enabled=False):
         similarity = model.similarity(embeddings, classes.embeddings.float())
     fully_scored = torch.ones(similarity.shape[0], dtype=torch.bool, device=similarity.device)
-    if mode == "official":
+    if alpha == 1.0:
+        # p_ctm's weight is 0: the scores are p_sim whatever CTM says, so CTM is not run at all.
+        match = torch.full_like(similarity, float("nan"))
+        fully_scored[:] = False
+    elif mode == "official":
         match = _official_match(model, states, mask, classes, max_pair_tokens)
     else:
         top_classes = torch.topk(similarity, top_k, dim=1, sorted=True).indices
@@ -582,7 +641,8 @@ def zero_shot_scores(
     classes
         From :func:`encode_class_texts`.
     alpha
-        Weight of ``p_sim`` (0.1 in the release).
+        Weight of ``p_sim`` (0.1 in the release). At 1 the matching head is not run (its weight is 0;
+        see :func:`score_batch`).
     top_k
         Fast mode: classes per cell, by similarity, that CTM scores; at least 1, clamped to K.
     mode

@@ -18,6 +18,7 @@ class it is given. The released checkpoint is converted into this format by :mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -305,9 +306,45 @@ def resolve_hf_directory(path: str | os.PathLike) -> Path:
 _TOKENIZER_VOCABULARY_FILES = ("vocab.txt", "tokenizer.json", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
+#: The variables that put Hugging Face libraries offline; :func:`hub_offline` sets them for a load only.
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """Hugging Face offline inside the ``with`` block only; the caller's environment is restored after.
+
+    Each of :data:`OFFLINE_VARIABLES` gets back its previous value, or is removed again when it was
+    not set, so that a load never changes the behaviour of the user's other Hugging Face code.
+    ``transformers`` (and with it ``huggingface_hub``) is imported *before* the variables are set:
+    huggingface_hub reads them once, when it is first imported, and would otherwise stay offline for
+    the rest of the process. What keeps a load off the network is ``local_files_only=True``; the
+    variables only cover code that reads them while the load runs.
+    """
+    import transformers  # noqa: F401  (see above: imported before the variables change)
+
+    saved = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    os.environ.update(dict.fromkeys(OFFLINE_VARIABLES, "1"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def load_text_tokenizer(path: str | os.PathLike | None):
-    """Load a Hugging Face tokenizer from a local directory (``None``: the packaged MiniLM's), offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Load a Hugging Face tokenizer from a local directory (``None``: the packaged MiniLM's), offline.
+
+    The process environment is left as it was (:func:`hub_offline`).
+    """
+    with hub_offline():
+        return _load_text_tokenizer(path)
+
+
+def _load_text_tokenizer(path: str | os.PathLike | None):
     from transformers import AutoTokenizer
 
     directory = resolve_hf_directory(PACKAGED_MINILM if path is None else path)

@@ -169,6 +169,64 @@ def column_classes(adata: Any, column: str, aspect: str | None) -> tuple[list[st
     return terms, aspect
 
 
+
+def annotation_classes(
+    adata: Any, labels: Any, classes_from: str | None, aspect: str | None, mapping: Any
+) -> tuple[list[str], list[str], pd.DataFrame, str | None]:
+    """The classes of a zero-shot annotation (:func:`langcell.tl.annotate`), resolved without a model.
+
+    Parameters
+    ----------
+    adata
+        The cells (only their ``obs`` is read, for ``classes_from``).
+    labels, classes_from, aspect, mapping
+        As in :func:`langcell.tl.annotate`: exactly one of ``labels`` and ``classes_from``.
+
+    Returns
+    -------
+    names, texts : list of str
+        The class names and the text of each.
+    table : pandas.DataFrame
+        How each class got its text (columns :data:`RESOLUTION_COLUMNS`; term id and label ``None``
+        for a text the user wrote); :func:`resolution_lines` words it.
+    aspect : str or None
+        The aspect actually used (``None`` for the user's own descriptions of another aspect).
+    """
+    if (labels is None) == (classes_from is None):
+        raise LangCellError(
+            "pass exactly one of labels (class names, or {name: description}) and classes_from "
+            "(an obs column of ontology term ids)"
+        )
+    check_aspect(aspect)
+    if classes_from is not None:
+        names, aspect = column_classes(adata, classes_from, aspect)
+        texts, table = class_texts(
+            names, aspect=aspect, term_ids=True, where=f"obs[{classes_from!r}]", how="obs column"
+        )
+        return names, texts, table, aspect
+    names, descriptions = class_names(labels)
+    if descriptions is None:
+        aspect = aspect or "cell_type"
+    resolved_as = aspect or "cell_type"
+    where = None if resolved_as == "cell_type" else "labels"
+    texts, table = class_texts(names, aspect=resolved_as, descriptions=descriptions, mapping=mapping, where=where)
+    return names, texts, table, aspect
+
+
+def resolution_lines(table: pd.DataFrame) -> list[str]:
+    """One line per class of a resolution table: ``label -> term id (term name) [how]``, or
+    ``label -> free text, no term [how]`` for a text with no ontology term behind it."""
+    lines = []
+    for row in table.itertuples(index=False):
+        term = row.term_id
+        if term is None or pd.isna(term) or str(term) == "":
+            target = "free text, no term"
+        else:
+            name = row.term_label
+            target = str(term) if name is None or pd.isna(name) or str(name) == "" else f"{term} ({name})"
+        lines.append(f"{row.label} -> {target} [{row.how}]")
+    return lines
+
 def _term_text_or_raise(term: Any, aspect: str) -> str:
     text = term_text(str(term), aspect)
     if not text:

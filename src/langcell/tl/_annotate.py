@@ -24,12 +24,14 @@ from ..inference.zero_shot import (
     DEFAULT_TOP_K,
     MODES,
     TEMPERATURE,
+    THRESHOLD_ON,
     check_alpha,
     check_top_k,
     encode_class_texts,
+    scaled_margin,
     zero_shot_scores,
 )
-from ..ontology.classes import RESOLUTION_COLUMNS, check_aspect, class_names, class_texts, column_classes
+from ..ontology.classes import RESOLUTION_COLUMNS, annotation_classes
 from ..precision import check_precision
 
 __all__ = ["annotate"]
@@ -49,6 +51,7 @@ def annotate(
     mode: str = "fast",
     exact_argmax: bool = False,
     threshold: float | None = None,
+    threshold_on: str = "score",
     unknown_label: str = "unknown",
     counts_layer: str | None = None,
     gene_column: str | None = None,
@@ -90,7 +93,8 @@ def annotate(
     mapping
         ``{label: term id}`` (or a JSON/TSV path) for cell-type labels the resolver cannot place.
     alpha
-        Weight of the similarity score, in [0, 1] (the release: 0.1).
+        Weight of the similarity score, in [0, 1] (the release: 0.1). At 1 (similarity only) the
+        cell-text matching head is not run: its weight is 0.
     top_k
         ``mode="fast"``: classes per cell, ranked by similarity, that the cell-text matching head
         scores; at least 1. A value above the number of classes K is clamped to K (every class
@@ -105,8 +109,17 @@ def annotate(
         always equal ``mode="official"``; costs up to the official time on cells the model is unsure
         about.
     threshold
-        Abstention: cells whose best final score is below it get ``unknown_label``. Final scores
-        sum to 1 over the K classes, so the best lies in [1/K, 1]. ``None``: never abstain.
+        Abstention: cells whose ``threshold_on`` value is below it get ``unknown_label``. ``None``:
+        never abstain. The scale of the final scores: they blend two softmaxes over the K classes and
+        sum to 1, so the best lies in [1/K, 1] and, with the release's alpha of 0.1, sits not far above
+        1/K (the matching softmax is over probabilities in [0, 1], never far from uniform): a score
+        threshold means something else for every K. ``threshold_on="margin"`` has a scale that does
+        not depend on K.
+    threshold_on
+        ``"score"`` (default): the best final score. ``"margin"``: the gap between the best and the
+        second-best final score divided by the largest gap the formula allows with K classes and this
+        alpha (:func:`langcell.inference.zero_shot.scaled_margin`), in [0, 1] for any K: 0 is a tie,
+        1 the clearest decision the scores can express.
     unknown_label
         The label of abstaining cells; must not be a class name.
     {counts_options}
@@ -135,7 +148,7 @@ def annotate(
             ``uns[key_added]["classes"]``.
         ``uns[key_added]``
             dict with ``"params"`` (alpha, top_k used, mode, exact_argmax, temperature, threshold,
-            unknown_label, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
+            threshold_on, unknown_label, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
             ``"classes"`` (class names), ``"texts"`` (the text of each class) and ``"resolution"``
             (the table of how each class got its text: columns label, term_id, term_label, how; ""
             where empty).
@@ -145,7 +158,7 @@ def annotate(
     LangCellError
         For no or duplicated labels, both or neither of ``labels`` and ``classes_from``, a missing
         column, an unknown label or term, ``alpha`` outside [0, 1], ``top_k`` below 1, an unknown
-        mode or precision, a ``threshold`` outside [0, 1], an ``unknown_label`` that is a class, a model without a
+        mode or precision, a ``threshold`` outside [0, 1], an unknown ``threshold_on``, an ``unknown_label`` that is a class, a model without a
         gene tokenizer, counts that are not raw counts, or data sharing no gene with the vocabulary.
 
     Examples
@@ -158,15 +171,12 @@ def annotate(
     alpha = check_alpha(alpha)
     if mode not in MODES:
         raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'fast' is the default")
-    if threshold is not None:
-        threshold = check_unit_interval(
-            threshold, "threshold", meaning="final scores are probabilities", fix="pass e.g. 0.5, or None to never abstain"
-        )
+    threshold = _check_threshold(threshold, threshold_on)
     check_key_added(key_added)
     tokenizer = gene_tokenizer_of(model)
 
     check_precision(precision, model.logit_scale.device)
-    names, texts, resolution, aspect = _annotation_classes(adata, labels, classes_from, aspect, mapping)
+    names, texts, resolution, aspect = annotation_classes(adata, labels, classes_from, aspect, mapping)
     top_k = check_top_k(top_k, len(names))
     if threshold is not None and unknown_label in names:
         raise LangCellError(
@@ -210,7 +220,8 @@ def annotate(
     predicted = np.asarray(names, dtype=object)[best]
     if threshold is not None:
         categories.append(unknown_label)
-        predicted = np.where(best_score < threshold, unknown_label, predicted)
+        judged = best_score if threshold_on == "score" else scaled_margin(scores.scores, alpha)
+        predicted = np.where(judged < threshold, unknown_label, predicted)
     adata.obs[key_added] = pd.Categorical(predicted, categories=categories)
     adata.obs[key_added + "_score"] = best_score.astype(np.float64)
     adata.obsm[key_added + "_probs"] = scores.scores.astype(np.float32)
@@ -222,6 +233,7 @@ def annotate(
             "exact_argmax": bool(exact_argmax),
             "temperature": TEMPERATURE,
             "threshold": threshold,
+            "threshold_on": threshold_on,
             "unknown_label": unknown_label,
             "aspect": aspect,
             "classes_from": classes_from,
@@ -239,30 +251,16 @@ def annotate(
         },
     }
     return adata if copy else None
-# --------------------------------------------------------------------------------------------------
-# Embeddings
 
 
-def _annotation_classes(
-    adata: Any, labels: Any, classes_from: str | None, aspect: str | None, mapping: Any
-) -> tuple[list[str], list[str], pd.DataFrame, str | None]:
-    """Class names, their texts, the resolution table and the aspect actually used."""
-    if (labels is None) == (classes_from is None):
+def _check_threshold(threshold: Any, threshold_on: Any) -> float | None:
+    """The threshold as a float in [0, 1] (or None), after checking what it applies to."""
+    if threshold_on not in THRESHOLD_ON:
         raise LangCellError(
-            "pass exactly one of labels (class names, or {name: description}) and classes_from "
-            "(an obs column of ontology term ids)"
+            f"threshold_on must be one of {THRESHOLD_ON}, got {threshold_on!r}; 'margin' has a scale that "
+            "does not depend on the number of classes"
         )
-    check_aspect(aspect)
-    if classes_from is not None:
-        names, aspect = column_classes(adata, classes_from, aspect)
-        texts, table = class_texts(
-            names, aspect=aspect, term_ids=True, where=f"obs[{classes_from!r}]", how="obs column"
-        )
-        return names, texts, table, aspect
-    names, descriptions = class_names(labels)
-    if descriptions is None:
-        aspect = aspect or "cell_type"
-    resolved_as = aspect or "cell_type"
-    where = None if resolved_as == "cell_type" else "labels"
-    texts, table = class_texts(names, aspect=resolved_as, descriptions=descriptions, mapping=mapping, where=where)
-    return names, texts, table, aspect
+    if threshold is None:
+        return None
+    meaning = "final scores are probabilities" if threshold_on == "score" else "the scaled margin lies in [0, 1]"
+    return check_unit_interval(threshold, "threshold", meaning=meaning, fix="pass e.g. 0.5, or None to never abstain")

@@ -87,7 +87,9 @@ def pretrain(
         carry ``cell_type_ontology_term_id`` (and any other CELLxGENE term columns) for the joint stage.
     out_dir
         The run directory: ``checkpoints/``, ``log.csv``, ``recipe.json`` and, at the end, ``model/``
-        (load it with :meth:`LangCell.from_pretrained`).
+        (load it with :meth:`LangCell.from_pretrained`). ``log.csv`` holds one row per logging window
+        with its ``stage``, ``step`` (within the stage), mean losses, throughput and ``elapsed_s``
+        (one clock for the whole run, continued across resumes; :class:`langcell.train.log.RunLog`).
     config
         The recipe (:class:`PretrainConfig`); the default trains ``small``.
     resume
@@ -158,6 +160,7 @@ def _create_out_dir(out: Path, config: PretrainConfig, resume: bool, has_run: bo
 
 
 def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite, progress, stop_after_steps):
+    started = time.perf_counter()  # the run's one clock (log.csv's elapsed_s), for every stage
     # Everything that can refuse the input runs before the run directory is created, so a refused
     # command leaves nothing behind and can be re-run as it is once the input is fixed.
     check_apart_from_inputs(out, [corpus.directory if isinstance(corpus, TokenCorpus) else corpus], option="--out")
@@ -207,7 +210,7 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
             if start_step >= config.steps(start_stage) and start_stage != stages[-1]:
                 start_stage, start_step, state = stages[stages.index(start_stage) + 1], 0, None
 
-    run_log = RunLog(out, ctx.is_main)
+    run_log = RunLog(out, ctx.is_main, started)
     steps_this_call = 0
     try:
         for stage in stages[stages.index(start_stage):]:
@@ -266,7 +269,6 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
     )
     window = {"cells": 0.0, "tokens": 0.0, "steps": 0, "time": time.perf_counter()}
     sums: dict[str, float] = {}
-    run_start = time.perf_counter()
     offset = sum(config.steps(s) for s in STAGES[: STAGES.index(stage)] if s in config.stages())
 
     for step in range(first_step, total):
@@ -297,7 +299,7 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
             bar.update(1)
 
         if done % config.log_every == 0 or done == total:
-            _log_window(run_log, ctx, stage, done, offset, scheduler.get_last_lr()[0], sums, window, run_start, bar)
+            _log_window(run_log, ctx, stage, done, offset, scheduler.get_last_lr()[0], sums, window, bar)
             sums = {}
             window = {"cells": 0.0, "tokens": 0.0, "steps": 0, "time": time.perf_counter()}
 
@@ -343,7 +345,7 @@ def _micro_step(wrapped, model, batch, table, config, ctx, stage, step, micro, w
     return losses, loss, inputs
 
 
-def _log_window(run_log, ctx, stage, done, offset, lr, sums, window, run_start, bar) -> None:
+def _log_window(run_log, ctx, stage, done, offset, lr, sums, window, bar) -> None:
     """Write one log row: the window's mean losses over its steps and ranks, and its throughput."""
     n_steps = window["steps"]  # fewer than log_every after a resume or at a stage's end
     means = distributed.mean_over_ranks(ctx, {k: v / n_steps for k, v in sums.items()})
@@ -351,7 +353,7 @@ def _log_window(run_log, ctx, stage, done, offset, lr, sums, window, run_start, 
     elapsed = time.perf_counter() - window["time"]
     row = {"stage": stage, "step": done, "lr": lr, **means,
            "cells_per_s": counts["cells"] / elapsed, "tokens_per_s": counts["tokens"] / elapsed,
-           "elapsed_s": time.perf_counter() - run_start}
+           "elapsed_s": run_log.elapsed()}
     run_log.write(row, offset + done)
     if bar is not None:
         bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")})
