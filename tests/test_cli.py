@@ -72,6 +72,8 @@ def test_corrupt_h5ad_is_refused_without_traceback(tmp_path):
 def test_dictionaries_must_come_in_pairs(tmp_path, capsys):
     assert main(["tokenize", "x.h5ad", str(tmp_path / "o"), "--token-dictionary", "t.pkl"]) == 2
     assert "go together" in capsys.readouterr().err
+    assert main(["tokenize", "x.h5ad", str(tmp_path / "o"), "--gene-name-dictionary", "n.pkl"]) == 2
+    assert "--gene-name-dictionary goes with --token-dictionary" in capsys.readouterr().err
 
 
 def test_pretrain_reports_a_missing_corpus(tmp_path, capsys):
