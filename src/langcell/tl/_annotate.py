@@ -138,7 +138,9 @@ def annotate(
             unknown_label, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
             ``"classes"`` (class names), ``"texts"`` (the text of each class) and ``"resolution"``
             (the table of how each class got its text: columns label, term_id, term_label, how; ""
-            where empty).
+            where empty), and ``"n_uncertified"``: the number of cells whose best class may differ
+            from ``mode="official"``'s (fast mode without ``exact_argmax`` only; 0 otherwise; see
+            :attr:`langcell.inference.zero_shot.ZeroShotScores.certified`).
 
     Raises
     ------
@@ -233,6 +235,7 @@ def annotate(
         },
         "classes": list(names),
         "texts": list(texts),
+        "n_uncertified": scores.n_uncertified,
         "resolution": {
             column: ["" if value is None or pd.isna(value) else str(value) for value in resolution[column]]
             for column in RESOLUTION_COLUMNS
