@@ -95,6 +95,8 @@ def measure(model: LangCell, data: str, args: argparse.Namespace) -> list[dict]:
     cells, tokenize_seconds = timed(model.gene_tokenizer.encode, test, max_length=max_length)
     rows = []
     for k, (names, texts) in class_sets(top_types).items():
+        if k not in args.k:
+            continue
         classes, text_seconds = timed(encode_class_texts, model, texts, names)
         settings = [name for name in SETTINGS if name != "official" or k <= args.official_max_k]
         seconds = {name: [] for name in settings}
@@ -157,8 +159,10 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=3, help="fast mode's top_k (default 3, annotate's default)")
     parser.add_argument("--official-max-k", type=int, default=8,
                         help="time the official mode only up to this K (it runs CTM K times per cell; default 8)")
+    parser.add_argument("--k", default="8,100", help="class-set sizes to measure, of 8 and 100 (default both)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    args.k = {int(k) for k in args.k.split(",")}
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "

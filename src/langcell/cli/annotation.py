@@ -47,7 +47,9 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
                         "cannot; official: CTM for every class, the release's computation)")
     p.add_argument("--exact-argmax", action="store_true",
                    help="fast mode: run CTM for every class of the cells whose answer is not certified, so that "
-                        "every prediction equals --mode official's (costs up to the official time on those cells)")
+                        "every prediction equals --mode official's. Measured on the demo model (80 cells): without "
+                        "it 0 cells differ at 8 classes and 7 of 80 at 100; with it scoring takes 3.1x (8 classes) "
+                        "and 7.8x (100) the fast time")
     p.add_argument("--threshold", type=float, help="cells whose best score is below this become 'unknown'")
     p.add_argument("--key-added", default="langcell_cell_type", help="obs column for the prediction")
     p.add_argument("--truth-key", metavar="COL", help="obs column of true labels: adds accuracy/macro-F1 to the report")
