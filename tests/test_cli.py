@@ -72,6 +72,8 @@ def test_corrupt_h5ad_is_refused_without_traceback(tmp_path):
 def test_dictionaries_must_come_in_pairs(tmp_path, capsys):
     assert main(["tokenize", "x.h5ad", str(tmp_path / "o"), "--token-dictionary", "t.pkl"]) == 2
     assert "go together" in capsys.readouterr().err
+    assert main(["tokenize", "x.h5ad", str(tmp_path / "o"), "--gene-name-dictionary", "n.pkl"]) == 2
+    assert "--gene-name-dictionary goes with --token-dictionary" in capsys.readouterr().err
 
 
 def test_pretrain_reports_a_missing_corpus(tmp_path, capsys):
@@ -143,6 +145,33 @@ def test_annotate_writes_predictions_and_a_report(model_and_cells, tmp_path, cap
     truth = annotated.obs["cell_type"].astype(str).to_numpy()
     predicted = annotated.obs["langcell_cell_type"].astype(str).to_numpy()
     assert data["accuracy"] == pytest.approx(float(np.mean(truth == predicted)))
+    assert data["n_uncertified"] == annotated.uns["langcell_cell_type"]["n_uncertified"]
+
+
+def test_annotate_reports_the_cells_whose_fast_answer_is_not_certified(model_and_cells, tmp_path, capsys):
+    import json
+
+    import anndata as ad
+
+    model, cells = model_and_cells
+    labels = "B cell;natural killer cell;CD14-positive monocyte;CD4-positive, alpha-beta T cell"
+    runs = {}
+    for name, extra in {"fast": [], "exact": ["--exact-argmax"], "official": ["--mode", "official"]}.items():
+        out, report = tmp_path / f"{name}.h5ad", tmp_path / f"{name}.json"
+        code = main(["annotate", str(cells), "--model", str(model), "--out", str(out), "--report", str(report),
+                     "--labels", labels, "--top-k", "2", *extra])
+        assert code == 0, capsys.readouterr().err
+        runs[name] = (json.loads(report.read_text()), ad.read_h5ad(out).obs["langcell_cell_type"].astype(str),
+                      capsys.readouterr().out)
+    (fast, fast_labels, printed), (exact, exact_labels, exact_printed) = runs["fast"], runs["exact"]
+    # The untrained tiny model is unsure about most cells: the fast mode says how many, in both places.
+    assert fast["n_uncertified"] > 0
+    assert f"the top class of {fast['n_uncertified']} of 80 cells is not certified" in printed
+    # The cells whose answer changes with --exact-argmax are among those counted.
+    assert int((fast_labels != exact_labels).sum()) <= fast["n_uncertified"]
+    assert exact["n_uncertified"] == runs["official"][0]["n_uncertified"] == 0
+    assert "not certified" not in exact_printed
+    assert (exact_labels == runs["official"][1]).all() and exact["params"]["exact_argmax"] is True
 
 
 

@@ -9,6 +9,7 @@ Like open_clip's ``convert.py``, conversion lives apart from the model library.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -117,6 +118,12 @@ NOT_IN_RELEASE = {
 
 RELEASE_ZERO_SHOT_TEMPERATURE = 0.05
 
+#: The special tokens BLIP (and so the release) adds to PubMedBERT's 30,522: ``[DEC]`` as the
+#: beginning-of-sequence token, then ``[ENC]`` as an additional special token (ids 30,522 and 30,523).
+RELEASE_TEXT_SPECIAL_TOKENS = ("[DEC]", "[ENC]")
+
+log = logging.getLogger("langcell.convert")
+
 
 def _expand(table: list[tuple[str, str]], num_layers: int) -> dict[str, str]:
     mapping: dict[str, str] = {}
@@ -218,6 +225,7 @@ def import_official(
     text_tokenizer_dir: str | os.PathLike,
     token_dictionary: str | os.PathLike,
     gene_median_dictionary: str | os.PathLike,
+    gene_name_dictionary: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> LangCell:
     """Convert the released five-module LangCell checkpoint into a langcell model directory.
@@ -231,12 +239,21 @@ def import_official(
     out_dir
         Where to write the converted model (:func:`save_pretrained` format).
     text_tokenizer_dir
-        Local directory of the release's text tokenizer (PubMedBERT uncased ``vocab.txt``). When the
-        text embedding has two more rows than the vocabulary, ``[DEC]`` and ``[ENC]`` are added as the
-        release does, so token ids match.
+        Local directory of the release's text tokenizer (PubMedBERT uncased ``vocab.txt``). When it
+        lacks ``[DEC]`` / ``[ENC]`` and the text embedding has room for them, they are added as the
+        release does (PubMedBERT's 30,522 + 2 = 30,524 rows), so token ids match; one line is logged
+        (``langcell.convert`` logger; the CLI prints it).
     token_dictionary, gene_median_dictionary
         Geneformer's ``token_dictionary.pkl`` and ``gene_median_dictionary.pkl`` (the release's gene
         vocabulary), read by :meth:`GeneTokenizer.from_geneformer`.
+    gene_name_dictionary
+        Geneformer's ``gene_name_id_dict.pkl``: the symbol -> Ensembl id table the vocabulary was built
+        with. It is stored in the model's gene tokenizer (JSON), and every later tokenization with the
+        model (``annotate``, ``embed``, ``tokenize --tokenizer MODEL``, the ``tl`` functions) maps gene
+        symbols through it first, GENCODE serving only the symbols it lacks: the model then sees the
+        genes the release's own procedure gives it. Without it, symbols are mapped by GENCODE alone,
+        which differs for some genes (on a 559-cell immune sample, 79 of 559 cells got the release's
+        input). Recommended whenever the data name genes by symbol.
     overwrite
         Replace an existing ``out_dir``.
 
@@ -285,18 +302,14 @@ def import_official(
         raise LangCellError(f"the released checkpoint's sizes are inconsistent: {error}") from None
 
     # --- tokenizers
-    gene_tokenizer = GeneTokenizer.from_geneformer(token_dictionary, gene_median_dictionary)
+    gene_tokenizer = GeneTokenizer.from_geneformer(token_dictionary, gene_median_dictionary, gene_name_dictionary)
     if gene_tokenizer.vocab_size != cell_config.vocab_size:
         raise LangCellError(
             f"the Geneformer dictionaries give {gene_tokenizer.vocab_size} gene tokens (with <cls>) but cell_bert's "
             f"embedding has {cell_config.vocab_size} rows; pass the token_dictionary.pkl / "
             "gene_median_dictionary.pkl the release was trained with"
         )
-    text_tokenizer = load_text_tokenizer(text_tokenizer_dir)
-    if len(text_tokenizer) + 2 <= text_config.vocab_size:
-        # The release's tokenizer: PubMedBERT + bos [DEC] + additional special [ENC] (BLIP convention).
-        text_tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-        text_tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    text_tokenizer = _release_text_tokenizer(text_tokenizer_dir, text_config.vocab_size)
     if len(text_tokenizer) > text_config.vocab_size:
         raise LangCellError(
             f"the text tokenizer in {str(text_tokenizer_dir)!r} has {len(text_tokenizer)} tokens but text_bert's "
@@ -328,6 +341,27 @@ def import_official(
     model.eval()
     save_pretrained(model, out_dir, overwrite=overwrite)
     return model
+
+
+def _release_text_tokenizer(directory: str | os.PathLike, rows: int) -> Any:
+    """The text tokenizer of ``directory`` with the release's ``[DEC]`` / ``[ENC]`` added when it lacks them
+    and text_bert's embedding (``rows``) has room for them (PubMedBERT's 30,522 + 2 = 30,524)."""
+    tokenizer = load_text_tokenizer(directory)
+    vocabulary = tokenizer.get_vocab()
+    missing = [token for token in RELEASE_TEXT_SPECIAL_TOKENS if token not in vocabulary]
+    if not missing or len(tokenizer) + len(missing) > rows:
+        return tokenizer  # already the release's, or no room: the size check after this call decides
+    before = len(tokenizer)
+    if "[DEC]" in missing:
+        # BLIP's init_tokenizer: bos_token [DEC] first, then [ENC] as an additional special token.
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    if "[ENC]" in missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    log.info(
+        "the text tokenizer in %s lacks %s: added as the release does (%d + %d = %d tokens; text_bert has %d rows)",
+        directory, " and ".join(missing), before, len(missing), len(tokenizer), rows,
+    )
+    return tokenizer
 
 
 def _cell_tower(ckpt: Path) -> tuple[CellEncoderConfig, dict[str, torch.Tensor]]:

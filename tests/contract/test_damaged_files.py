@@ -48,6 +48,49 @@ def test_flipped_bytes_in_a_shard_are_found_on_the_first_read(corpus):
     assert len(TokenCorpus(corpus, verify_on_read=False)[10]) > 0  # the opt-out reads without checking
 
 
+def _set_token_and_rehash(corpus: Path, shard: int, position: int, value: int) -> None:
+    """Write ``value`` at ``position`` of a shard's ids and record the new checksum, as a careful forger would."""
+    import hashlib
+
+    manifest = manifest_of(corpus)
+    entry = manifest["shards"][shard]["files"]["ids"]
+    path = corpus / entry["path"]
+    ids = np.load(path)
+    ids[position] = value
+    np.save(path, ids)
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    entry["bytes"] = path.stat().st_size
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_on_the_first_read(corpus):
+    vocab_size = TokenCorpus(corpus).tokenizer.vocab_size  # 15: 12 genes + <pad>, <mask>, <cls>
+    _set_token_and_rehash(corpus, 1, -1, 200)  # still a uint8, and the checksum matches
+    for verify_on_read in (True, False):  # the id check does not depend on the checksum opt-out
+        opened = TokenCorpus(corpus, verify_on_read=verify_on_read)
+        assert len(opened[0]) > 0  # shard 0 is intact
+        with pytest.raises(LangCellError, match=rf"token id 200, outside .* \(ids 0\.\.{vocab_size - 1}\)"):
+            opened[10]  # the first read of shard 1
+    with pytest.raises(LangCellError, match="token id 200"):
+        TokenCorpus(corpus).verify()
+    _set_token_and_rehash(corpus, 1, -1, vocab_size - 1)  # the largest id there is: fine
+    assert TokenCorpus(corpus)[15][-1] == vocab_size - 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_pretraining_on_a_shard_with_an_id_outside_the_vocabulary_is_one_line(corpus, tmp_path, capsys, workers):
+    from langcell.cli import main
+
+    for shard in range(3):  # every shard, so that the first batch meets one
+        _set_token_and_rehash(corpus, shard, -1, 200)
+    code = main(["pretrain", "--config", "tiny", "--stage", "cell", "--corpus", str(corpus), "--device", "cpu",
+                 "--out", str(tmp_path / "run"), "--max-steps", "2", "--num-workers", workers, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("langcell pretrain: error: shard ") and "token id 200" in err[0]
+
+
 def test_offsets_that_disagree_with_the_lengths_are_refused_on_open(corpus):
     entry = manifest_of(corpus)["shards"][0]["files"]["lengths"]
     path = corpus / entry["path"]

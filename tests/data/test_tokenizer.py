@@ -372,6 +372,114 @@ def test_save_load_round_trip(released, tmp_path):
     assert GeneTokenizer.load(tmp_path / "custom" / TOKENIZER_FILENAME) == custom
 
 
+# ----------------------------------------------------------------------------------------------------
+# The vocabulary's own name dictionary (Geneformer's gene_name_id_dict) against the release's procedure
+# ----------------------------------------------------------------------------------------------------
+
+
+def release_procedure(adata: ad.AnnData, max_length: int = 2048) -> list[list[int]]:
+    """The released model's input, computed the way the release does it, one cell at a time.
+
+    Geneformer's procedure as LangCell's release uses it: gene symbols become Ensembl ids through
+    ``gene_name_id_dict`` (exact lookup; a name it lacks is dropped); genes absent from the median
+    dictionary are dropped; each cell's counts are divided by the cell's total over ALL its genes, times
+    10,000, then by the gene's median; the expressed genes are ranked by that value, highest first,
+    mapped to their token ids, cut to ``max_length - 1`` and preceded by ``<cls>`` (the token after the
+    genes). The release sorts with ``np.argsort(-values)``, which leaves ties in no defined order; ties
+    here go to the lower token id (langcell's documented rule).
+    """
+    name_to_id = read_geneformer_dictionary(GENEFORMER / "gene_name_id_dict.pkl")
+    token_of = read_geneformer_dictionary(GENEFORMER / "token_dictionary.pkl")
+    median_of = read_geneformer_dictionary(GENEFORMER / "gene_median_dictionary.pkl")
+    cls_id = max(token_of.values()) + 1
+    kept = []  # (column, token id, median) of every input column the release keeps
+    for column, symbol in enumerate(adata.var_names):
+        gene = name_to_id.get(symbol)
+        if gene is not None and gene in median_of:
+            kept.append((column, token_of[gene], median_of[gene]))
+    counts = sp.csr_matrix(adata.X)
+    sequences = []
+    for i in range(adata.n_obs):
+        row = counts.getrow(i)
+        total = float(np.sum(row.data, dtype=np.float64))  # over all genes, before any is dropped
+        present = dict(zip(row.indices.tolist(), row.data.astype(np.float64).tolist(), strict=True))
+        ranked = []
+        for column, token, median in kept:
+            count = present.get(column, 0.0)
+            if count > 0:
+                ranked.append((-(count / total * 10_000 / median), token))
+        ranked.sort()
+        sequences.append([cls_id] + [token for _, token in ranked[: max_length - 1]])
+    return sequences
+
+
+@pytest.mark.slow
+@needs_shared
+def test_the_stored_name_dictionary_gives_the_release_procedure_cell_for_cell(immune, tmp_path):
+    tokenizer = GeneTokenizer.from_geneformer(
+        GENEFORMER / "token_dictionary.pkl",
+        GENEFORMER / "gene_median_dictionary.pkl",
+        GENEFORMER / "gene_name_id_dict.pkl",
+    )
+    tokenizer.save(tmp_path / "tok")
+    stored = GeneTokenizer.load(tmp_path / "tok")  # the dictionary travels with the tokenizer
+    assert stored == tokenizer and len(stored.name_dictionary) == 40_247  # the empty name is dropped
+    expected = release_procedure(immune)
+    encoded = stored.encode(immune)
+    assert len(encoded) == len(expected) == 559
+    for i, sequence in enumerate(expected):
+        np.testing.assert_array_equal(encoded[i], sequence, err_msg=f"cell {i}")
+    report = encoded.report
+    assert report.n_by_name_dictionary == 19_400  # every symbol the dictionary has
+    assert report.n_by_gene_table == report.n_mapped - report.n_by_name_dictionary > 0
+    assert report.n_other_spellings > 0  # e.g. ZHX1-C8ORF76, which the dictionary calls ZHX1-C8orf76
+    summary = report.summary()
+    assert "by name dictionary" in summary and "by GENCODE v48" in summary and "other spellings" in summary
+    # The test can fail: GENCODE alone maps some expressed symbols differently from the release.
+    gencode_only = GeneTokenizer(tokenizer.genes, tokenizer.medians).encode(immune)
+    differing = sum(not np.array_equal(gencode_only[i], expected[i]) for i in range(559))
+    assert differing > 0
+
+
+def test_name_dictionary_maps_first_and_gencode_only_what_it_lacks():
+    # Dictionary: OLDNAME -> CD3E's id (a name GENCODE does not know), and "CD4" -> a made-up id in
+    # the vocabulary (the dictionary wins over GENCODE's CD4). CD8A is not in it: GENCODE maps it.
+    cd3e, cd4, cd8a, made_up = "ENSG00000198851", "ENSG00000010610", "ENSG00000153563", "ENSG00000999999"
+    tokenizer = GeneTokenizer(
+        [cd3e, cd4, cd8a, made_up], [1.0, 1.0, 1.0, 1.0], name_dictionary={"OLDNAME": cd3e, "CD4": made_up}
+    )
+    adata = tiny_adata([[1, 2, 3, 4, 5]], var_names=("OLDNAME", "CD4", "CD8A", "NOSUCHGENE", "cd3e"))
+    encoded = tokenizer.encode(adata)
+    # Values: OLDNAME 1, CD4 -> made_up 2, CD8A 3; "cd3e" is another spelling of the dictionary's CD3E id
+    # (OLDNAME): left out as the release leaves it out, not summed into OLDNAME.
+    np.testing.assert_array_equal(encoded[0], [tokenizer.cls_id, 4, 5, 2])
+    report = encoded.report
+    assert (report.n_by_name_dictionary, report.n_by_gene_table, report.n_other_spellings) == (2, 1, 1)
+    assert report.n_mapped == 3 and report.n_unmapped == 2
+    without = GeneTokenizer(tokenizer.genes, tokenizer.medians).encode(adata)
+    assert without.report.n_by_name_dictionary is None and "name dictionary" not in without.report.summary()
+    # GENCODE alone: cd3e -> CD3E (case-insensitive, 5), CD8A (3), CD4 -> the real CD4 (2); OLDNAME unmapped.
+    np.testing.assert_array_equal(without[0], [tokenizer.cls_id, 2, 4, 3])
+
+
+def test_a_tokenizer_without_a_name_dictionary_is_still_written_as_version_1(tmp_path):
+    plain = GeneTokenizer(["ENSG00000198851"], [1.0])
+    plain.save(tmp_path / "plain")
+    content = json.loads((tmp_path / "plain" / TOKENIZER_FILENAME).read_text())
+    assert content["format_version"] == 1 and "name_dictionary" not in content  # older langcell reads it
+    named = GeneTokenizer(["ENSG00000198851"], [1.0], name_dictionary={"CD3E": "ENSG00000198851"})
+    named.save(tmp_path / "named")
+    path = tmp_path / "named" / TOKENIZER_FILENAME
+    content = json.loads(path.read_text())
+    assert content["format_version"] == 2 and content["name_dictionary"] == {"CD3E": "ENSG00000198851"}
+    assert GeneTokenizer.load(path) == named and GeneTokenizer.load(path) != plain
+    path.write_text(json.dumps({**content, "name_dictionary": {"CD3E": 7}}))
+    with pytest.raises(LangCellError, match="not symbol -> Ensembl ID text"):
+        GeneTokenizer.load(path)
+    with pytest.raises(LangCellError, match="gene_id_kind='ensembl'"):
+        GeneTokenizer(["a"], [1.0], gene_id_kind="custom", name_dictionary={"A": "a"})
+
+
 def test_load_names_what_is_wrong(tmp_path):
     with pytest.raises(LangCellError, match="no tokenizer"):
         GeneTokenizer.load(tmp_path)

@@ -164,6 +164,22 @@ def test_fast_with_exact_argmax_keeps_the_official_prediction(model, cells, clas
     np.testing.assert_allclose(fast.scores[rows], official.scores[rows], atol=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_plain_fast_mode_says_which_answers_are_certified(model, cells, classes, top_k):
+    # alpha = 0.9: the similarity dominates, so some answers can be certified even with random weights.
+    official = zero_shot_scores(model, cells, classes, mode="official", alpha=0.9)
+    fast = zero_shot_scores(model, cells, classes, mode="fast", top_k=top_k, alpha=0.9)
+    exact = zero_shot_scores(model, cells, classes, mode="fast", top_k=top_k, alpha=0.9, exact_argmax=True)
+    # The certificate, recomputed from the fast result's own numbers.
+    expected = ~uncertified_cells(torch.tensor(fast.p_sim), torch.tensor(fast.match_prob), alpha=0.9).numpy()
+    np.testing.assert_array_equal(fast.certified, expected)
+    assert 0 < fast.n_uncertified < len(cells) and fast.n_uncertified == int((~expected).sum())
+    # Certified answers are the official ones; exact_argmax re-scores exactly the others.
+    assert (fast.predicted[fast.certified] == official.predicted[fast.certified]).all()
+    np.testing.assert_array_equal(exact.fully_scored, ~fast.certified)
+    assert exact.certified.all() and official.certified.all() and exact.n_uncertified == 0
+
+
 def test_uncertified_cells_is_sound_and_not_vacuous():
     rng = np.random.default_rng(3)
     n_cells, n_classes, top_k, alpha = 400, 6, 2, 0.1

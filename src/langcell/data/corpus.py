@@ -337,13 +337,17 @@ class TokenCorpus:
     verify_on_read
         Check a shard's sha256 checksums the first time this object reads a cell of it (default), so
         that flipped bytes never train silently; it reads each shard file once more (about a second per
-        100,000 cells of 2,048 tokens). :meth:`verify` checks every shard at once.
+        100,000 cells of 2,048 tokens). :meth:`verify` checks every shard at once. Whatever this says,
+        the first read of a shard also checks that its token ids lie inside the vocabulary of the
+        corpus's tokenizer (one pass over the ids, a small part of the checksum's cost), so that an id
+        the model has no embedding for is refused here, not met as an IndexError inside the model.
 
     Raises
     ------
     LangCellError
         For a missing or invalid manifest, or a missing, truncated, misplaced or inconsistent shard (named
-        in the message); on reading, for a shard whose content no longer matches its checksum.
+        in the message); on reading, for a shard whose content no longer matches its checksum or that
+        holds a token id outside the vocabulary.
     """
 
     def __init__(self, directory: str | os.PathLike, *, verify_on_read: bool = True) -> None:
@@ -388,6 +392,11 @@ class TokenCorpus:
                     f"shard {shard['name']!r} of {str(self.directory)!r} does not match the manifest "
                     f"({arrays['offsets'].size - 1} cells, {arrays['ids'].size} tokens); write the corpus again"
                 )
+            if not np.issubdtype(arrays["ids"].dtype, np.integer):
+                raise LangCellError(
+                    f"shard {shard['name']!r} of {str(self.directory)!r}: its token ids are stored as "
+                    f"{arrays['ids'].dtype}, not integers (damaged or not written by langcell); write the corpus again"
+                )
             offsets = np.asarray(arrays["offsets"], dtype=np.int64)
             shard_lengths = np.asarray(arrays["lengths"], dtype=np.int64)
             if offsets.size == 0 or offsets[0] != 0 or offsets[-1] != arrays["ids"].size or not np.array_equal(
@@ -412,6 +421,8 @@ class TokenCorpus:
         self._obs: pd.DataFrame | None = None
         # Shards whose checksums this object has checked (all of them when verify_on_read is off).
         self._verified = set() if verify_on_read else set(range(len(self._ids)))
+        # Shards checked on their first read: checksum (above) and token ids inside the vocabulary.
+        self._checked: set[int] = set()
 
     def _shard_file(self, shard: dict, kind: str) -> tuple[Path, dict]:
         try:
@@ -457,10 +468,12 @@ class TokenCorpus:
         Raises
         ------
         LangCellError
-            Naming the first shard file whose content changed.
+            Naming the first shard file whose content changed, or that holds a token id outside the
+            vocabulary.
         """
         for number in range(len(self.manifest["shards"])):
             self._verify_shard(number)
+            self._check_token_range(number)
 
     def _verify_shard(self, number: int) -> None:
         shard = self.manifest["shards"][number]
@@ -473,6 +486,33 @@ class TokenCorpus:
                 )
         self._verified.add(number)
 
+    def _check_token_range(self, number: int) -> None:
+        """Refuse a shard holding a token id the tokenizer (and so the model's embedding) does not have.
+
+        A shard whose checksum was recomputed after its ids were changed passes :meth:`_verify_shard`;
+        this one pass over its ids keeps such an id from reaching the embedding lookup.
+        """
+        ids = self._ids[number]
+        if ids.size == 0:
+            return
+        high = int(ids.max())
+        low = int(ids.min()) if np.issubdtype(ids.dtype, np.signedinteger) else 0  # unsigned: no second pass
+        vocab_size = self.tokenizer.vocab_size
+        if low < 0 or high >= vocab_size:
+            bad = high if high >= vocab_size else low
+            raise LangCellError(
+                f"shard {self.manifest['shards'][number]['name']!r} of {str(self.directory)!r} holds token id {bad}, "
+                f"outside the vocabulary of its gene tokenizer (ids 0..{vocab_size - 1}): the shard is damaged "
+                "or was written with another tokenizer; write the corpus again"
+            )
+
+    def _first_read(self, shard: int) -> None:
+        """The checks a shard gets the first time this object reads it: checksum, token id range."""
+        if shard not in self._verified:
+            self._verify_shard(shard)
+        self._check_token_range(shard)
+        self._checked.add(shard)
+
     def __len__(self) -> int:
         return int(self._lengths.size)
 
@@ -484,8 +524,8 @@ class TokenCorpus:
             raise IndexError(f"cell index {index} out of range for a corpus of {n} cells")
         index %= n
         shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
-        if shard not in self._verified:
-            self._verify_shard(shard)
+        if shard not in self._checked:
+            self._first_read(shard)
         local = index - int(self._shard_starts[shard])
         offsets = self._offsets[shard]
         return self._ids[shard][offsets[local] : offsets[local + 1]]

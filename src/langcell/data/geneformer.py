@@ -100,3 +100,39 @@ def read_geneformer_dictionary(path: str | os.PathLike) -> dict:
             f"{str(path)!r} holds a {type(loaded).__name__}, not a dictionary; pass a Geneformer dictionary file"
         )
     return {key: (value.item() if isinstance(value, np.generic) else value) for key, value in loaded.items()}
+
+
+def read_gene_name_dictionary(path: str | os.PathLike) -> dict[str, str]:
+    """Read Geneformer's ``gene_name_id_dict.pkl`` (gene symbol -> Ensembl id) safely.
+
+    The file is read with :func:`read_geneformer_dictionary` (restricted unpickling); every key and value
+    must be text. The one entry with an empty name in the release's file is dropped: an empty name is
+    never a gene (:mod:`langcell.data.genes` counts it as a non-gene feature).
+
+    Parameters
+    ----------
+    path
+        The ``gene_name_id_dict.pkl`` that goes with the ``token_dictionary.pkl`` of the vocabulary.
+
+    Returns
+    -------
+    dict
+        ``{symbol: Ensembl id}``, in the file's order.
+
+    Raises
+    ------
+    LangCellError
+        If the file cannot be read safely, or a name or an id is not text.
+    """
+    loaded = read_geneformer_dictionary(path)
+    bad = [
+        (key, value)
+        for key, value in loaded.items()
+        if not isinstance(key, str) or not isinstance(value, str) or not value.strip()
+    ]
+    if bad:
+        raise LangCellError(
+            f"{str(path)!r}: the entries {bad[:3]!r} are not gene symbol -> Ensembl id text; pass Geneformer's "
+            "gene_name_id_dict.pkl"
+        )
+    return {key: value for key, value in loaded.items() if key.strip()}

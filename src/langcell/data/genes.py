@@ -26,6 +26,9 @@ Symbol lookup rules
 4. A symbol that names several Ensembl ids resolves deterministically to one: ``protein_coding`` genes
    first, then the lowest Ensembl id (ids in ``prefer``, e.g. a model vocabulary, before all others when
    given); it is counted as ambiguous.
+5. With a model vocabulary's own name dictionary (``name_dictionary=``, e.g. Geneformer's
+   ``gene_name_id_dict``), a symbol is looked up there first, exactly; rules 2-4 then apply only to the
+   symbols it lacks, and never map onto an id the dictionary gives another symbol.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -403,6 +406,9 @@ class GeneMappingReport:
     n_in_vocabulary: int | None = None  # filled by the tokenizer: mapped ids present in its vocabulary
     n_case_insensitive: int = 0  # mapped symbols found only by the all-upper/lower case-insensitive lookup
     n_ids_not_in_table: int = 0  # mapped Ensembl ids absent from the packaged GENCODE release (kept)
+    n_by_name_dictionary: int | None = None  # symbols mapped by the vocabulary's name dictionary; None: none used
+    n_by_gene_table: int | None = None  # symbols the name dictionary lacks, mapped by GENCODE (with a dictionary)
+    n_other_spellings: int = 0  # unmapped: GENCODE maps them onto an id the name dictionary gives another symbol
 
     def summary(self) -> str:
         """Return a human-readable, multi-line account of the mapping.
@@ -444,12 +450,21 @@ class GeneMappingReport:
             f"Gene mapping: {self.n_features:,} features ({kind}); organism {organism} ({release})",
             line("mapped to Ensembl gene ids", self.n_mapped),
         ]
+        if self.n_by_name_dictionary is not None:
+            lines.append(line("  of which by name dictionary", self.n_by_name_dictionary, "the vocabulary's own"))
+            lines.append(line(f"  of which by {release}", self.n_by_gene_table or 0, "names the dictionary lacks"))
         if self.n_case_insensitive:
             lines.append(line("  of which by case-insensitive", self.n_case_insensitive))
         if self.n_ids_not_in_table:
             lines.append(line(f"  of which ids not in {release}", self.n_ids_not_in_table, "kept as given"))
         lines += [
             line("unmapped", self.n_unmapped, examples(self.unmapped_examples)),
+        ]
+        if self.n_other_spellings:
+            lines.append(
+                line("  of which other spellings", self.n_other_spellings, "of genes the dictionary names otherwise")
+            )
+        lines += [
             line("non-gene features (dropped)", self.n_non_gene, examples(self.non_gene_examples)),
             line("version suffix stripped", self.n_version_stripped),
             line("duplicates (summed)", self.n_duplicated, examples(self.duplicated_examples)),
@@ -485,7 +500,11 @@ def _first(items: Iterable[str], limit: int = MAX_EXAMPLES) -> list[str]:
 
 
 def map_to_ensembl(
-    names: Iterable[object], *, organism: str | None = None, prefer: Collection[str] | None = None
+    names: Iterable[object],
+    *,
+    organism: str | None = None,
+    prefer: Collection[str] | None = None,
+    name_dictionary: Mapping[str, str] | None = None,
 ) -> tuple[np.ndarray, GeneMappingReport]:
     """Map gene names (symbols, Ensembl ids or a mix) to versionless Ensembl gene ids.
 
@@ -505,6 +524,13 @@ def map_to_ensembl(
         Ensembl ids to choose first when a symbol names several (e.g. a tokenizer's vocabulary, so that
         an ambiguous symbol lands on the id the model knows); among the ids of ``prefer``, and when none
         is in it, the default order applies (protein_coding first, then the lowest id).
+    name_dictionary
+        A model vocabulary's own ``{symbol: Ensembl id}`` table (Geneformer's ``gene_name_id_dict``),
+        looked up exactly, before the GENCODE rules. The GENCODE table then maps only the symbols it
+        lacks, and never onto an id the dictionary gives another symbol: such a name (``ZHX1-C8ORF76``
+        where the dictionary has ``ZHX1-C8orf76``) stays unmapped, as it does in the release's own
+        procedure, and is counted in ``n_other_spellings``. The report says how many symbols each table
+        mapped (``n_by_name_dictionary``, ``n_by_gene_table``).
 
     Returns
     -------
@@ -545,30 +571,27 @@ def map_to_ensembl(
     ids[id_ok] = base_id[id_ok]
     stripped = is_ensembl & (parsed["version"].notna() | parsed["par"].notna()).to_numpy()
 
-    # Symbols: exact lookup, then case-insensitive for all-upper / all-lower names.
+    # Symbols: the vocabulary's own name dictionary first (exact), then the GENCODE table.
     is_symbol = ~is_ensembl & ~is_non_gene
+    by_dictionary = np.zeros(n, dtype=bool)
+    if name_dictionary is not None:
+        found = pd.Series(values, dtype=object).map(name_dictionary).to_numpy(dtype=object)
+        by_dictionary = is_symbol & pd.notna(found)
+        ids[by_dictionary] = found[by_dictionary]
     n_ids_not_in_table = 0
     if organism is not None:
         index = _symbol_index(organism)
         n_ids_not_in_table = sum(1 for gene_id in ids[id_ok] if gene_id not in index.ids)
-        symbols = pd.Series(values, dtype=object)
-        upper_keys = symbols.str.upper()
-        uniform_case = ((symbols == upper_keys) | (symbols == symbols.str.lower())).to_numpy(dtype=bool)
-        passes = (
-            (symbols, index.exact, index.exact_choices, is_symbol),
-            (upper_keys, index.upper, index.upper_choices, is_symbol & uniform_case),
-        )
-        for pass_number, (keys, lookup, choices, eligible) in enumerate(passes):
-            found = keys.map(lookup).to_numpy(dtype=object)
-            hit = eligible & pd.isna(ids) & pd.notna(found)
-            ids[hit] = found[hit]
-            if pass_number == 1:
-                case_insensitive = hit
-            for position in np.flatnonzero(hit & keys.isin(choices.keys()).to_numpy(dtype=bool)):
-                options = choices[keys.iat[position]]
-                candidates[position] = len(options)
-                if preferred:
-                    ids[position] = next((option for option in options if option in preferred), options[0])
+        case_insensitive = _table_symbols(values, index, ids, is_symbol, preferred, candidates)
+    other_spellings = np.zeros(n, dtype=bool)
+    if name_dictionary is not None:
+        # The dictionary knows these genes by another name: the release's procedure leaves such a
+        # spelling out, so GENCODE must not bring it in (it would add or sum a gene the release lacks).
+        owned = frozenset(name_dictionary.values())
+        by_table = is_symbol & ~by_dictionary & pd.notna(ids)
+        other_spellings = by_table & np.fromiter((gene_id in owned for gene_id in ids), dtype=bool, count=n)
+        ids[other_spellings] = None
+        case_insensitive = case_insensitive & ~other_spellings
 
     is_mapped = pd.notna(ids)
     is_unmapped = ~is_mapped & ~is_non_gene
@@ -605,8 +628,46 @@ def map_to_ensembl(
         ),
         n_case_insensitive=int(case_insensitive.sum()),
         n_ids_not_in_table=int(n_ids_not_in_table),
+        n_by_name_dictionary=None if name_dictionary is None else int(by_dictionary.sum()),
+        n_by_gene_table=None if name_dictionary is None else int((is_symbol & ~by_dictionary & is_mapped).sum()),
+        n_other_spellings=int(other_spellings.sum()),
     )
     return ids, report
+
+
+def _table_symbols(
+    values: np.ndarray,
+    index: _SymbolIndex,
+    ids: np.ndarray,
+    is_symbol: np.ndarray,
+    preferred: frozenset,
+    candidates: np.ndarray,
+) -> np.ndarray:
+    """Fill ``ids`` (where still empty) from the GENCODE table: exact lookup, then case-insensitive for
+    all-upper / all-lower names; ``candidates`` gets the number of ids of ambiguous symbols.
+
+    Returns the mask of symbols found only case-insensitively.
+    """
+    case_insensitive = np.zeros(values.size, dtype=bool)
+    symbols = pd.Series(values, dtype=object)
+    upper_keys = symbols.str.upper()
+    uniform_case = ((symbols == upper_keys) | (symbols == symbols.str.lower())).to_numpy(dtype=bool)
+    passes = (
+        (symbols, index.exact, index.exact_choices, is_symbol),
+        (upper_keys, index.upper, index.upper_choices, is_symbol & uniform_case),
+    )
+    for pass_number, (keys, lookup, choices, eligible) in enumerate(passes):
+        found = keys.map(lookup).to_numpy(dtype=object)
+        hit = eligible & pd.isna(ids) & pd.notna(found)
+        ids[hit] = found[hit]
+        if pass_number == 1:
+            case_insensitive = hit
+        for position in np.flatnonzero(hit & keys.isin(choices.keys()).to_numpy(dtype=bool)):
+            options = choices[keys.iat[position]]
+            candidates[position] = len(options)
+            if preferred:
+                ids[position] = next((option for option in options if option in preferred), options[0])
+    return case_insensitive
 
 
 # --------------------------------------------------------------------------------------------------------

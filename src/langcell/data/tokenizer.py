@@ -40,7 +40,7 @@ from ..errors import LangCellError
 from . import genes as _genes
 from ._medians import MedianAccumulator
 from ._rank import ScannedRows, iter_scanned, rank_rows, selection_columns, torch_threads_kept
-from .geneformer import read_geneformer_dictionary
+from .geneformer import read_gene_name_dictionary, read_geneformer_dictionary
 from .sources import CountSource, as_source_list, count_source, opened_source
 
 __all__ = [
@@ -51,8 +51,10 @@ __all__ = [
 
 #: File name written by :meth:`GeneTokenizer.save` inside the chosen directory.
 TOKENIZER_FILENAME = "gene_tokenizer.json"
-#: Version of the JSON layout; :meth:`GeneTokenizer.load` refuses versions it does not know.
-FORMAT_VERSION = 1
+#: Version of the JSON layout; :meth:`GeneTokenizer.load` refuses versions it does not know. Version 2
+#: adds the vocabulary's name dictionary; a tokenizer without one is still written as version 1, so that
+#: older langcell reads it, and refuses (rather than ignores) a dictionary it would not apply.
+FORMAT_VERSION = 2
 _FORMAT_NAME = "langcell.GeneTokenizer"
 #: Counts are scaled to this total per cell before division by the gene medians (Geneformer's choice).
 TARGET_SUM = 10_000.0
@@ -144,15 +146,20 @@ def _custom_report(names: np.ndarray) -> Any:
 
 
 def _column_keys(
-    names: np.ndarray, gene_id_kind: str, organism: str | None, prefer: frozenset | None = None
+    names: np.ndarray,
+    gene_id_kind: str,
+    organism: str | None,
+    prefer: frozenset | None = None,
+    name_dictionary: dict[str, str] | None = None,
 ) -> tuple[np.ndarray, Any]:
     """Vocabulary keys of the input columns (``None`` where a column has none) and the mapping report.
 
     ``prefer``: Ensembl IDs an ambiguous symbol should resolve to first (the vocabulary's).
+    ``name_dictionary``: the vocabulary's own symbol -> Ensembl id table, looked up first.
     """
     if gene_id_kind == "custom":
         return names, _custom_report(names)
-    keys, report = _genes.map_to_ensembl(names, organism=organism, prefer=prefer)
+    keys, report = _genes.map_to_ensembl(names, organism=organism, prefer=prefer, name_dictionary=name_dictionary)
     if keys is None:
         keys = np.full(names.size, None, dtype=object)
     return np.asarray(keys, dtype=object), report
@@ -175,6 +182,12 @@ class GeneTokenizer:
     organism
         Organism of the vocabulary (``"human"``, ``"mouse"``) used to resolve symbols; ``None`` detects
         it from each input.
+    name_dictionary
+        The vocabulary's own ``{gene symbol: Ensembl id}`` table (Geneformer's ``gene_name_id_dict``,
+        read with :func:`langcell.data.geneformer.read_gene_name_dictionary`), ``"ensembl"`` only.
+        Symbols are looked up there first and the packaged GENCODE table serves only the symbols it
+        lacks (see :func:`langcell.data.genes.map_to_ensembl`), so a released vocabulary sees the genes
+        its own procedure maps. It is saved with the tokenizer. ``None``: GENCODE alone.
 
     Attributes
     ----------
@@ -194,9 +207,11 @@ class GeneTokenizer:
         *,
         gene_id_kind: str = "ensembl",
         organism: str | None = "human",
+        name_dictionary: dict[str, str] | None = None,
     ) -> None:
         if gene_id_kind not in ("ensembl", "custom"):
             raise LangCellError(f"gene_id_kind must be 'ensembl' or 'custom', got {gene_id_kind!r}")
+        self.name_dictionary: dict[str, str] | None = _checked_name_dictionary(name_dictionary, gene_id_kind)
         bad_names = [g for g in genes if not isinstance(g, str) or not g.strip()]
         if bad_names:
             raise LangCellError(
@@ -266,9 +281,10 @@ class GeneTokenizer:
         return np.where(missing, -1, positions + 2).astype(np.int64)
 
     def __repr__(self) -> str:
+        names = "" if self.name_dictionary is None else f", name_dictionary={len(self.name_dictionary)} names"
         return (
             f"GeneTokenizer(n_genes={self.n_genes}, gene_id_kind={self.gene_id_kind!r}, "
-            f"organism={self.organism!r})"
+            f"organism={self.organism!r}{names})"
         )
 
     def __eq__(self, other: object) -> bool:
@@ -279,6 +295,7 @@ class GeneTokenizer:
             and np.array_equal(self.medians, other.medians)
             and self.gene_id_kind == other.gene_id_kind
             and self.organism == other.organism
+            and self.name_dictionary == other.name_dictionary
         )
 
     __hash__ = None  # mutable arrays inside: not hashable
@@ -287,9 +304,12 @@ class GeneTokenizer:
 
     @classmethod
     def from_geneformer(
-        cls, token_dictionary_path: str | os.PathLike, gene_median_dictionary_path: str | os.PathLike
+        cls,
+        token_dictionary_path: str | os.PathLike,
+        gene_median_dictionary_path: str | os.PathLike,
+        gene_name_dictionary_path: str | os.PathLike | None = None,
     ) -> GeneTokenizer:
-        """Build the tokenizer of the release from Geneformer's two dictionaries.
+        """Build the tokenizer of the release from Geneformer's dictionaries.
 
         Parameters
         ----------
@@ -297,8 +317,12 @@ class GeneTokenizer:
             ``token_dictionary.pkl``: ``{"<pad>": 0, "<mask>": 1, ensembl_id: token_id, ...}``.
         gene_median_dictionary_path
             ``gene_median_dictionary.pkl``: ``{ensembl_id: median}``.
+        gene_name_dictionary_path
+            ``gene_name_id_dict.pkl``: ``{symbol: ensembl_id}``, the symbol table the vocabulary was
+            built with. Given, it becomes the tokenizer's ``name_dictionary``: symbols are mapped as the
+            release maps them. ``None``: symbols go through the packaged GENCODE table alone.
 
-        Both are read with :func:`read_geneformer_dictionary` (restricted unpickling).
+        All are read with restricted unpickling (:mod:`langcell.data.geneformer`).
         """
         tokens = read_geneformer_dictionary(token_dictionary_path)
         medians = read_geneformer_dictionary(gene_median_dictionary_path)
@@ -333,7 +357,10 @@ class GeneTokenizer:
                 f"{str(gene_median_dictionary_path)!r}: the medians of {not_numbers[:3]!r} are not numbers; pass "
                 "Geneformer's gene_median_dictionary.pkl"
             )
-        return cls(genes, [float(medians[g]) for g in genes], gene_id_kind="ensembl", organism="human")
+        names = None if gene_name_dictionary_path is None else read_gene_name_dictionary(gene_name_dictionary_path)
+        return cls(
+            genes, [float(medians[g]) for g in genes], gene_id_kind="ensembl", organism="human", name_dictionary=names
+        )
 
     @classmethod
     def fit(
@@ -475,7 +502,9 @@ class GeneTokenizer:
 
     def _vocabulary_map(self, gene_names: np.ndarray, label: str) -> _VocabularyMap:
         """Map a source's columns onto the vocabulary, refusing inputs that share no gene with it."""
-        keys, report = _column_keys(gene_names, self.gene_id_kind, self.organism, prefer=self._vocab_set)
+        keys, report = _column_keys(
+            gene_names, self.gene_id_kind, self.organism, prefer=self._vocab_set, name_dictionary=self.name_dictionary
+        )
         selection = _genes.selection_matrix(keys, self._vocab_keys, dtype=np.float64)
         n_in_vocabulary = int(np.count_nonzero(np.diff(selection.indptr)))
         report = dataclasses.replace(report, n_in_vocabulary=n_in_vocabulary)
@@ -636,9 +665,9 @@ class GeneTokenizer:
 
     def to_dict(self) -> dict:
         """The JSON-serialisable content written by :meth:`save`."""
-        return {
+        content = {
             "format": _FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1 if self.name_dictionary is None else FORMAT_VERSION,
             "gene_id_kind": self.gene_id_kind,
             "organism": self.organism,
             "special_tokens": {"<pad>": self.pad_id, "<mask>": self.mask_id, "<cls>": self.cls_id},
@@ -646,9 +675,13 @@ class GeneTokenizer:
             # repr-exact floats: json writes the shortest string that reads back to the same float64.
             "medians": [float(m) for m in self.medians],
         }
+        if self.name_dictionary is not None:
+            content["name_dictionary"] = self.name_dictionary
+        return content
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write ``<directory>/gene_tokenizer.json`` (genes, medians, id kind, organism, format version).
+        """Write ``<directory>/gene_tokenizer.json`` (genes, medians, id kind, organism, name dictionary,
+        format version).
 
         The directory is created if needed; the file is written atomically.
         """
@@ -706,10 +739,17 @@ class GeneTokenizer:
             raise LangCellError(
                 f"{str(path)!r}: genes and medians must be lists of the same length; save the tokenizer again"
             )
+        names = content.get("name_dictionary") if version >= 2 else None
         try:
             tokenizer = cls(
-                genes, medians, gene_id_kind=content["gene_id_kind"], organism=content["organism"]
+                genes,
+                medians,
+                gene_id_kind=content["gene_id_kind"],
+                organism=content["organism"],
+                name_dictionary=names,
             )
+        except LangCellError as err:
+            raise LangCellError(f"{str(path)!r} is invalid: {err}") from None
         except (TypeError, ValueError) as err:
             raise LangCellError(f"{str(path)!r} is invalid: {err}") from None
         expected = {"<pad>": tokenizer.pad_id, "<mask>": tokenizer.mask_id, "<cls>": tokenizer.cls_id}
@@ -719,6 +759,30 @@ class GeneTokenizer:
                 "save the tokenizer again"
             )
         return tokenizer
+
+
+def _checked_name_dictionary(names: Any, gene_id_kind: str) -> dict[str, str] | None:
+    """``names`` as a plain ``{symbol: id}`` dict, refusing anything else (and custom vocabularies)."""
+    if names is None:
+        return None
+    if gene_id_kind != "ensembl":
+        raise LangCellError(
+            "a name dictionary maps symbols to Ensembl IDs; it needs gene_id_kind='ensembl' (custom names are "
+            "matched verbatim)"
+        )
+    if not isinstance(names, dict):
+        raise LangCellError(f"the name dictionary must be a dict of symbol -> Ensembl ID, got {type(names).__name__}")
+    bad = [
+        (key, value)
+        for key, value in names.items()
+        if not isinstance(key, str) or not key.strip() or not isinstance(value, str) or not value.strip()
+    ]
+    if bad:
+        raise LangCellError(
+            f"the name dictionary holds entries that are not symbol -> Ensembl ID text ({bad[:3]!r}); "
+            "read it with read_gene_name_dictionary"
+        )
+    return dict(names)
 
 
 def _warn_cells_without_genes(n_empty: int, n_cells: int, label: str) -> None:

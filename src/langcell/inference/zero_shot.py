@@ -364,6 +364,11 @@ class ZeroShotScores:
         ``[N]`` bool: every class of the cell was scored by CTM (always in official mode; in fast mode
         when ``top_k = K`` or when ``exact_argmax`` could not certify the cell; never with ``alpha = 1``,
         where CTM's weight is 0 and it is not run).
+    certified
+        ``[N]`` bool: the cell's best class is certain to be the official one (``mode="official"``)
+        whatever the match probabilities of the classes CTM did not score (module docstring). True
+        for every fully scored cell, so always True with ``exact_argmax``; in plain fast mode the
+        False rows are the cells whose answer may differ from the official one.
     """
 
     classes: list[str]  # class names, column order
@@ -374,6 +379,12 @@ class ZeroShotScores:
     p_ctm: np.ndarray  # [N, K] float32
     scores: np.ndarray  # [N, K] float32 final scores
     fully_scored: np.ndarray  # [N] bool: CTM ran for every class of the cell
+    certified: np.ndarray  # [N] bool: the best class is certainly the official mode's
+
+    @property
+    def n_uncertified(self) -> int:
+        """Cells whose best class may differ from the official mode's (0 with ``exact_argmax``)."""
+        return int((~self.certified).sum())
 
     @property
     def predicted(self) -> np.ndarray:
@@ -558,8 +569,8 @@ def score_batch(
     Returns
     -------
     dict of torch.Tensor
-        ``cell_embeddings``, ``similarity``, ``match_prob``, ``p_sim``, ``p_ctm``, ``scores`` and
-        ``fully_scored``.
+        ``cell_embeddings``, ``similarity``, ``match_prob``, ``p_sim``, ``p_ctm``, ``scores``,
+        ``fully_scored`` and ``certified`` (see :class:`ZeroShotScores`).
 
     Notes
     -----
@@ -584,8 +595,10 @@ def score_batch(
     with torch.autocast(device.type, enabled=False):
         similarity = model.similarity(embeddings, classes.embeddings.float())
     fully_scored = torch.ones(similarity.shape[0], dtype=torch.bool, device=similarity.device)
+    certified = fully_scored.clone()
     if alpha == 1.0:
-        # p_ctm's weight is 0: the scores are p_sim whatever CTM says, so CTM is not run at all.
+        # p_ctm's weight is 0: the scores are p_sim whatever CTM says, so CTM is not run at all
+        # (and every answer is the official one: certified stays True).
         match = torch.full_like(similarity, float("nan"))
         fully_scored[:] = False
     elif mode == "official":
@@ -594,15 +607,20 @@ def score_batch(
         top_classes = torch.topk(similarity, top_k, dim=1, sorted=True).indices
         match = _top_k_match(model, states, mask, classes, top_classes, max_pair_tokens)
         fully_scored &= top_k == n_classes
-        if exact_argmax and top_k < n_classes:
+        if top_k < n_classes:
+            # The certificate costs [B, K] arithmetic, no model pass: computed in plain fast mode too, so
+            # that the caller can say how many answers might differ from the official ones.
             p_sim = torch.softmax(similarity / temperature, dim=-1)
-            unsure = torch.nonzero(uncertified_cells(p_sim, match, alpha=alpha)).flatten()
-            if unsure.numel():
+            certified = ~uncertified_cells(p_sim, match, alpha=alpha)
+            unsure = torch.nonzero(~certified).flatten()
+            if exact_argmax and unsure.numel():
                 match[unsure] = _official_match(model, states[unsure], mask[unsure], classes, max_pair_tokens)
                 fully_scored[unsure] = True
+                certified[unsure] = True
     p_sim, p_ctm, scores = combine_scores(similarity, match, alpha=alpha, temperature=temperature)
     return {
         "fully_scored": fully_scored,
+        "certified": certified,
         "cell_embeddings": embeddings,
         "similarity": similarity,
         "match_prob": match,
@@ -696,6 +714,7 @@ def zero_shot_scores(
         "cell_embeddings": np.empty((n_cells, int(classes.embeddings.shape[1])), dtype=np.float32),
         **{key: np.empty((n_cells, n_classes), dtype=np.float32) for key in _MATRICES},
         "fully_scored": np.empty(n_cells, dtype=bool),
+        "certified": np.empty(n_cells, dtype=bool),
     }
     bar = progress_bar(n_cells, progress, f"zero-shot ({mode})", "cell")
     try:

@@ -237,5 +237,22 @@ class PretrainStream:
                 num_workers=self.num_workers,
                 persistent_workers=False,
             )
-            yield from loader
+            try:
+                yield from loader
+            except LangCellError as error:
+                raise LangCellError(_worker_message(error)) from None
             epoch, offset = epoch + 1, 0
+
+
+def _worker_message(error: LangCellError) -> str:
+    """The message of a LangCellError, without the traceback a DataLoader worker wraps around it.
+
+    torch re-raises a worker's exception as the same type whose message is "Caught LangCellError in
+    DataLoader worker process N. Original Traceback ...", ending with the original "...LangCellError:
+    message" line; the one line the user should see is that last one.
+    """
+    text = str(error)
+    if "DataLoader worker" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split("LangCellError: ", 1)[-1]
