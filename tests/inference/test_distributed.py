@@ -134,3 +134,32 @@ def test_more_processes_than_cells_fails_on_every_rank_and_writes_nothing(saved,
     assert len(errors) == 3, result.stderr[-3000:]  # one line per rank, the same line
     assert len(set(errors)) == 1 and "3 processes share 2 cell(s)" in errors[0] and "--nproc_per_node" in errors[0]
     assert not list(out_dir.iterdir())
+
+
+def test_a_corpus_gives_the_embeddings_and_annotation_of_its_file(saved):
+    from langcell.data.corpus import TokenCorpus
+
+    model = LangCell.from_pretrained(saved / "model")
+    corpus = TokenCorpus(saved / "corpus")
+    from_counts = ad.read_h5ad(saved / "cells.h5ad")
+    from_corpus = ad.AnnData(obs=corpus.obs)
+    tl.embed(from_counts, model, progress=False)
+    tl.embed(from_corpus, model, corpus=saved / "corpus", progress=False)
+    np.testing.assert_array_equal(from_corpus.obsm["X_langcell"], from_counts.obsm["X_langcell"])
+    tl.annotate(from_counts, model, LABELS, progress=False)
+    tl.annotate(from_corpus, model, LABELS, corpus=corpus, progress=False)
+    np.testing.assert_array_equal(from_corpus.obsm["langcell_cell_type_probs"],
+                                  from_counts.obsm["langcell_cell_type_probs"])
+
+
+def test_a_corpus_of_other_cells_or_another_vocabulary_is_refused(saved, tmp_path):
+    from langcell.data.corpus import TokenCorpus
+
+    model = LangCell.from_pretrained(saved / "model")
+    corpus = TokenCorpus(saved / "corpus")
+    with pytest.raises(LangCellError, match="holds 40 cells but adata has 39 rows"):
+        tl.embed(ad.AnnData(obs=corpus.obs.iloc[:39]), model, corpus=corpus, progress=False)
+    cells = ad.read_h5ad(saved / "cells.h5ad")[:, :300].copy()  # fewer genes: another vocabulary
+    write_corpus([cells], GeneTokenizer.fit(cells, gene_id_kind="custom"), tmp_path / "other", progress=False)
+    with pytest.raises(LangCellError, match="another gene vocabulary than the model's"):
+        tl.annotate(ad.AnnData(obs=corpus.obs), model, LABELS, corpus=tmp_path / "other", progress=False)

@@ -206,12 +206,17 @@ def test_two_process_gloo_run_with_torchrun(corpus_dir, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "langcell", "pretrain", "--config", "tiny", "--corpus", str(corpus_dir),
         "--out", str(tmp_path / "ddp"), "--max-steps", "2", "--device", "cpu", "--quiet",
+        "--eval-every", "2", "--eval-cells", "20", "--tensorboard",
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_log(tmp_path / "ddp")
     assert [(r["stage"], r["step"]) for r in rows] == [("cell", "1"), ("cell", "2"), ("joint", "1"), ("joint", "2")]
     assert all(np.isfinite(float(r["loss"])) for r in rows)
+    # The held-out evaluation runs on rank 0 alone (the others wait for it) and lands in the one log.
+    assert [r["eval_accuracy"] != "" for r in rows] == [False, True, False, True]
+    assert all(0 <= float(r["eval_macro_f1"]) <= 1 for r in rows if r["eval_macro_f1"])
+    assert len(list((tmp_path / "ddp" / "tensorboard").iterdir())) == 1  # one event file: rank 0's
     state = torch.load(
         tmp_path / "ddp" / "checkpoints" / "joint-0000002" / "training_state.pt", weights_only=True
     )
