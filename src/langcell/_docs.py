@@ -42,6 +42,19 @@ key_added
 inplace
     scanpy's rule: ``False`` (default) returns the result and leaves ``adata`` untouched; ``True``
     stores it in ``adata.uns[key_added]`` (h5ad-writable) and returns ``None``.""",
+    "distributed": """\
+distributed
+    Share the cells out among the processes of an initialised ``torch.distributed`` process group
+    (e.g. under ``torchrun``; gloo on CPUs, NCCL on GPUs): each process scores a contiguous share on
+    its own device and every process gets the whole result back, so every process must make the same
+    call. Opt-in, never automatic, so that a call made by one process of a training job does not wait
+    for the others. More processes than cells is refused before any work.""",
+    "corpus": """\
+corpus
+    A :class:`~langcell.data.corpus.TokenCorpus` (or its directory, from ``langcell tokenize``) holding
+    the tokenized cells of ``adata``'s rows, in order (e.g. ``AnnData(obs=corpus.obs)``): the cells
+    are read from it instead of being tokenized from counts, so ``adata`` needs no matrix. Its gene
+    vocabulary must be the model's.""",
     "copy": """\
 copy
     Return an annotated copy instead of writing into ``adata`` (a backed AnnData is read into memory

@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "langcell"
 #: Layer of each unit (a leaf module or a subpackage); a unit imports only units of a lower layer.
 LAYERS: dict[str, int] = {
     "_version": 0, "errors": 0, "_docs": 0,
-    "_checks": 1, "_progress": 1, "_atomic": 1, "precision": 1,
+    "_checks": 1, "_progress": 1, "_atomic": 1, "precision": 1, "_distributed": 1,
     "metrics": 2, "_labels": 2,
     "ontology": 3,
     "data": 4,

@@ -29,16 +29,21 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    """240 labelled CBMC cells, 20 per type where available, tokenized with a vocabulary of the data."""
+def cbmc_cells() -> ad.AnnData:
+    """240 labelled CBMC cells, 20 per type where available (the corpus's cells, in its order)."""
     adata = ad.read_h5ad(CBMC)
     adata = adata[adata.obs["cell_type_ontology_term_id"] != "unknown"]
     rng = np.random.default_rng(0)
     keep = np.concatenate(
         [rng.permutation(np.flatnonzero(adata.obs["cell_type"] == t))[:20] for t in adata.obs["cell_type"].unique()]
     )
-    adata = adata[np.sort(keep)].copy()
+    return adata[np.sort(keep)].copy()
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """240 labelled CBMC cells, 20 per type where available, tokenized with a vocabulary of the data."""
+    adata = cbmc_cells()
     tokenizer = GeneTokenizer.fit(adata, gene_id_kind="custom")
     out = tmp_path_factory.mktemp("corpus") / "cbmc"
     write_corpus([adata], tokenizer, out, max_length=128, progress=False)
@@ -221,12 +226,17 @@ def test_two_process_gloo_run_with_torchrun(corpus_dir, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "langcell", "pretrain", "--config", "tiny", "--corpus", str(corpus_dir),
         "--out", str(tmp_path / "ddp"), "--max-steps", "2", "--device", "cpu", "--quiet",
+        "--eval-every", "2", "--eval-cells", "20", "--tensorboard",
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_log(tmp_path / "ddp")
     assert [(r["stage"], r["step"]) for r in rows] == [("cell", "1"), ("cell", "2"), ("joint", "1"), ("joint", "2")]
     assert all(np.isfinite(float(r["loss"])) for r in rows)
+    # The held-out evaluation runs on rank 0 alone (the others wait for it) and lands in the one log.
+    assert [r["eval_accuracy"] != "" for r in rows] == [False, True, False, True]
+    assert all(0 <= float(r["eval_macro_f1"]) <= 1 for r in rows if r["eval_macro_f1"])
+    assert len(list((tmp_path / "ddp" / "tensorboard").iterdir())) == 1  # one event file: rank 0's
     state = torch.load(
         tmp_path / "ddp" / "checkpoints" / "joint-0000002" / "training_state.pt", weights_only=True
     )
@@ -272,3 +282,78 @@ def test_resume_refuses_a_pointer_outside_the_run_a_damaged_state_and_another_se
     torch.save(state, state_file)
     with pytest.raises(LangCellError, match="lacks optimizer"):
         pretrain(corpus_dir, run, config, progress=False, resume=True)
+
+
+def test_held_out_evaluation_is_logged_matches_annotate_and_is_never_trained_on(corpus_dir, tmp_path, monkeypatch):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from langcell import tl
+    from langcell.models.langcell import LangCell
+    from langcell.ontology import describe_cells
+    from langcell.train.heldout import held_out_cells
+
+    pretrain_module = sys.modules["langcell.train.pretrain"]  # the module (langcell.train.pretrain is the function)
+
+    # A spy on the batch stream (the real one runs): every cell index the trainer is given.
+    trained: list[np.ndarray] = []
+
+    class RecordingStream(pretrain_module.PretrainStream):
+        def iterate(self, start=0):
+            for batch in super().iterate(start):
+                trained.append(batch["cell_index"].numpy().copy())
+                yield batch
+
+    monkeypatch.setattr(pretrain_module, "PretrainStream", RecordingStream)
+    config = tiny(cell_steps=2, joint_steps=4, eval_every=2, eval_cells=40, log_every=3, tensorboard=True)
+    pretrain(corpus_dir, tmp_path / "run", config, progress=False)
+    rows = read_log(tmp_path / "run")
+    evaluated = [r for r in rows if r["eval_accuracy"] != ""]
+    # Every 2 steps, and at each stage's end, in rows of their own where they are no logging step.
+    assert [(r["stage"], r["step"]) for r in evaluated] == [("cell", "2"), ("joint", "2"), ("joint", "4")]
+    assert [(r["stage"], r["step"]) for r in rows] == [("cell", "2"), ("joint", "2"), ("joint", "3"), ("joint", "4")]
+    for r in evaluated:
+        assert 0 <= float(r["eval_accuracy"]) <= 1 and 0 <= float(r["eval_macro_f1"]) <= 1
+        assert np.isfinite(float(r["loss"]))
+
+    # The held-out cells: 40 labelled cells, the same draw as the run's, never in a training batch.
+    corpus = TokenCorpus(corpus_dir)
+    held = held_out_cells(CellTextTable.from_obs(corpus.obs), 40, config.seed)
+    assert held.size == 40 and len(np.unique(held)) == 40
+    seen = np.unique(np.concatenate(trained))
+    assert seen.size >= 50 and not set(held.tolist()) & set(seen.tolist())
+
+    # The last evaluation (joint step 4, the final model) equals annotating the held-out cells with
+    # tl.annotate against every cell-type text of the corpus, scored with scikit-learn.
+    adata = cbmc_cells()
+    texts = describe_cells(adata.obs, ["cell_type"])["cell_type"].astype(str).to_numpy()
+    classes = {text: text for text in sorted(set(texts))}
+    cells = adata[held].copy()
+    tl.annotate(cells, LangCell.from_pretrained(tmp_path / "run" / "model"), classes, progress=False)
+    predicted = cells.obs["langcell_cell_type"].astype(str).to_numpy()
+    assert float(evaluated[-1]["eval_accuracy"]) == pytest.approx(accuracy_score(texts[held], predicted), abs=1e-9)
+    assert float(evaluated[-1]["eval_macro_f1"]) == pytest.approx(
+        f1_score(texts[held], predicted, average="macro", zero_division=0), abs=1e-9
+    )
+
+    # TensorBoard event files with the same numbers.
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"loss", "eval_accuracy", "eval_macro_f1"} <= set(events.Tags()["scalars"])
+    accuracy = events.Scalars("eval_accuracy")
+    assert [e.step for e in accuracy] == [2, 4, 6]  # steps counted over both stages
+    assert accuracy[-1].value == pytest.approx(float(evaluated[-1]["eval_accuracy"]), abs=1e-6)
+
+
+def test_held_out_evaluation_settings_are_checked_before_any_work(corpus_dir, tmp_path):
+    with pytest.raises(LangCellError, match=r"eval_cells=10000 but the corpus has only \d+ cells with a cell-type text"):
+        pretrain(corpus_dir, tmp_path / "run", tiny(eval_every=2, eval_cells=10_000), progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(LangCellError, match="eval_every must be >= 0"):
+        tiny(eval_every=-1)
+    # Resuming with other held-out cells would change the training data.
+    pretrain(corpus_dir, tmp_path / "run", tiny(stage="cell", cell_steps=2, eval_every=1, eval_cells=20),
+             progress=False, stop_after_steps=1)
+    with pytest.raises(LangCellError, match="eval_cells=20 but this call has eval_every=1, eval_cells=30"):
+        pretrain(corpus_dir, tmp_path / "run", tiny(stage="cell", cell_steps=2, eval_every=1, eval_cells=30),
+                 progress=False, resume=True)

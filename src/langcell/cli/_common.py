@@ -4,7 +4,9 @@ the common options, and printing."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+from collections.abc import Iterator
 
 from ..errors import LangCellError
 
@@ -20,6 +22,46 @@ def read_input(path: str, *, backed: bool = False):
     from ..data.datasets import load
 
     return load(path, backed=backed)
+
+
+def read_cells(path: str, *, backed: bool = False):
+    """The cells of IN: an h5ad file (``backed``: read lazily), or a corpus directory from ``langcell
+    tokenize``; returns ``(adata, corpus)``, where for a corpus ``adata`` holds only its obs and for a
+    file ``corpus`` is ``None``."""
+    from pathlib import Path
+
+    if Path(path).is_dir():
+        import anndata
+
+        from ..data.corpus import TokenCorpus
+
+        corpus = TokenCorpus(path)
+        return anndata.AnnData(obs=corpus.obs), corpus
+    return read_input(path, backed=backed), None
+
+
+@contextlib.contextmanager
+def torchrun_processes(args: argparse.Namespace, n_cells: int) -> Iterator:
+    """Under ``torchrun --nproc_per_node N``: join the process group, check that every process gets a
+    cell, and yield its context (leaving the group afterwards); as one process: yield ``None``.
+
+    With ``--device auto`` or ``cuda`` each process takes the GPU of its local rank.
+    """
+    from .. import _distributed
+
+    if not _distributed.launched_by_torchrun():
+        yield None
+        return
+    device = None if args.device in (None, "auto") else args.device.split(":")[0]
+    ctx = _distributed.setup(device)
+    try:
+        _distributed.cell_share(n_cells, ctx)  # more processes than cells: the same error on every rank
+        args.device = str(ctx.device)
+        if not ctx.is_main:  # one process prints and writes
+            args.quiet = True
+        yield ctx
+    finally:
+        _distributed.teardown()
 
 
 def check_outputs(args: argparse.Namespace, *files: str | None, directories: tuple[str | None, ...] = ()) -> None:
@@ -105,9 +147,14 @@ def add_compute_options(p: argparse.ArgumentParser, *, precision: bool = True) -
 
 
 def add_input(p: argparse.ArgumentParser, *, labelled: bool = False, model: bool = True,
-               label_help: str | None = None) -> None:
-    """The positional IN.h5ad, --model, and (with ``label_help``) a required --label-key."""
-    p.add_argument("input", metavar="IN.h5ad", help=("labelled " if labelled else "") + "cells with raw counts")
+               label_help: str | None = None, corpus: bool = False) -> None:
+    """The positional IN.h5ad (``corpus``: or a corpus directory), --model, and (with ``label_help``) a
+    required --label-key."""
+    if corpus:
+        p.add_argument("input", metavar="IN", help="h5ad file of cells with raw counts, or a corpus directory "
+                       "from `langcell tokenize` (tokenized with the model's vocabulary)")
+    else:
+        p.add_argument("input", metavar="IN.h5ad", help=("labelled " if labelled else "") + "cells with raw counts")
     if model:
         p.add_argument("--model", required=True, metavar="DIR", help="a langcell model directory")
     if label_help is not None:

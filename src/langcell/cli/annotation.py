@@ -15,9 +15,11 @@ from ._common import (
     add_mapping,
     check_outputs,
     load_model,
+    read_cells,
     read_descriptions,
     read_input,
     say,
+    torchrun_processes,
     write_h5ad,
 )
 
@@ -29,10 +31,11 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
         help="zero-shot cell-type annotation from label names or descriptions",
         description=(
             "Score every cell against class texts (cell-type names resolved to the Cell Ontology, your own "
-            "descriptions, or the terms of an obs column) and write the best class into obs."
+            "descriptions, or the terms of an obs column) and write the best class into obs. On several "
+            "processes: torchrun --nproc_per_node N -m langcell annotate ..."
         ),
     )
-    add_input(p)
+    add_input(p, corpus=True)
     p.add_argument("--out", required=True, metavar="OUT.h5ad", help="annotated copy of the input (written atomically)")
     classes = p.add_mutually_exclusive_group(required=True)
     classes.add_argument("--labels", metavar="'A;B;C'", help="class names separated by ';'")
@@ -86,22 +89,27 @@ def run_annotate(args: argparse.Namespace) -> int:
             raise LangCellError("--labels holds no class name; pass names separated by ';'")
     elif args.descriptions is not None:
         labels = read_descriptions(args.descriptions)
-    adata = read_input(args.input)
+    adata, corpus = read_cells(args.input)
     if args.truth_key is not None and args.truth_key not in adata.obs:
         raise LangCellError(f"--truth-key {args.truth_key!r} is not an obs column; pass one of {listed(adata.obs.columns)}")
-    # How every class gets its text, before the model is loaded and anything is scored.
-    _, _, resolution, _ = annotation_classes(adata, labels, args.classes_from, None, args.mapping)
-    say(args, "classes (label -> ontology term used for its text):")
-    for line in resolution_lines(resolution):
-        say(args, f"  {line}")
-    model = load_model(args.model, args.device)
-    tl.annotate(
-        adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, alpha=args.alpha,
-        top_k=args.top_k, mode=args.mode, exact_argmax=args.exact_argmax, threshold=args.threshold,
-        threshold_on=args.threshold_on, counts_layer=args.counts_layer, gene_column=args.gene_column,
-        precision=args.precision, progress=not args.quiet, key_added=args.key_added,
-    )
+    with torchrun_processes(args, adata.n_obs) as ctx:  # torchrun: each process scores a share
+        if ctx is None or ctx.is_main:
+            # How every class gets its text, before the model is loaded and anything is scored.
+            _, _, resolution, _ = annotation_classes(adata, labels, args.classes_from, None, args.mapping)
+            say(args, "classes (label -> ontology term used for its text):")
+            for line in resolution_lines(resolution):
+                say(args, f"  {line}")
+        model = load_model(args.model, args.device)
+        tl.annotate(
+            adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, alpha=args.alpha,
+            top_k=args.top_k, mode=args.mode, exact_argmax=args.exact_argmax, threshold=args.threshold,
+            threshold_on=args.threshold_on, counts_layer=args.counts_layer, gene_column=args.gene_column,
+            precision=args.precision, progress=not args.quiet, key_added=args.key_added,
+            distributed=ctx is not None, corpus=corpus,
+        )
     report = _annotation_report(adata, args.key_added, args.truth_key)
+    if ctx is not None and not ctx.is_main:
+        return 0  # rank 0 writes the one result
     write_h5ad(adata, args.out)
     if args.report:
         write_json(args.report, report)
@@ -160,8 +168,9 @@ def _annotation_report(adata, key: str, truth_key: str | None) -> dict:
 
 def add_embed(sub: argparse._SubParsersAction) -> None:
     """Register ``langcell embed`` and its options."""
-    p = sub.add_parser("embed", help="LangCell cell embeddings into obsm (streams backed files)")
-    add_input(p)
+    p = sub.add_parser("embed", help="LangCell cell embeddings into obsm (streams backed files)",
+                       description="On several processes: torchrun --nproc_per_node N -m langcell embed ...")
+    add_input(p, corpus=True)
     p.add_argument("--out", required=True, metavar="OUT.h5ad", help="copy of the input with obsm[KEY] (atomic)")
     p.add_argument("--key-added", default="X_langcell", help="obsm key (default X_langcell)")
     p.add_argument("--backed", action="store_true", help="read the input backed (files larger than memory)")
@@ -174,11 +183,15 @@ def run_embed(args: argparse.Namespace) -> int:
     """Run ``langcell embed`` with the parsed arguments; return the exit status."""
     from .. import tl
     check_outputs(args, args.out)
-    adata = read_input(args.input, backed=args.backed)
-    model = load_model(args.model, args.device)
-    tl.embed(adata, model, counts_layer=args.counts_layer, gene_column=args.gene_column,
-             precision=args.precision, progress=not args.quiet, key_added=args.key_added)
-    if args.backed:
+    adata, corpus = read_cells(args.input, backed=args.backed)
+    with torchrun_processes(args, adata.n_obs) as ctx:  # torchrun: each process embeds a share
+        model = load_model(args.model, args.device)
+        tl.embed(adata, model, counts_layer=args.counts_layer, gene_column=args.gene_column,
+                 precision=args.precision, progress=not args.quiet, key_added=args.key_added,
+                 distributed=ctx is not None, corpus=corpus)
+    if ctx is not None and not ctx.is_main:
+        return 0  # rank 0 writes the one result
+    if adata.isbacked:
         embedding, params = adata.obsm[args.key_added], adata.uns[args.key_added]
         adata = adata.to_memory()
         adata.obsm[args.key_added], adata.uns[args.key_added] = embedding, params

@@ -183,6 +183,11 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="override the recipe's precision")
     p.add_argument("--num-workers", type=int, metavar="N", help="data-loader workers per process")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resumes)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to TensorBoard in OUT/tensorboard (needs: pip install 'langcell[tensorboard]')")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="zero-shot accuracy/macro-F1 of held-out cells every N steps, in the log (0: off)")
+    p.add_argument("--eval-cells", type=int, metavar="N", help="labelled cells held out for that evaluation")
     p.set_defaults(func=run_pretrain)
 
 
@@ -197,6 +202,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         "device": args.device,
         "precision": args.precision,
         "num_workers": args.num_workers,
+        "eval_every": args.eval_every,
+        "eval_cells": args.eval_cells,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -205,6 +212,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         config.cell_steps = config.joint_steps = args.max_steps
     if args.deterministic:
         config.deterministic = True
+    if args.tensorboard:
+        config.tensorboard = True
     config.validate()
     pretrain(args.corpus, args.out, config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:

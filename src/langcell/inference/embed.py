@@ -17,6 +17,7 @@ import torch
 
 from .._checks import gene_tokenizer_of
 from .._progress import progress_bar
+from ..data.corpus import TokenCorpus
 from ..errors import LangCellError
 from ..models.batched import forward_in_batches
 from ..precision import check_precision
@@ -81,32 +82,31 @@ def embedding_matrix(
     chunk_size: int = 8_192,
     precision: str = "fp32",
     progress: bool = False,
+    rows: slice | None = None,
 ) -> tuple[np.ndarray, int]:
     """Unit cell embeddings ``float32 [n_obs, projection_dim]`` of ``adata``, and the max_length used.
 
     Tokenizes and embeds ``chunk_size`` rows at a time (a backed AnnData streams from disk). Shared by
     :func:`embed` and the retrieval functions; validates the model and settings before any work.
+    ``rows`` (a contiguous range, e.g. one process's share) embeds only those rows.
     """
     tokenizer = gene_tokenizer_of(model)
     check_precision(precision, model.logit_scale.device)
-    limit = int(model.config.cell.max_position_embeddings)
-    if max_length is None:
-        max_length = limit
-    elif isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or max_length < 1:
-        raise LangCellError(f"max_length must be a positive integer number of tokens, got {max_length!r}")
-    max_length = int(min(max_length, limit))
-    result = np.zeros((adata.n_obs, model.config.projection_dim), dtype=np.float32)
-    bar = progress_bar(adata.n_obs, progress, "embed", "cell")
+    max_length = check_max_length(max_length, model)
+    first, last = (0, adata.n_obs) if rows is None else (rows.start, rows.stop)
+    result = np.zeros((last - first, model.config.projection_dim), dtype=np.float32)
+    bar = progress_bar(last - first, progress, "embed", "cell")
     try:
-        for start in range(0, adata.n_obs, chunk_size):
-            stop = min(start + chunk_size, adata.n_obs)
+        # One level of slicing only: anndata cannot take a view of a view of a backed file.
+        for start in range(first, last, chunk_size):
+            stop = min(start + chunk_size, last)
             part = adata[start:stop]
             part = part.to_memory() if adata.isbacked else part
             cells = tokenizer.encode(
                 part, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
                 max_length=max_length,
             )
-            result[start:stop] = embed_cells(
+            result[start - first : stop - first] = embed_cells(
                 model, cells, max_tokens=max_tokens, max_length=max_length, precision=precision
             )
             if bar is not None:
@@ -115,6 +115,16 @@ def embedding_matrix(
         if bar is not None:
             bar.close()
     return result, max_length
+
+
+def check_max_length(max_length: Any, model: Any) -> int:
+    """``max_length`` checked and capped at the cell encoder's positions (their number when ``None``)."""
+    limit = int(model.config.cell.max_position_embeddings)
+    if max_length is None:
+        return limit
+    if isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or max_length < 1:
+        raise LangCellError(f"max_length must be a positive integer number of tokens, got {max_length!r}")
+    return int(min(max_length, limit))
 
 
 def text_embeddings(model: Any, texts: list[str], names: list[str], precision: str = "fp32") -> np.ndarray:
@@ -146,3 +156,26 @@ def unit_cell_embeddings(adata, model, use_rep, **encode_options) -> tuple[np.nd
 
     embeddings, max_length = embedding_matrix(adata, model, **encode_options)
     return embeddings, False, max_length
+
+
+def corpus_for(model: Any, corpus: Any, n_cells: int) -> TokenCorpus:
+    """``corpus`` (a :class:`TokenCorpus` or its directory) checked to hold ``n_cells`` cells tokenized
+    with the model's gene vocabulary; raises :class:`LangCellError` otherwise."""
+    if not isinstance(corpus, TokenCorpus):
+        corpus = TokenCorpus(corpus)
+    if len(corpus) != n_cells:
+        raise LangCellError(
+            f"the corpus {str(corpus.directory)!r} holds {len(corpus)} cells but adata has {n_cells} rows; pass "
+            "an AnnData made from the corpus's obs (anndata.AnnData(obs=corpus.obs))"
+        )
+    if corpus.tokenizer != gene_tokenizer_of(model):
+        raise LangCellError(
+            f"the corpus {str(corpus.directory)!r} was tokenized with another gene vocabulary than the model's; "
+            "tokenize the cells with the model's tokenizer (langcell tokenize --tokenizer MODEL_DIR) or pass the h5ad file"
+        )
+    return corpus
+
+
+def corpus_cells(corpus: TokenCorpus, rows: slice, max_length: int) -> list[np.ndarray]:
+    """Token sequences of the corpus cells ``rows``, each cut to ``max_length`` tokens (read-only views)."""
+    return [corpus[i][:max_length] for i in range(rows.start, rows.stop)]

@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import _distributed
 from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added, check_unit_interval, gene_tokenizer_of, output_anndata
 from .._docs import doc_params
 from ..errors import LangCellError
+from ..inference.embed import corpus_cells, corpus_for
 from ..inference.zero_shot import (
     DEFAULT_ALPHA,
     DEFAULT_MAX_PAIR_TOKENS,
@@ -61,6 +63,8 @@ def annotate(
     max_pair_tokens: int = DEFAULT_MAX_PAIR_TOKENS,
     precision: str = "fp32",
     progress: bool = True,
+    distributed: bool = False,
+    corpus: Any = None,
     key_added: str = "langcell_cell_type",
     copy: bool = False,
 ):
@@ -132,6 +136,8 @@ def annotate(
         Text tokens per cell-text matching pass (bounds memory).
     {precision}
     {progress}
+    {distributed}
+    {corpus}
     key_added
         Name of the fields written (see Returns). Existing fields of that name are overwritten.
     {copy}
@@ -195,13 +201,9 @@ def annotate(
     elif isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or max_length < 1:
         raise LangCellError(f"max_length must be a positive integer number of tokens, got {max_length!r}")
     max_length = int(min(max_length, max_positions))
-    cells = tokenizer.encode(
-        adata,
-        gene_column=gene_column,
-        counts_layer=counts_layer,
-        n_counts_key=n_counts_key,
-        max_length=max_length,
-        progress=progress,
+    cells, ctx = _cells_of_this_process(
+        adata, tokenizer, model, corpus, distributed, max_length, progress,
+        gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
     )
     classes = encode_class_texts(model, texts, names, precision=precision)
     scores = zero_shot_scores(
@@ -218,9 +220,11 @@ def annotate(
         progress=progress,
     )
 
+    probs = _distributed.gather_rows(scores.scores, adata.n_obs, ctx) if ctx is not None else scores.scores
+
     adata = output_anndata(adata, copy)
-    best = scores.predicted
-    best_score = scores.scores[np.arange(best.size), best]
+    best = probs.argmax(axis=1)
+    best_score = probs[np.arange(best.size), best]
     categories = list(names)
     predicted = np.asarray(names, dtype=object)[best]
     if threshold is not None:
@@ -229,7 +233,7 @@ def annotate(
         predicted = np.where(judged < threshold, unknown_label, predicted)
     adata.obs[key_added] = pd.Categorical(predicted, categories=categories)
     adata.obs[key_added + "_score"] = best_score.astype(np.float64)
-    adata.obsm[key_added + "_probs"] = scores.scores.astype(np.float32)
+    adata.obsm[key_added + "_probs"] = probs.astype(np.float32)
     adata.uns[key_added] = {
         "params": {
             "alpha": alpha,
@@ -247,6 +251,7 @@ def annotate(
             "max_length": max_length,
             "precision": precision,
             "n_classes": len(names),
+            "n_processes": ctx.world_size if ctx is not None else 1,
         },
         "classes": list(names),
         "texts": list(texts),
@@ -257,6 +262,24 @@ def annotate(
         },
     }
     return adata if copy else None
+
+
+def _cells_of_this_process(adata, tokenizer, model, corpus, distributed, max_length, progress, **encode_options):
+    """The token sequences this process scores, and the process group's context (``None`` on one process).
+
+    Across processes (``distributed=True``) each one takes a contiguous share of the rows; the cells
+    come from ``corpus`` when given, else they are tokenized from ``adata``'s counts.
+    """
+    if corpus is not None:
+        corpus = corpus_for(model, corpus, adata.n_obs)
+    ctx = _distributed.current_context() if distributed else None
+    rows = _distributed.cell_share(adata.n_obs, ctx) if ctx is not None else slice(0, adata.n_obs)
+    if corpus is not None:
+        return corpus_cells(corpus, rows, max_length), ctx
+    part = adata
+    if ctx is not None:  # a backed file's share is read into memory (anndata cannot view a view of one)
+        part = adata[rows].to_memory() if adata.isbacked else adata[rows]
+    return tokenizer.encode(part, max_length=max_length, progress=progress, **encode_options), ctx
 
 
 def _check_threshold(threshold: Any, threshold_on: Any) -> float | None:

@@ -122,6 +122,16 @@ def check_resumable(state: dict[str, Any], config: PretrainConfig, world_size: i
             f"the run was started with seed {saved.get('seed')!r} but this call has seed {config.seed}; resuming "
             "would mix two random streams: resume with the run's recipe (its recipe.json), or start a new run"
         )
+    if isinstance(saved, dict):
+        # The held-out cells are left out of training: other ones would change the data the run sees.
+        held = (int(saved.get("eval_every", 0)) > 0, int(saved.get("eval_cells", 256)))
+        if held[0] != (config.eval_every > 0) or (held[0] and held[1] != config.eval_cells):
+            raise LangCellError(
+                f"the run was started with eval_every={saved.get('eval_every', 0)}, eval_cells="
+                f"{saved.get('eval_cells', 256)} but this call has eval_every={config.eval_every}, eval_cells="
+                f"{config.eval_cells}; the held-out cells change the training data: resume with the run's "
+                "recipe (its recipe.json; eval_every may change, but not between 0 and above 0)"
+            )
     if state["world_size"] != world_size:
         raise LangCellError(
             f"the checkpoint was written by {state['world_size']} process(es) but this run has "

@@ -62,6 +62,12 @@ class PretrainConfig:
     checkpoint_every: int = 100  # optimiser steps between checkpoints (and at each stage's end)
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     log_every: int = 10  # optimiser steps between log lines
+    tensorboard: bool = False  # also log to TensorBoard event files in <run>/tensorboard (rank 0); needs
+    # the tensorboard package: pip install "langcell[tensorboard]"
+    eval_every: int = 0  # optimiser steps between held-out zero-shot evaluations (and at each stage's end);
+    # 0 turns it off. Needs cell-type texts in the corpus; accuracy and macro-F1 go into the log
+    eval_cells: int = 256  # labelled cells carved out of the corpus for that evaluation (a seeded draw),
+    # never trained on; only when eval_every > 0
     device: str | None = None  # "cpu", "cuda" or None (CUDA when available)
 
     def validate(self) -> None:
@@ -69,13 +75,15 @@ class PretrainConfig:
         if self.stage not in ("cell", "joint", "both"):
             raise LangCellError(f"stage must be 'cell', 'joint' or 'both', got {self.stage!r}")
         check_precision(self.precision)
-        for name in ("cell_steps", "joint_steps", "warmup_steps", "num_workers", "seed"):
+        for name in ("cell_steps", "joint_steps", "warmup_steps", "num_workers", "seed", "eval_every"):
             if getattr(self, name) < 0:
                 raise LangCellError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_tokens", "max_batch_size", "max_length", "text_max_length", "grad_accum",
                      "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise LangCellError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every > 0 and self.eval_cells < 1:
+            raise LangCellError(f"eval_cells must be >= 1 when eval_every > 0, got {self.eval_cells}")
         if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
             raise LangCellError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if self.ctm_cells is not None and self.ctm_cells < 2:
@@ -123,6 +131,8 @@ class PretrainConfig:
         model_config = self.model_config()
         model_config.cell.vocab_size = gene_tokenizer.vocab_size
         model_config.cell.max_position_embeddings = min(model_config.cell.max_position_embeddings, self.max_length)
+        if self.eval_every > 0 and self.eval_cells < 1:
+            raise LangCellError(f"eval_cells must be >= 1 when eval_every > 0, got {self.eval_cells}")
         if self.attention_dropout is not None:
             model_config.cell.attention_probs_dropout_prob = self.attention_dropout
             model_config.text.attention_probs_dropout_prob = self.attention_dropout

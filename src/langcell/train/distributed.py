@@ -1,4 +1,4 @@
-"""Process-group set-up for torchrun, and the few collective helpers the trainer needs.
+"""The process group under torchrun (set-up in :mod:`langcell._distributed`) and the trainer's collectives.
 
 ``torchrun --nproc_per_node N -m langcell pretrain ...`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``
 in each process's environment. Without them the trainer runs as a single process and none of this
@@ -7,65 +7,14 @@ touches ``torch.distributed``.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
+# Joining the group is shared with inference across processes, so it lives below both layers.
+from .._distributed import DistributedContext, barrier, setup, teardown
 
-@dataclass
-class DistributedContext:
-    """Where this process stands in the job."""
-
-    rank: int  # global rank of this process (0 on one process)
-    local_rank: int  # rank on this machine: picks the GPU
-    world_size: int  # number of processes in the job
-    device: torch.device  # the device this process computes on
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes checkpoints, logs and the final model."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """Whether more than one process takes part."""
-        return self.world_size > 1
-
-
-def setup(device: str | None = None) -> DistributedContext:
-    """Join the process group torchrun prepared (NCCL on GPUs, gloo on CPU), or run alone.
-
-    Parameters
-    ----------
-    device
-        ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
-    else:
-        torch_device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
-
-
-def teardown() -> None:
-    """Leave the process group (if one was joined)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(ctx: DistributedContext) -> None:
-    """Wait for every process (no-op on one)."""
-    if ctx.distributed:
-        dist.barrier()
+__all__ = ["DistributedContext", "all_ranks_agree", "barrier", "mean_over_ranks", "setup", "sum_over_ranks",
+           "teardown"]
 
 
 def all_ranks_agree(ctx: DistributedContext, flag: bool) -> bool:

@@ -54,7 +54,8 @@ from . import distributed
 from .checkpoint import check_resumable, latest_checkpoint, load_training_state, save_checkpoint
 from .config import STAGES, PretrainConfig
 from .data import CellTextTable, PretrainStream
-from .log import RunLog
+from .heldout import HeldOutEvaluation, held_out_cells
+from .log import RunLog, check_tensorboard
 from .losses import LossWeights, combine
 from .objective import PretrainObjective
 from .optim import param_groups, set_trainable, warmup_cosine_schedule
@@ -180,14 +181,20 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
     model = LangCell.from_config(model_config, gene_tokenizer=corpus.tokenizer).to(ctx.device)
 
     stages = config.stages()
+    if config.tensorboard:
+        check_tensorboard()
     table = None
-    if "joint" in stages:
+    if "joint" in stages or config.eval_every > 0:
         table = CellTextTable.from_obs(corpus.obs)
         if len(table.cells_with_cell_type_text()) == 0:
             raise LangCellError(
                 "no corpus cell has a cell-type text (all cell_type_ontology_term_id values are unknown); "
-                "tokenize labelled cells or run --stage cell"
+                "tokenize labelled cells, or run --stage cell without the held-out evaluation (eval_every 0)"
             )
+    evaluation = None
+    if config.eval_every > 0:  # the held-out cells are carved out here, the same on every rank and resume
+        evaluation = HeldOutEvaluation(corpus, table, held_out_cells(table, config.eval_cells, config.seed),
+                                       max_length=config.max_length, precision=config.precision)
 
     if ctx.is_main:
         _create_out_dir(out, config, resume, has_run)
@@ -210,7 +217,7 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
             if start_step >= config.steps(start_stage) and start_stage != stages[-1]:
                 start_stage, start_step, state = stages[stages.index(start_stage) + 1], 0, None
 
-    run_log = RunLog(out, ctx.is_main, started)
+    run_log = RunLog(out, ctx.is_main, started, tensorboard=config.tensorboard)
     steps_this_call = 0
     try:
         for stage in stages[stages.index(start_stage):]:
@@ -218,6 +225,7 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
             steps_this_call = _train_stage(
                 model, corpus, table, config, ctx, out, stage, first_step,
                 state if stage == start_stage else None, run_log, progress, stop_after_steps, steps_this_call,
+                evaluation,
             )
             if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                 return model
@@ -230,9 +238,11 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
 
 
 def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, state, run_log, progress,
-                 stop_after_steps, steps_this_call) -> int:
+                 stop_after_steps, steps_this_call, evaluation) -> int:
     """Train one stage from ``first_step`` (resuming ``state`` when given) to its last step, or until
-    ``stop_after_steps`` steps of this call; returns the steps made in this call so far."""
+    ``stop_after_steps`` steps of this call; returns the steps made in this call so far. ``evaluation``
+    (a :class:`HeldOutEvaluation` or ``None``): its cells are never trained on, and rank 0 runs it every
+    ``eval_every`` steps."""
     total = config.steps(stage)
     if first_step >= total:
         return steps_this_call
@@ -255,6 +265,8 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
             objective, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
         )
     cells = np.arange(len(corpus)) if stage == "cell" else table.cells_with_cell_type_text()
+    if evaluation is not None:
+        cells = np.setdiff1d(cells, evaluation.indices)  # sorted, like cells: nothing else changes
     stream = PretrainStream(
         corpus, cells, max_tokens=config.max_tokens, max_batch_size=config.max_batch_size,
         max_length=config.max_length, rank=ctx.rank, world_size=ctx.world_size,
@@ -298,8 +310,11 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
         if bar is not None:
             bar.update(1)
 
-        if done % config.log_every == 0 or done == total:
-            _log_window(run_log, ctx, stage, done, offset, scheduler.get_last_lr()[0], sums, window, bar)
+        evaluating = evaluation is not None and (done % config.eval_every == 0 or done == total)
+        if done % config.log_every == 0 or done == total or evaluating:
+            scores = _evaluate(evaluation, model, window) if evaluating and ctx.is_main else {}
+            _log_window(run_log, ctx, stage, done, offset, scheduler.get_last_lr()[0], sums, window, bar,
+                        scores)
             sums = {}
             window = {"cells": 0.0, "tokens": 0.0, "steps": 0, "time": time.perf_counter()}
 
@@ -345,15 +360,24 @@ def _micro_step(wrapped, model, batch, table, config, ctx, stage, step, micro, w
     return losses, loss, inputs
 
 
-def _log_window(run_log, ctx, stage, done, offset, lr, sums, window, bar) -> None:
-    """Write one log row: the window's mean losses over its steps and ranks, and its throughput."""
+def _evaluate(evaluation, model, window) -> dict[str, float]:
+    """The held-out scores of ``model`` now; the time they take is kept out of the window's throughput."""
+    start = time.perf_counter()
+    scores = evaluation(model)
+    window["time"] += time.perf_counter() - start
+    return scores
+
+
+def _log_window(run_log, ctx, stage, done, offset, lr, sums, window, bar, scores) -> None:
+    """Write one log row: the window's mean losses over its steps and ranks, its throughput, and the
+    held-out ``scores`` (rank 0's, when this step evaluated)."""
     n_steps = window["steps"]  # fewer than log_every after a resume or at a stage's end
     means = distributed.mean_over_ranks(ctx, {k: v / n_steps for k, v in sums.items()})
     counts = distributed.sum_over_ranks(ctx, {"cells": window["cells"], "tokens": window["tokens"]})
     elapsed = time.perf_counter() - window["time"]
     row = {"stage": stage, "step": done, "lr": lr, **means,
            "cells_per_s": counts["cells"] / elapsed, "tokens_per_s": counts["tokens"] / elapsed,
-           "elapsed_s": run_log.elapsed()}
+           "elapsed_s": run_log.elapsed(), **scores}
     run_log.write(row, offset + done)
     if bar is not None:
         bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")})
