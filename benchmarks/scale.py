@@ -4,8 +4,8 @@ What it measures, for each size, every figure in its own fresh subprocess (so th
 never hides another's):
 
 * ``langcell tokenize`` of N backed h5ad files into a corpus: cells/s and peak RSS;
-* opening the corpus (``TokenCorpus`` + its obs table): seconds and RSS;
-* building the pretraining text table (``CellTextTable.from_obs``) and the batch stream
+* opening the corpus (``TokenCorpus``: manifest, shard checks, lengths): seconds and RSS;
+* building the pretraining text table (``CellTextTable.from_corpus``: the term id columns of obs) and the batch stream
   (``PretrainStream``) for rank 0 of 8 at the ``base`` recipe's sizes: seconds and RSS;
 * the stream's steady throughput in cells/s with 0, 2 and 4 data-loader workers (``base`` lengths:
   up to 2,048 tokens a cell, 65,536 tokens and 64 cells a micro-batch), and the same with 0 workers on
@@ -91,6 +91,18 @@ def max_rss_mib() -> float:
     """
     with open("/proc/self/status") as handle:
         line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def anon_rss_mib() -> float:
+    """Anonymous resident memory now (``RssAnon``), in MiB: RSS less the pages of mapped files.
+
+    Reading a memory-mapped corpus puts its pages in RSS too; those belong to the page cache, are
+    shared by every process on the machine that maps the corpus, and the kernel drops them under
+    pressure. What the data path itself holds is the anonymous part.
+    """
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("RssAnon:"))
     return int(line.split()[1]) / 1024
 
 
@@ -235,22 +247,25 @@ def measure_stream(corpus_dir: str, seconds: float) -> dict:
     result = {"rss_start_mib": current_rss_mib()}
     start = time.perf_counter()
     corpus = TokenCorpus(corpus_dir)
-    obs = corpus.obs
-    result.update(open_s=time.perf_counter() - start, open_rss_mib=current_rss_mib())
+    result.update(open_s=time.perf_counter() - start, open_rss_mib=current_rss_mib(), open_anon_mib=anon_rss_mib())
     start = time.perf_counter()
-    table = CellTextTable.from_obs(obs)
+    table = CellTextTable.from_corpus(corpus)  # as langcell.train.pretrain does
     stream = _stream(corpus, table, 0)
     result.update(table_stream_s=time.perf_counter() - start, table_stream_rss_mib=current_rss_mib(),
+                  table_stream_anon_mib=anon_rss_mib(),
                   n_texts=len(table.texts), batches_per_epoch=stream.batches_per_epoch)
+    anon = [result["open_anon_mib"], result["table_stream_anon_mib"]]
     for workers in (0, 2, 4):
         result[f"cells_per_s_{workers}w"] = _throughput(_stream(corpus, table, workers), seconds)
+        anon.append(anon_rss_mib())
     long_cells = np.flatnonzero(corpus.lengths >= BASE["max_length"])
     result["cells_per_s_2048"] = _throughput(_stream(corpus, table, 0, long_cells), seconds)
     for name, step in (("resume_0_s", 0), ("resume_late_s", LATE_STEP)):
         start = time.perf_counter()
         next(iter(stream.iterate(start=step)))
         result[name] = time.perf_counter() - start
-    result.update(peak_rss_mib=max_rss_mib())
+    anon.append(anon_rss_mib())
+    result.update(peak_rss_mib=max_rss_mib(), anon_peak_mib=max(anon))
     return result
 
 
@@ -292,7 +307,8 @@ ROWS = [
     ("stream cells/s, 2,048-token cells, 0 workers", "stream", "cells_per_s_2048"),
     ("first batch at step 0 (s)", "stream", "resume_0_s"),
     (f"first batch at step {LATE_STEP:,} (s)", "stream", "resume_late_s"),
-    ("data path peak RSS (MiB)", "stream", "peak_rss_mib"),
+    ("data path peak RSS, mapped corpus pages included (MiB)", "stream", "peak_rss_mib"),
+    ("data path anonymous memory, largest sample (MiB)", "stream", "anon_peak_mib"),
 ]
 
 
@@ -302,6 +318,8 @@ def print_table(results: dict[float, dict]) -> None:
     print(head)
     print("|---|" + "---:|" * (len(sizes) + 1))
     for label, stage, key in ROWS:
+        if any(stage not in results[s] for s in sizes):
+            continue
         values = [results[s][stage][key] for s in sizes]
         growth = values[-1] / values[0] if values[0] else float("nan")
         cells = " | ".join(f"{v:,.2f}" if v < 100 else f"{v:,.0f}" for v in values)
@@ -315,6 +333,9 @@ def main() -> None:
     parser.add_argument("--ten-million", action="store_true", help="add 10M cells (~95 GB of disk)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of batches per throughput figure")
     parser.add_argument("--clean", action="store_true", help="delete the collection and corpora at the end")
+    parser.add_argument("--keep", action="store_true", help="keep each size's corpus (corpus_<size>M)")
+    parser.add_argument("--stream-only", action="store_true",
+                        help="measure the stream on the corpora a --keep run left, without tokenizing again")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-args", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -331,12 +352,15 @@ def main() -> None:
     for size in sizes:
         n_files = int(round(size * 1e6 / FILE_CELLS))
         out = args.data / f"corpus_{size:g}M"
-        tokenize = run_child("tokenize", files=[str(f) for f in files[:n_files]],
-                             tokenizer=str(args.data / "tokenizer"), out=str(out))
-        stream = run_child("stream", corpus_dir=str(out), seconds=args.seconds)
-        results[size] = {"tokenize": tokenize, "stream": stream, "load": os.getloadavg()}
+        results[size] = {}
+        if not args.stream_only:
+            results[size]["tokenize"] = run_child("tokenize", files=[str(f) for f in files[:n_files]],
+                                                  tokenizer=str(args.data / "tokenizer"), out=str(out))
+        results[size]["stream"] = run_child("stream", corpus_dir=str(out), seconds=args.seconds)
+        results[size]["load"] = os.getloadavg()
         print(f"{size:g}M cells (load {os.getloadavg()[0]:.1f}): {json.dumps(results[size])}", flush=True)
-        shutil.rmtree(out)
+        if not (args.keep or args.stream_only):
+            shutil.rmtree(out)
     print(f"\nload after: {os.getloadavg()}; base recipe {BASE}, rank {RANK} of {WORLD_SIZE}\n")
     print_table(results)
     if args.clean:

@@ -62,6 +62,9 @@ def read_log(run: Path) -> list[dict[str, str]]:
 def test_text_table_covers_cells_and_groups_identical_texts(corpus_dir):
     corpus = TokenCorpus(corpus_dir)
     table = CellTextTable.from_obs(corpus.obs)
+    # Reading only the term columns (what pretrain does) gives the same table.
+    from_corpus = CellTextTable.from_corpus(TokenCorpus(corpus_dir))
+    assert from_corpus.texts == table.texts and np.array_equal(from_corpus.text_ids, table.text_ids)
     assert table.aspects[0] == "cell_type"
     ids = table.text_ids[:, 0]
     assert (ids >= 0).all()

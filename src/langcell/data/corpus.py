@@ -605,6 +605,45 @@ class TokenCorpus:
                 ) from None
         return self._obs
 
+    def read_obs(self, columns: Sequence[str]) -> pd.DataFrame:
+        """Only some columns of the cell metadata, read from disk without the rest.
+
+        :attr:`obs` holds every column, among them one name per cell (``obs_name``): millions of Python
+        strings in a large corpus. What needs a few columns (the ontology term ids of the pretraining
+        texts) reads just those: category codes, a byte or two a cell.
+
+        Parameters
+        ----------
+        columns
+            Column names; those the corpus does not have are left out of the result.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per cell in corpus order (a ``RangeIndex``), the columns found, in the order given.
+        """
+        if self._obs is not None:
+            return self._obs[[c for c in columns if c in self._obs.columns]].reset_index(drop=True)
+        import h5py
+        from anndata.io import read_elem
+
+        path = self.directory / self.manifest["obs_file"]
+        if not path.is_file():
+            raise LangCellError(
+                f"{str(self.directory)!r} is missing its metadata file {path.name!r}; write the corpus again"
+            )
+        try:
+            with h5py.File(path, "r") as handle:
+                group = handle["obs"]
+                stored = set(group.attrs["column-order"])
+                data = {c: read_elem(group[c]) for c in columns if c in stored}
+        except (OSError, ValueError, KeyError) as err:
+            raise LangCellError(
+                f"{str(self.directory)!r}: its metadata file {path.name!r} is unreadable ({type(err).__name__}); "
+                "write the corpus again"
+            ) from None
+        return pd.DataFrame(data, index=pd.RangeIndex(len(self)))
+
     def batch(
         self, indices: Sequence[int] | np.ndarray, *, pad_to: int | None = None
     ) -> dict[str, np.ndarray]:

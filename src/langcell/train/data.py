@@ -83,6 +83,11 @@ class CellTextTable:
             text_ids[:, j] = mapped[np.where(codes < 0, code_texts.size, codes)]
         return cls(aspects=kept, texts=texts, text_ids=text_ids)
 
+    @classmethod
+    def from_corpus(cls, corpus: TokenCorpus, aspects=ASPECTS) -> CellTextTable:
+        """Describe a corpus's cells, reading only its ontology term id columns (not every cell's name)."""
+        return cls.from_obs(corpus.read_obs([f"{aspect}_ontology_term_id" for aspect in aspects]), aspects)
+
     def cells_with_cell_type_text(self) -> np.ndarray:
         """Indices of the cells that have a cell-type text (the only ones the joint stage uses)."""
         return np.flatnonzero(self.text_ids[:, 0] >= 0)
