@@ -43,13 +43,14 @@ tissue_general
 ===================================  =======================================================================
 
 The tokenizer is fitted once on the three base files (custom gene names: the CBMC genes have no public
-IDs) and given to ``langcell tokenize --tokenizer``. Disk: about 7.3 GB of h5ad and 1.9 GB of corpus per
-million cells (2M: ~19 GB; 10M: ~95 GB). The script refuses to start when the disk holds less. Run from
+IDs) and given to ``langcell tokenize --tokenizer``. Disk: about 7.3 GB of h5ad and 1.5 GB of corpus per
+million cells (measured: 2M cells are 14 GB of h5ad and a 2.9 GB corpus; 10M need about 90 GB). The
+script refuses to start when the disk holds less. Run from
 the repository root::
 
     python benchmarks/scale.py --data /work/scale-data                  # 0.1, 0.5 and 2 million cells
     python benchmarks/scale.py --data /work/scale-data --sizes 0.1 0.5  # quicker
-    python benchmarks/scale.py --data /data/scale --ten-million          # adds 10M (about 95 GB of disk)
+    python benchmarks/scale.py --data /data/scale --ten-million          # adds 10M (about 90 GB of disk)
     python benchmarks/scale.py --data /work/scale-data --clean          # delete the collection afterwards
 """
 
@@ -72,7 +73,7 @@ IMMUNE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"
 CBMC = SHARED / "data" / "cbmc_citeseq_500genes.h5ad"
 FILE_CELLS = 100_000
 #: Measured bytes per cell: h5ad (CSR float32 + int32 indices, ~915 stored values a cell) and corpus.
-H5AD_BYTES_PER_CELL, CORPUS_BYTES_PER_CELL = 7_300, 1_900
+H5AD_BYTES_PER_CELL, CORPUS_BYTES_PER_CELL = 7_300, 1_500
 #: The base recipe's data sizes (src/langcell/configs/base.json).
 BASE = {"max_tokens": 65_536, "max_batch_size": 64, "max_length": 2048}
 WORLD_SIZE, RANK = 8, 0
@@ -205,7 +206,7 @@ def build_collection(data: Path, n_files: int) -> list[Path]:
 def check_disk(data: Path, sizes: list[float]) -> None:
     """Refuse to start when the collection and the corpora cannot fit on the disk of ``data``."""
     existing = sum(f.stat().st_size for f in data.glob("h5ad/*.h5ad")) if data.is_dir() else 0
-    need = max(sizes) * 1e6 * H5AD_BYTES_PER_CELL - existing + max(sizes) * 1e6 * CORPUS_BYTES_PER_CELL
+    need = max(max(sizes) * 1e6 * H5AD_BYTES_PER_CELL - existing, 0) + max(sizes) * 1e6 * CORPUS_BYTES_PER_CELL
     probe = data if data.exists() else data.parent
     free = shutil.disk_usage(probe).free
     print(f"disk: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free on {probe}")
@@ -330,7 +331,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("/work/scale-data"), help="where the collection goes")
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.5, 2.0], help="millions of cells")
-    parser.add_argument("--ten-million", action="store_true", help="add 10M cells (~95 GB of disk)")
+    parser.add_argument("--ten-million", action="store_true", help="add 10M cells (~90 GB of disk)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of batches per throughput figure")
     parser.add_argument("--clean", action="store_true", help="delete the collection and corpora at the end")
     parser.add_argument("--keep", action="store_true", help="keep each size's corpus (corpus_<size>M)")
