@@ -97,6 +97,23 @@ def test_stream_is_resumable_and_shards_ranks(corpus_dir):
     assert not set(a.tolist()) & set(b.tolist())
 
 
+def test_workers_serve_the_same_batches_and_shards_are_checked_once(corpus_dir):
+    corpus = TokenCorpus(corpus_dir)
+    table = CellTextTable.from_corpus(corpus)
+    options = {"max_tokens": 1024, "max_batch_size": 16, "max_length": 128, "seed": 3, "table": table}
+    cells = table.cells_with_cell_type_text()
+    alone = [b for _, b in zip(range(6), PretrainStream(corpus, cells, **options).iterate(4), strict=False)]
+    assert corpus._verified == {0}  # checked lazily, in this process, on the first read
+    fresh = TokenCorpus(corpus_dir)
+    with_workers = PretrainStream(fresh, cells, num_workers=2, **options)
+    batches = [b for _, b in zip(range(6), with_workers.iterate(4), strict=False)]
+    # Checked here, before the workers were forked: they inherit it instead of hashing the shards again.
+    assert fresh._verified == set(range(len(fresh.manifest["shards"])))
+    for a, b in zip(alone, batches, strict=True):
+        for key in ("input_ids", "attention_mask", "cell_index", "text_ids"):
+            assert torch.equal(a[key], b[key]), key
+
+
 def test_every_loss_falls(corpus_dir, tmp_path):
     config = tiny(cell_steps=25, joint_steps=25, log_every=1, checkpoint_every=100, lr=2e-3, joint_lr=2e-3,
                   warmup_steps=2)
