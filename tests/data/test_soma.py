@@ -130,6 +130,20 @@ def test_obs_filter_selects_the_same_cells_as_the_h5ad_subset(experiment, tokeni
     _assert_same_corpus(selected, expected, uri)
 
 
+@pytest.mark.slow  # builds a SOMA experiment (~10 s on the 2-core CPU) and writes corpora
+def test_obs_columns_are_read_and_kept_as_from_h5ad(experiment, tokenizer, tmp_path):
+    uri, paths = experiment
+    kept = ["cell_type_ontology_term_id", "tissue_general"]
+    from_h5ad = write_corpus(paths, tokenizer, tmp_path / "h", obs_columns=kept, max_length=256, progress=False)
+    from_soma = write_corpus(SomaSource(uri), tokenizer, tmp_path / "s", obs_columns=kept, max_length=256,
+                             progress=False)
+    assert list(from_soma.obs.columns) == [*kept, "source_file", "obs_name"]
+    _assert_same_corpus(from_soma, from_h5ad, uri)
+    with pytest.raises(LangCellError, match=r"has no obs columns \['tissue'\]"):
+        write_corpus(SomaSource(uri), tokenizer, tmp_path / "x", obs_columns=["tissue"], progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "words"),

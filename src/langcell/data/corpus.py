@@ -261,7 +261,7 @@ def write_corpus(
         obs_parts: list[pd.DataFrame] = []
         source_entries: list[dict] = []
         for i, source in enumerate(source_list):
-            with opened_counts(source, f"input #{i}", **reading) as counts:
+            with opened_counts(source, f"input #{i}", obs_columns=obs_columns, **reading) as counts:
                 label = counts.label
                 obs = _select_obs(counts.obs, obs_columns, label)
                 obs[SOURCE_COLUMN] = label
@@ -345,7 +345,7 @@ def _check_disk_space(
     """Refuse, before writing anything, a corpus that may not fit on the output's disk."""
     needed = 1 << 20  # manifest, tokenizer, obs header
     for i, source in enumerate(source_list):
-        with opened_counts(source, f"input #{i}", **reading) as counts:
+        with opened_counts(source, f"input #{i}", obs_columns=(), **reading) as counts:
             needed += _upper_bound_bytes(counts, max_length, ids_dtype, lengths_dtype)
     probe = Path(out_dir).resolve()
     while not probe.exists():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,18 +198,37 @@ def _layer(experiment: Any, source: SomaSource) -> tuple[Any, Any]:
     return measurement, measurement.X[source.x_layer]
 
 
-def _read_obs(tiledbsoma: Any, experiment: Any, source: SomaSource) -> pd.DataFrame:
-    """The filtered cells' obs, in soma_joinid order, after checking the filter's columns."""
-    columns = list(experiment.obs.schema.names)
+def _wanted_columns(names: list[str], columns: Sequence[str] | None, n_counts_key: str | None) -> list[str] | None:
+    """The obs columns to read: ``columns`` and those the reader itself uses (None: all)."""
+    if columns is None:
+        return None
+    own = ["soma_joinid", *_OBS_ID_COLUMNS, "nnz", *([n_counts_key] if n_counts_key else [])]
+    return list(dict.fromkeys([c for c in own if c in names] + list(columns)))
+
+
+def _read_obs(
+    tiledbsoma: Any, experiment: Any, source: SomaSource, columns: Sequence[str] | None, n_counts_key: str | None
+) -> pd.DataFrame:
+    """The filtered cells' obs (the ``columns`` wanted), in soma_joinid order, after checking the filter."""
+    names = list(experiment.obs.schema.names)
+    listed = ", ".join(c for c in names if c != "soma_joinid")
+    missing = [c for c in columns or () if c not in names]
+    if missing:
+        raise LangCellError(
+            f"{source.uri!r} has no obs columns {missing} (columns: {listed}); pass existing column names in "
+            "obs_columns, or obs_columns=None for all"
+        )
     if source.obs_filter is not None:
-        unknown = sorted(_filter_columns(source.obs_filter, source.uri) - set(columns))
+        unknown = sorted(_filter_columns(source.obs_filter, source.uri) - set(names))
         if unknown:
             raise LangCellError(
                 f"obs_filter {source.obs_filter!r} names obs columns {unknown} that {source.uri!r} does not have "
-                f"(columns: {', '.join(c for c in columns if c != 'soma_joinid')}); fix the obs_filter"
+                f"(columns: {listed}); fix the obs_filter"
             )
     try:
-        table = experiment.obs.read(value_filter=source.obs_filter).concat()
+        table = experiment.obs.read(
+            value_filter=source.obs_filter, column_names=_wanted_columns(names, columns, n_counts_key)
+        ).concat()
     except (tiledbsoma.SOMAError, ValueError, TypeError) as err:
         raise LangCellError(
             f"obs_filter {source.obs_filter!r} cannot be applied to {source.uri!r} ({err}); fix the obs_filter, "
@@ -230,8 +249,21 @@ def _cell_names(obs: pd.DataFrame) -> pd.Index:
 
 
 @contextlib.contextmanager
-def opened_soma(source: SomaSource) -> Iterator[SomaCells]:
+def opened_soma(
+    source: SomaSource, *, obs_columns: Sequence[str] | None = None, n_counts_key: str | None = None
+) -> Iterator[SomaCells]:
     """Open an experiment, check everything that can be checked, and yield its filtered cells.
+
+    Parameters
+    ----------
+    source
+        The experiment, filter, measurement and layer.
+    obs_columns
+        obs columns to read besides those the reader uses (cell names, ``nnz``, ``n_counts_key``);
+        ``None`` reads all. The Census's obs has ~30 columns, some a string per cell: what needs no
+        metadata passes ``()``.
+    n_counts_key
+        obs column of per-cell totals, read when present.
 
     Raises
     ------
@@ -246,7 +278,7 @@ def opened_soma(source: SomaSource) -> Iterator[SomaCells]:
     experiment = _open_experiment(tiledbsoma, source)
     try:
         measurement, array = _layer(experiment, source)
-        obs = _read_obs(tiledbsoma, experiment, source)
+        obs = _read_obs(tiledbsoma, experiment, source, obs_columns, n_counts_key)
         var = measurement.var.read().concat().to_pandas().sort_values("soma_joinid", kind="stable")
         joinids = obs["soma_joinid"].to_numpy(dtype=np.int64)
         nnz = obs["nnz"].to_numpy(dtype=np.int64) if "nnz" in obs.columns else None

@@ -89,15 +89,22 @@ def as_source_list(sources: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def opened_counts(
-    source: Any, label: str, *, gene_column: str | None, counts_layer: str | None, n_counts_key: str | None
+    source: Any,
+    label: str,
+    *,
+    gene_column: str | None,
+    counts_layer: str | None,
+    n_counts_key: str | None,
+    obs_columns: Sequence[str] | None = None,
 ) -> Iterator[CountSource]:
     """Open any input (AnnData, h5ad path, :class:`~langcell.data.soma.SomaSource`) as a :class:`CountSource`.
 
     ``counts_layer`` applies to AnnData and h5ad inputs; a SOMA experiment's counts are its ``x_layer``.
-    Files and experiments are closed afterwards.
+    ``obs_columns`` limits the obs columns a SOMA experiment reads (``None``: all; h5ad files read their
+    obs whole). Files and experiments are closed afterwards.
     """
     if isinstance(source, SomaSource):
-        with opened_soma(source) as cells:
+        with opened_soma(source, obs_columns=obs_columns, n_counts_key=n_counts_key) as cells:
             n_counts = None
             if n_counts_key is not None and n_counts_key in cells.obs.columns:
                 n_counts = pd.to_numeric(cells.obs[n_counts_key], errors="coerce").to_numpy(dtype=np.float64)

@@ -406,7 +406,8 @@ class GeneTokenizer:
         detected: set[str | None] = set()
         for i, source in enumerate(source_list):
             with opened_counts(
-                source, f"input #{i}", gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key
+                source, f"input #{i}", gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+                obs_columns=(),
             ) as counts:
                 label = counts.label
                 keys, report = _column_keys(counts.gene_names, gene_id_kind, organism)
@@ -428,7 +429,8 @@ class GeneTokenizer:
         n_cells_expressing = np.zeros(len(candidates), dtype=np.int64)
         for i, (source, keys) in enumerate(zip(source_list, per_source_keys, strict=True)):
             with opened_counts(
-                source, f"input #{i}", gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key
+                source, f"input #{i}", gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+                obs_columns=(),
             ) as counts_source:
                 selection = _genes.selection_matrix(keys, candidate_keys, dtype=np.float64)
                 column_map = selection_columns(selection)
@@ -596,7 +598,8 @@ class GeneTokenizer:
             negative, non-integer, log-normalised), or genes none of which is in the vocabulary.
         """
         with opened_counts(
-            adata, "the AnnData", gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key
+            adata, "the AnnData", gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+            obs_columns=(),
         ) as source:
             label = source.label
             vocabulary_map, chunks = self._encode_source(
