@@ -58,7 +58,6 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
     # Before fitting a vocabulary: an output over an input would replace it (write_corpus checks too).
     check_apart_from_inputs(args.out, [*args.inputs, *([args.tokenizer] if args.tokenizer else [])])
-    sources = tokenize_sources(args)
 
     if bool(args.token_dictionary) != bool(args.gene_median_dictionary):
         raise LangCellError(
@@ -66,6 +65,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
         )
     if args.tokenizer and args.token_dictionary:
         raise LangCellError("pass either --tokenizer or the Geneformer dictionaries, not both")
+    sources = tokenize_sources(args)
     if args.tokenizer:
         tokenizer = GeneTokenizer.load(args.tokenizer)
         say(args, f"tokenizer: {args.tokenizer} ({tokenizer.vocab_size} tokens)")
