@@ -114,6 +114,19 @@ def test_obs_columns_are_selected(two_files, tokenizer, tmp_path):
         write_corpus(two_files, tokenizer, tmp_path / "other", obs_columns=["tissue"], progress=False)
 
 
+def test_read_obs_reads_only_the_columns_asked_for(two_files, tokenizer, tmp_path):
+    write_corpus(two_files, tokenizer, tmp_path / "corpus", progress=False)
+    fresh = TokenCorpus(tmp_path / "corpus")  # nothing read yet: read_obs goes to the file
+    some = fresh.read_obs(["cell_type", "no_such_column", "batch"])
+    assert fresh._obs is None and list(some.columns) == ["cell_type", "batch"]
+    full = TokenCorpus(tmp_path / "corpus").obs
+    for column in ("cell_type", "batch"):
+        pd.testing.assert_series_equal(some[column], full[column].reset_index(drop=True))
+    assert isinstance(some["cell_type"].dtype, pd.CategoricalDtype) and list(some.index) == list(range(220))
+    # obs_name: one string per cell, stored as strings rather than a category per cell.
+    assert full["obs_name"].dtype == object and full["obs_name"].is_unique
+
+
 def test_mixed_metadata_is_stored_as_text(cbmc, tokenizer, tmp_path):
     # In-memory AnnData objects can hold columns h5ad cannot write as they are (str, int and None mixed).
     first, second = cbmc[:3].copy(), cbmc[3:6].copy()

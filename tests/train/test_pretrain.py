@@ -67,6 +67,9 @@ def read_log(run: Path) -> list[dict[str, str]]:
 def test_text_table_covers_cells_and_groups_identical_texts(corpus_dir):
     corpus = TokenCorpus(corpus_dir)
     table = CellTextTable.from_obs(corpus.obs)
+    # Reading only the term columns (what pretrain does) gives the same table.
+    from_corpus = CellTextTable.from_corpus(TokenCorpus(corpus_dir))
+    assert from_corpus.texts == table.texts and np.array_equal(from_corpus.text_ids, table.text_ids)
     assert table.aspects[0] == "cell_type"
     ids = table.text_ids[:, 0]
     assert (ids >= 0).all()
@@ -97,6 +100,23 @@ def test_stream_is_resumable_and_shards_ranks(corpus_dir):
     a = np.concatenate([b["cell_index"].numpy() for _, b in zip(range(r0.batches_per_epoch), r0.iterate(), strict=False)])
     b = np.concatenate([b["cell_index"].numpy() for _, b in zip(range(r1.batches_per_epoch), r1.iterate(), strict=False)])
     assert not set(a.tolist()) & set(b.tolist())
+
+
+def test_workers_serve_the_same_batches_and_shards_are_checked_once(corpus_dir):
+    corpus = TokenCorpus(corpus_dir)
+    table = CellTextTable.from_corpus(corpus)
+    options = {"max_tokens": 1024, "max_batch_size": 16, "max_length": 128, "seed": 3, "table": table}
+    cells = table.cells_with_cell_type_text()
+    alone = [b for _, b in zip(range(6), PretrainStream(corpus, cells, **options).iterate(4), strict=False)]
+    assert corpus._verified == {0}  # checked lazily, in this process, on the first read
+    fresh = TokenCorpus(corpus_dir)
+    with_workers = PretrainStream(fresh, cells, num_workers=2, **options)
+    batches = [b for _, b in zip(range(6), with_workers.iterate(4), strict=False)]
+    # Checked here, before the workers were forked: they inherit it instead of hashing the shards again.
+    assert fresh._verified == set(range(len(fresh.manifest["shards"])))
+    for a, b in zip(alone, batches, strict=True):
+        for key in ("input_ids", "attention_mask", "cell_index", "text_ids"):
+            assert torch.equal(a[key], b[key]), key
 
 
 def test_every_loss_falls(corpus_dir, tmp_path):

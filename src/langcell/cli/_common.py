@@ -202,12 +202,16 @@ _FLAGS_FOR_KEYWORDS = (
     ("gene_id_kind='custom'", "--custom-genes"),
     ("organism='human' or 'mouse'", "--organism human or mouse"),
     ("label_key=<", "--label-key <"),
+    ("measurement=<", "--measurement <"),
     ("classes_from=<", "--classes-from <"),
     ("precision='fp32'", "--precision fp32"),
     ("precision='fp16'", "--precision fp16"),
 )
 #: Bare argument names that are flags of the same name on the command line.
-_FLAG_WORDS = re.compile(r"(?<![\w-])(counts_layer|gene_column|label_key|key_added|max_length|batch_key|classes_from)\b")
+_FLAG_WORDS = re.compile(
+    r"(?<![\w-])(counts_layer|gene_column|label_key|key_added|max_length|batch_key|classes_from|obs_filter|"
+    r"x_layer)\b"
+)
 
 
 def cli_wording(message: str) -> str:

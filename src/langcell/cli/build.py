@@ -14,14 +14,16 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
     """Register ``langcell tokenize`` and its options."""
     p = sub.add_parser(
         "tokenize",
-        help="turn h5ad files of raw counts into an on-disk corpus of rank-ordered gene tokens",
+        help="turn h5ad files or SOMA experiments of raw counts into an on-disk corpus of rank-ordered gene tokens",
         description=(
-            "Tokenize one or more h5ad files of raw counts into a corpus directory. The gene vocabulary "
-            "and medians come from a saved tokenizer (--tokenizer), from the released Geneformer "
-            "dictionaries (--token-dictionary/--gene-median-dictionary), or are fitted on the inputs."
+            "Tokenize h5ad files and/or SOMA experiments (a local directory or a remote URI such as the "
+            "CELLxGENE Census's s3://cellxgene-census-public-us-west-2/cell-census/<release>/soma/census_data/"
+            "homo_sapiens) of raw counts into a corpus directory. The gene vocabulary and medians come from "
+            "a saved tokenizer (--tokenizer), from the released Geneformer dictionaries "
+            "(--token-dictionary/--gene-median-dictionary), or are fitted on the inputs."
         ),
     )
-    p.add_argument("inputs", nargs="+", metavar="IN.h5ad", help="h5ad files with raw counts")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="h5ad files, or SOMA experiment directories / URIs")
     p.add_argument("out", metavar="OUT_DIR", help="corpus directory to create")
     p.add_argument("--tokenizer", metavar="DIR", help="directory holding gene_tokenizer.json (or a model dir)")
     p.add_argument("--token-dictionary", metavar="PKL", help="Geneformer token_dictionary.pkl")
@@ -38,7 +40,14 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--organism", choices=["human", "mouse"], help="organism of the gene symbols (default: detect)")
     p.add_argument("--gene-column", metavar="COL", help="var column holding gene IDs/symbols (default: var names)")
-    p.add_argument("--counts-layer", metavar="LAYER", help="layer with raw counts, or 'raw' for .raw (default: X)")
+    p.add_argument("--counts-layer", metavar="LAYER",
+                   help="h5ad inputs: layer with raw counts, or 'raw' for .raw (default: X)")
+    p.add_argument("--obs-filter", metavar="EXPR",
+                   help="SOMA inputs: obs value filter, e.g. \"tissue_general == 'blood' and is_primary_data == True\"")
+    p.add_argument("--measurement", metavar="NAME", help="SOMA inputs: measurement of the genes (default RNA)")
+    p.add_argument("--x-layer", metavar="NAME", help="SOMA inputs: X layer of raw counts (default raw)")
+    p.add_argument("--keep-free", type=float, default=0.0, metavar="GB",
+                   help="GB that must stay free on the output's disk (default 0)")
     p.add_argument("--max-length", type=int, default=2048, help="tokens per cell including <cls> (default 2048)")
     p.add_argument("--shard-size", type=int, default=100_000, help="cells per shard (default 100000)")
     p.add_argument("--obs-columns", metavar="COL", nargs="*", help="obs columns to keep (default: all)")
@@ -66,6 +75,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
             "--gene-name-dictionary goes with --token-dictionary and --gene-median-dictionary (a saved "
             "--tokenizer or model carries its own)"
         )
+    sources = tokenize_sources(args)
     if args.tokenizer:
         tokenizer = GeneTokenizer.load(args.tokenizer)
         say(args, f"tokenizer: {args.tokenizer} ({tokenizer.vocab_size} tokens)")
@@ -75,9 +85,9 @@ def run_tokenize(args: argparse.Namespace) -> int:
         )
         say(args, f"tokenizer: Geneformer dictionaries ({tokenizer.vocab_size} tokens)")
     else:
-        say(args, f"fitting a gene vocabulary and medians on {len(args.inputs)} file(s) ...")
+        say(args, f"fitting a gene vocabulary and medians on {len(args.inputs)} input(s) ...")
         tokenizer = GeneTokenizer.fit(
-            args.inputs,
+            sources,
             gene_id_kind="custom" if args.custom_genes else "ensembl",
             organism=args.organism,
             gene_column=args.gene_column,
@@ -86,7 +96,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
         )
         say(args, f"tokenizer: fitted, {tokenizer.vocab_size} tokens")
     corpus = write_corpus(
-        args.inputs,
+        sources,
         tokenizer,
         args.out,
         obs_columns=args.obs_columns,
@@ -96,6 +106,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        keep_free=int(args.keep_free * 1e9),
     )
     for report in corpus.reports:
         say(args, report.summary())
@@ -106,6 +117,31 @@ def run_tokenize(args: argparse.Namespace) -> int:
         f"(median {int(_median(lengths))} per cell) to {args.out}",
     )
     return 0
+
+
+def tokenize_sources(args: argparse.Namespace) -> list:
+    """The inputs of ``langcell tokenize``: h5ad paths as they are, SOMA experiments as SomaSource."""
+    from ..data.soma import SomaSource, is_soma_uri
+
+    soma = {"obs_filter": args.obs_filter, "measurement": args.measurement, "x_layer": args.x_layer}
+    given = {name: value for name, value in soma.items() if value is not None}
+    if args.keep_free < 0:
+        raise LangCellError(f"--keep-free must be a number of GB >= 0, got {args.keep_free}")
+    sources = []
+    for text in args.inputs:
+        if is_soma_uri(text):
+            sources.append(SomaSource(text, **given))
+        elif not os.path.exists(text):
+            raise LangCellError(
+                f"input {text!r} does not exist (neither an h5ad file nor a SOMA experiment directory); check "
+                "the path, or give a remote experiment as a URI (s3://...)"
+            )
+        else:
+            sources.append(text)
+    if given and not any(isinstance(s, SomaSource) for s in sources):
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise LangCellError(f"{flags} apply to SOMA experiments, and no input is one; drop {flags} or pass one")
+    return sources
 
 
 def _median(values) -> float:

@@ -18,10 +18,12 @@ straight from memory-mapped files, alone or as padded batches.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +38,8 @@ from .._version import __version__
 from ..errors import LangCellError
 from .batching import pad_sequences
 from .genes import GeneMappingReport
-from .sources import as_source_list, count_source, opened_source
+from .soma import SomaSource
+from .sources import CountSource, as_source_list, opened_counts, row_nnz
 from .tokenizer import DEFAULT_CHUNK_SIZE, GeneTokenizer
 
 __all__ = ["TokenCorpus", "write_corpus", "MANIFEST_FILENAME"]
@@ -161,9 +164,13 @@ def _storable_obs(parts: list[pd.DataFrame]) -> pd.DataFrame:
     obs = pd.concat(parts, axis=0, ignore_index=True, sort=False)
     for column in obs.columns:
         # Object columns (strings, or categoricals whose categories differed between sources) are
-        # stored as categoricals: compact, and h5ad writes them whatever mix of str/None they hold.
-        if obs[column].dtype == object:
+        # stored as categoricals: compact, and h5ad writes them whatever mix of str/None they hold. Not
+        # obs_name: one distinct string per cell gains nothing from codes, and reading millions of
+        # categories back would hash them all.
+        if obs[column].dtype == object and column != OBS_NAME_COLUMN:
             obs[column] = obs[column].map(_as_text).astype("category")
+        elif column == OBS_NAME_COLUMN:
+            obs[column] = obs[column].astype(str).to_numpy(dtype=object)
     obs.index = pd.Index([str(i) for i in range(len(obs))])
     return obs
 
@@ -182,14 +189,19 @@ def write_corpus(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     overwrite: bool = False,
     progress: bool = True,
+    keep_free: int = 0,
 ) -> TokenCorpus:
     """Tokenize one or many datasets into an on-disk corpus, streaming chunk by chunk.
 
     Parameters
     ----------
     sources
-        ``.h5ad`` paths (read backed, so files larger than memory stream through), AnnData objects, or a
-        list mixing them. All cells of all sources go into one corpus, in order.
+        ``.h5ad`` paths (read backed, so files larger than memory stream through), AnnData objects,
+        SOMA experiments (:class:`~langcell.data.soma.SomaSource`: a local or remote URI such as the
+        CELLxGENE Census, an obs value filter, the X layer of raw counts; streamed in row chunks), or a
+        list mixing them. All cells of all sources go into one corpus, in order. A SOMA experiment's
+        cells keep all their obs columns; their ``obs_name`` is the ``obs_id`` column when there is one
+        (experiments written by ``tiledbsoma.io.from_h5ad``), else the ``soma_joinid``.
     tokenizer
         The :class:`~langcell.data.tokenizer.GeneTokenizer`; it is saved inside the corpus.
     out_dir
@@ -204,11 +216,21 @@ def write_corpus(
         Replace an existing ``out_dir``.
     progress
         Show progress bars.
+    keep_free
+        Bytes that must stay free on the output's disk once the corpus is written.
 
     Returns
     -------
     TokenCorpus
         The corpus, opened.
+
+    Raises
+    ------
+    LangCellError
+        Before anything is written: for inputs that cannot be read (see
+        :meth:`~langcell.data.tokenizer.GeneTokenizer.encode` and :func:`~langcell.data.soma.opened_soma`),
+        and when the corpus may not fit on the output's disk (the message says how many bytes it needs:
+        an upper bound from the number of stored values of every cell).
     """
     if not isinstance(tokenizer, GeneTokenizer):
         raise LangCellError(
@@ -218,7 +240,13 @@ def write_corpus(
     if shard_size < 1:
         raise LangCellError(f"shard_size must be a positive number of cells, got {shard_size}")
     source_list = as_source_list(sources)
-    check_apart_from_inputs(out_dir, source_list)
+    check_apart_from_inputs(
+        out_dir, [s.uri if isinstance(s, SomaSource) and "://" not in s.uri else s for s in source_list]
+    )
+    reading = {"gene_column": gene_column, "counts_layer": counts_layer, "n_counts_key": n_counts_key}
+    ids_dtype = _smallest_unsigned(tokenizer.vocab_size - 1)
+    lengths_dtype = _smallest_unsigned(max_length)
+    _check_disk_space(source_list, reading, out_dir, max_length, ids_dtype, lengths_dtype, keep_free)
     with atomic_directory(
         out_dir, overwrite=overwrite, ours=lambda path: (path / MANIFEST_FILENAME).is_file(), what="token corpus"
     ) as tmp:
@@ -227,23 +255,17 @@ def write_corpus(
         writer = _ShardWriter(
             shard_dir,
             shard_size,
-            ids_dtype=_smallest_unsigned(tokenizer.vocab_size - 1),
-            lengths_dtype=_smallest_unsigned(max_length),
+            ids_dtype=ids_dtype,
+            lengths_dtype=lengths_dtype,
         )
         obs_parts: list[pd.DataFrame] = []
         source_entries: list[dict] = []
         for i, source in enumerate(source_list):
-            with opened_source(source, f"input #{i}") as (adata, label):
-                counts = count_source(
-                    adata,
-                    label,
-                    gene_column=gene_column,
-                    counts_layer=counts_layer,
-                    n_counts_key=n_counts_key,
-                )
-                obs = _select_obs(adata.obs, obs_columns, label)
+            with opened_counts(source, f"input #{i}", obs_columns=obs_columns, **reading) as counts:
+                label = counts.label
+                obs = _select_obs(counts.obs, obs_columns, label)
                 obs[SOURCE_COLUMN] = label
-                obs[OBS_NAME_COLUMN] = np.asarray(adata.obs_names, dtype=object)
+                obs[OBS_NAME_COLUMN] = np.asarray(counts.obs_names, dtype=object)
                 vocabulary_map, chunks = tokenizer._encode_source(
                     counts,
                     max_length=max_length,
@@ -265,6 +287,7 @@ def write_corpus(
             source_entries.append(
                 {
                     "source": label,
+                    **_soma_entry(source),
                     "n_cells": counts.n_obs,
                     "n_cells_without_genes": n_without_genes,
                     "gene_mapping": vocabulary_map.report.to_dict(),
@@ -292,6 +315,49 @@ def write_corpus(
             json.dumps(manifest, indent=1, default=_json_default), encoding="utf-8"
         )
     return TokenCorpus(out_dir)
+
+
+def _soma_entry(source: Any) -> dict:
+    """What the manifest records of a SOMA source beyond its URI (nothing for other sources)."""
+    if not isinstance(source, SomaSource):
+        return {}
+    return {"obs_filter": source.obs_filter, "measurement": source.measurement, "x_layer": source.x_layer}
+
+
+def _upper_bound_bytes(counts: CountSource, max_length: int, ids_dtype: np.dtype, lengths_dtype: np.dtype) -> int:
+    """The most bytes one source's cells can take in the corpus: a cell has at most one token per stored
+    value (plus <cls>), and never more than ``max_length``."""
+    nnz = row_nnz(counts.matrix)
+    n_columns = counts.gene_names.size
+    tokens = (
+        np.minimum(nnz + 1, max_length).sum()
+        if nnz is not None
+        else counts.n_obs * min(n_columns + 1, max_length)
+    )
+    per_cell = 8 + lengths_dtype.itemsize + 64  # offsets, lengths, and the cell's row of obs (generous)
+    return int(tokens) * ids_dtype.itemsize + counts.n_obs * per_cell
+
+
+def _check_disk_space(
+    source_list: list, reading: dict, out_dir: Any, max_length: int, ids_dtype: np.dtype,
+    lengths_dtype: np.dtype, keep_free: int,
+) -> None:
+    """Refuse, before writing anything, a corpus that may not fit on the output's disk."""
+    needed = 1 << 20  # manifest, tokenizer, obs header
+    for i, source in enumerate(source_list):
+        with opened_counts(source, f"input #{i}", obs_columns=(), **reading) as counts:
+            needed += _upper_bound_bytes(counts, max_length, ids_dtype, lengths_dtype)
+    probe = Path(out_dir).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + keep_free > free:
+        kept = f" and {keep_free / 1e9:.2f} GB must stay free" if keep_free else ""
+        raise LangCellError(
+            f"the corpus needs up to {needed / 1e9:.2f} GB ({needed} bytes) on the disk of {str(probe)!r}, which "
+            f"has {free / 1e9:.2f} GB free{kept}; free some space, write the corpus to another disk, or pass "
+            "fewer cells or a smaller max_length"
+        )
 
 
 def _json_default(value: Any) -> Any:
@@ -406,7 +472,8 @@ class TokenCorpus:
                     f"shard {shard['name']!r} of {str(self.directory)!r}: its offsets do not agree with its "
                     "lengths and token count (damaged); restore it or write the corpus again"
                 )
-            self._ids.append(arrays["ids"])
+            # A plain ndarray view of the memory map: the same pages, without np.memmap's cost per slice.
+            self._ids.append(np.asarray(arrays["ids"]))
             self._offsets.append(offsets)
             lengths.append(shard_lengths)
         self._lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
@@ -417,6 +484,7 @@ class TokenCorpus:
             )
         self._shard_starts = np.zeros(len(self._ids) + 1, dtype=np.int64)
         np.cumsum([s["n_cells"] for s in manifest["shards"]], out=self._shard_starts[1:])
+        self._shard_start_list = self._shard_starts.tolist()  # for bisect: a cell's shard without numpy calls
         self.tokenizer: GeneTokenizer = GeneTokenizer.load(self.directory)
         self._obs: pd.DataFrame | None = None
         # Shards whose checksums this object has checked (all of them when verify_on_read is off).
@@ -462,8 +530,15 @@ class TokenCorpus:
                 "write the corpus again"
             ) from None
 
-    def verify(self) -> None:
+    def verify(self, *, again: bool = True) -> None:
         """Recompute the sha256 of every shard file and compare with the manifest.
+
+        Parameters
+        ----------
+        again
+            Also check the shards this object has checked already. ``False`` checks only the others: what
+            a process does once before it forks data-loader workers, so that they inherit the checked
+            state instead of each hashing the corpus again.
 
         Raises
         ------
@@ -472,8 +547,11 @@ class TokenCorpus:
             vocabulary.
         """
         for number in range(len(self.manifest["shards"])):
-            self._verify_shard(number)
-            self._check_token_range(number)
+            if again or number not in self._verified:
+                self._verify_shard(number)
+            if again or number not in self._checked:
+                self._check_token_range(number)
+                self._checked.add(number)
 
     def _verify_shard(self, number: int) -> None:
         shard = self.manifest["shards"][number]
@@ -523,10 +601,10 @@ class TokenCorpus:
         if not -n <= index < n:
             raise IndexError(f"cell index {index} out of range for a corpus of {n} cells")
         index %= n
-        shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+        shard = bisect.bisect_right(self._shard_start_list, index) - 1
         if shard not in self._checked:
             self._first_read(shard)
-        local = index - int(self._shard_starts[shard])
+        local = index - self._shard_start_list[shard]
         offsets = self._offsets[shard]
         return self._ids[shard][offsets[local] : offsets[local + 1]]
 
@@ -568,6 +646,45 @@ class TokenCorpus:
                     "write the corpus again"
                 ) from None
         return self._obs
+
+    def read_obs(self, columns: Sequence[str]) -> pd.DataFrame:
+        """Only some columns of the cell metadata, read from disk without the rest.
+
+        :attr:`obs` holds every column, among them one name per cell (``obs_name``): millions of Python
+        strings in a large corpus. What needs a few columns (the ontology term ids of the pretraining
+        texts) reads just those: category codes, a byte or two a cell.
+
+        Parameters
+        ----------
+        columns
+            Column names; those the corpus does not have are left out of the result.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per cell in corpus order (a ``RangeIndex``), the columns found, in the order given.
+        """
+        if self._obs is not None:
+            return self._obs[[c for c in columns if c in self._obs.columns]].reset_index(drop=True)
+        import h5py
+        from anndata.io import read_elem
+
+        path = self.directory / self.manifest["obs_file"]
+        if not path.is_file():
+            raise LangCellError(
+                f"{str(self.directory)!r} is missing its metadata file {path.name!r}; write the corpus again"
+            )
+        try:
+            with h5py.File(path, "r") as handle:
+                group = handle["obs"]
+                stored = set(group.attrs["column-order"])
+                data = {c: read_elem(group[c]) for c in columns if c in stored}
+        except (OSError, ValueError, KeyError) as err:
+            raise LangCellError(
+                f"{str(self.directory)!r}: its metadata file {path.name!r} is unreadable ({type(err).__name__}); "
+                "write the corpus again"
+            ) from None
+        return pd.DataFrame(data, index=pd.RangeIndex(len(self)))
 
     def batch(
         self, indices: Sequence[int] | np.ndarray, *, pad_to: int | None = None

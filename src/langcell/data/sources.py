@@ -1,7 +1,9 @@
-"""Where counts come from: AnnData objects, h5ad paths (backed, streamed) and CSR row chunks of either.
+"""Where counts come from: AnnData objects, h5ad paths (backed, streamed), SOMA experiments, and CSR
+row chunks of any of them.
 
-The tokenizer and the corpus writer read counts through these helpers, so that an in-memory AnnData,
-a backed one and a path on disk are handled alike and never densified as a whole.
+The tokenizer and the corpus writer read counts through :func:`opened_counts`, so that an in-memory
+AnnData, a backed one, a path on disk and a SOMA experiment (:class:`~langcell.data.soma.SomaSource`)
+are handled alike and never densified as a whole.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import LangCellError
+from .soma import SomaSource, opened_soma, var_gene_names
+
+_INPUTS = "pass an AnnData, an .h5ad path, a SomaSource, or a list of them"
 
 
 @dataclass
@@ -30,6 +35,7 @@ class CountSource:
     obs_names: pd.Index  # cell names
     n_counts: np.ndarray | None  # float64 totals from obs, or None to compute them from the matrix
     label: str  # how messages name this source
+    obs: pd.DataFrame  # cell metadata, one row per matrix row (a reference, not a copy)
 
     @property
     def n_obs(self) -> int:
@@ -66,23 +72,49 @@ def opened_source(source: Any, label: str) -> Iterator[tuple[Any, str]]:
             with contextlib.suppress(Exception):
                 adata.file.close()
         return
-    raise LangCellError(
-        f"cannot read a {type(source).__name__} as cells; pass an AnnData, an .h5ad path, or a list of them"
-    )
+    raise LangCellError(f"cannot read a {type(source).__name__} as cells; {_INPUTS}")
 
 
 def as_source_list(sources: Any) -> list[Any]:
     import anndata
 
-    if isinstance(sources, anndata.AnnData | str | os.PathLike):
+    if isinstance(sources, anndata.AnnData | str | os.PathLike | SomaSource):
         return [sources]
     if isinstance(sources, Sequence):
         if len(sources) == 0:
-            raise LangCellError("no input given; pass an AnnData, an .h5ad path, or a list of them")
+            raise LangCellError(f"no input given; {_INPUTS}")
         return list(sources)
-    raise LangCellError(
-        f"cannot read a {type(sources).__name__} as cells; pass an AnnData, an .h5ad path, or a list of them"
-    )
+    raise LangCellError(f"cannot read a {type(sources).__name__} as cells; {_INPUTS}")
+
+
+@contextlib.contextmanager
+def opened_counts(
+    source: Any,
+    label: str,
+    *,
+    gene_column: str | None,
+    counts_layer: str | None,
+    n_counts_key: str | None,
+    obs_columns: Sequence[str] | None = None,
+) -> Iterator[CountSource]:
+    """Open any input (AnnData, h5ad path, :class:`~langcell.data.soma.SomaSource`) as a :class:`CountSource`.
+
+    ``counts_layer`` applies to AnnData and h5ad inputs; a SOMA experiment's counts are its ``x_layer``.
+    ``obs_columns`` limits the obs columns a SOMA experiment reads (``None``: all; h5ad files read their
+    obs whole). Files and experiments are closed afterwards.
+    """
+    if isinstance(source, SomaSource):
+        with opened_soma(source, obs_columns=obs_columns, n_counts_key=n_counts_key) as cells:
+            n_counts = None
+            if n_counts_key is not None and n_counts_key in cells.obs.columns:
+                n_counts = pd.to_numeric(cells.obs[n_counts_key], errors="coerce").to_numpy(dtype=np.float64)
+            names = var_gene_names(cells.var, gene_column, cells.label)
+            yield CountSource(cells.matrix, names, cells.obs.index, n_counts, cells.label, cells.obs)
+        return
+    with opened_source(source, label) as (adata, described):
+        yield count_source(
+            adata, described, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key
+        )
 
 
 def count_source(
@@ -131,7 +163,7 @@ def count_source(
     n_counts = None
     if n_counts_key is not None and n_counts_key in adata.obs.columns:
         n_counts = pd.to_numeric(adata.obs[n_counts_key], errors="coerce").to_numpy(dtype=np.float64)
-    return CountSource(matrix, gene_names, adata.obs_names, n_counts, label)
+    return CountSource(matrix, gene_names, adata.obs_names, n_counts, label, adata.obs)
 
 
 @dataclass
@@ -168,6 +200,17 @@ class CsrRows:
             data=data,
             n_columns=n_columns,
         )
+
+
+def row_nnz(matrix: Any) -> np.ndarray | None:
+    """Stored values per row of a matrix, read cheaply (CSR index pointers, or a SOMA experiment's ``nnz``
+    obs column); ``None`` when that would mean reading the values."""
+    if isinstance(matrix, sp.csr_matrix | sp.csr_array):
+        return np.diff(matrix.indptr).astype(np.int64)
+    if getattr(matrix, "format", None) == "csr" and hasattr(matrix, "group"):
+        # anndata's backed CSR dataset: the index pointers alone (8 bytes a cell) come off the disk.
+        return np.diff(np.asarray(matrix.group["indptr"][:], dtype=np.int64))
+    return getattr(matrix, "row_nnz", None)
 
 
 def read_rows(matrix: Any, start: int, stop: int) -> CsrRows:

@@ -41,7 +41,7 @@ from . import genes as _genes
 from ._medians import MedianAccumulator
 from ._rank import ScannedRows, iter_scanned, rank_rows, selection_columns, torch_threads_kept
 from .geneformer import read_gene_name_dictionary, read_geneformer_dictionary
-from .sources import CountSource, as_source_list, count_source, opened_source
+from .sources import CountSource, as_source_list, opened_counts
 
 __all__ = [
     "GeneTokenizer",
@@ -387,7 +387,8 @@ class GeneTokenizer:
         Parameters
         ----------
         sources
-            An AnnData (in memory or backed), an ``.h5ad`` path (read backed), or a list of them.
+            An AnnData (in memory or backed), an ``.h5ad`` path (read backed), a
+            :class:`~langcell.data.soma.SomaSource`, or a list of them.
         gene_id_kind
             ``"ensembl"`` (names mapped through :mod:`langcell.data.genes`; the vocabulary is sorted by
             Ensembl ID) or ``"custom"`` (names verbatim, in order of first appearance).
@@ -431,14 +432,11 @@ class GeneTokenizer:
         per_source_keys: list[np.ndarray] = []
         detected: set[str | None] = set()
         for i, source in enumerate(source_list):
-            with opened_source(source, f"input #{i}") as (adata, label):
-                counts = count_source(
-                    adata,
-                    label,
-                    gene_column=gene_column,
-                    counts_layer=counts_layer,
-                    n_counts_key=n_counts_key,
-                )
+            with opened_counts(
+                source, f"input #{i}", gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+                obs_columns=(),
+            ) as counts:
+                label = counts.label
                 keys, report = _column_keys(counts.gene_names, gene_id_kind, organism)
                 if gene_id_kind == "ensembl":
                     detected.add(report.organism)
@@ -457,14 +455,10 @@ class GeneTokenizer:
         accumulator = MedianAccumulator(len(candidates), exact=exact, max_exact_values=max_exact_values)
         n_cells_expressing = np.zeros(len(candidates), dtype=np.int64)
         for i, (source, keys) in enumerate(zip(source_list, per_source_keys, strict=True)):
-            with opened_source(source, f"input #{i}") as (adata, label):
-                counts_source = count_source(
-                    adata,
-                    label,
-                    gene_column=gene_column,
-                    counts_layer=counts_layer,
-                    n_counts_key=n_counts_key,
-                )
+            with opened_counts(
+                source, f"input #{i}", gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+                obs_columns=(),
+            ) as counts_source:
                 selection = _genes.selection_matrix(keys, candidate_keys, dtype=np.float64)
                 column_map = selection_columns(selection)
                 for chunk in iter_scanned(
@@ -604,7 +598,8 @@ class GeneTokenizer:
         Parameters
         ----------
         adata
-            An AnnData (in memory or backed; X dense, CSR or CSC) or an ``.h5ad`` path (read backed).
+            An AnnData (in memory or backed; X dense, CSR or CSC), an ``.h5ad`` path (read backed), or a
+            :class:`~langcell.data.soma.SomaSource` (a SOMA experiment, streamed).
         gene_column
             ``var`` column with gene names; ``None`` uses ``var_names``.
         counts_layer
@@ -631,10 +626,11 @@ class GeneTokenizer:
             For an empty AnnData, a missing layer or column, values that are not raw counts (NaN/inf,
             negative, non-integer, log-normalised), or genes none of which is in the vocabulary.
         """
-        with opened_source(adata, "the AnnData") as (opened, label):
-            source = count_source(
-                opened, label, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key
-            )
+        with opened_counts(
+            adata, "the AnnData", gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
+            obs_columns=(),
+        ) as source:
+            label = source.label
             vocabulary_map, chunks = self._encode_source(
                 source,
                 max_length=max_length,

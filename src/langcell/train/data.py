@@ -49,32 +49,44 @@ class CellTextTable:
 
     @classmethod
     def from_obs(cls, obs: pd.DataFrame, aspects=ASPECTS) -> CellTextTable:
-        """Describe the cells of ``obs`` (CELLxGENE-schema term id columns)."""
-        described = describe_cells(obs, aspects)
-        if "cell_type" not in described.columns:
+        """Describe the cells of ``obs`` (CELLxGENE-schema term id columns).
+
+        Each aspect's column is reduced to codes (its categories, or a factorisation) and only the
+        distinct terms are described, so a corpus of millions of cells costs a few integer arrays, never
+        a text per cell.
+        """
+        per_aspect = {}
+        for aspect in aspects:
+            coded = _aspect_texts(obs, aspect)
+            if coded is not None and (coded[1] != "").any():
+                per_aspect[aspect] = coded
+        if "cell_type" not in per_aspect and "cell_type_ontology_term_id" not in obs.columns:
             raise LangCellError(
                 "the corpus has no cell_type_ontology_term_id column, so its cells have no text; tokenize "
                 "h5ad files with CELLxGENE-schema obs (cell_type_ontology_term_id = 'CL:...'), or run only "
                 "the 'cell' stage (--stage cell)"
             )
-        kept = [a for a in described.columns if (described[a].astype(str) != "").any()]
-        kept = ["cell_type"] + [a for a in kept if a != "cell_type"]
+        kept = ["cell_type"] + [a for a in per_aspect if a != "cell_type"]
         texts: list[str] = []
         index: dict[str, int] = {}
-        text_ids = np.full((len(described), len(kept)), -1, dtype=np.int32)
+        text_ids = np.full((len(obs), len(kept)), -1, dtype=np.int32)
         for j, aspect in enumerate(kept):
-            column = described[aspect].astype(str).to_numpy()
-            uniques, inverse = np.unique(column, return_inverse=True)
-            mapped = np.empty(len(uniques), dtype=np.int32)
-            for u, text in enumerate(uniques):
-                if text == "":
-                    mapped[u] = -1
-                else:
-                    mapped[u] = index.setdefault(text, len(texts))
-                    if mapped[u] == len(texts):
-                        texts.append(text)
-            text_ids[:, j] = mapped[inverse]
+            codes, code_texts = per_aspect.get(aspect, (np.full(len(obs), -1), np.zeros(0, dtype=object)))
+            # Texts get their global ids in sorted order within each aspect (as np.unique would give).
+            mapped = np.full(code_texts.size + 1, -1, dtype=np.int32)  # the last slot: missing values
+            for text in sorted(set(code_texts.tolist()) - {""}):
+                index.setdefault(text, len(index))
+                if index[text] == len(texts):
+                    texts.append(text)
+            for code, text in enumerate(code_texts):
+                mapped[code] = index[text] if text != "" else -1
+            text_ids[:, j] = mapped[np.where(codes < 0, code_texts.size, codes)]
         return cls(aspects=kept, texts=texts, text_ids=text_ids)
+
+    @classmethod
+    def from_corpus(cls, corpus: TokenCorpus, aspects=ASPECTS) -> CellTextTable:
+        """Describe a corpus's cells, reading only its ontology term id columns (not every cell's name)."""
+        return cls.from_obs(corpus.read_obs([f"{aspect}_ontology_term_id" for aspect in aspects]), aspects)
 
     def cells_with_cell_type_text(self) -> np.ndarray:
         """Indices of the cells that have a cell-type text (the only ones the joint stage uses)."""
@@ -93,6 +105,28 @@ class CellTextTable:
                 "give cell_type a positive weight"
             )
         return p / p.sum()
+
+
+def _aspect_texts(obs: pd.DataFrame, aspect: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(codes per cell, text per code)`` of one aspect's term column; ``None`` when obs lacks it.
+
+    Codes are -1 for missing values; the text of an unknown or unused term is "".
+    """
+    column = f"{aspect}_ontology_term_id"
+    if column not in obs.columns:
+        return None
+    values = obs[column]
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        codes, uniques = values.cat.codes.to_numpy().astype(np.int64), values.cat.categories
+    else:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+        codes = codes.astype(np.int64)
+    used = np.flatnonzero(np.bincount(codes[codes >= 0], minlength=len(uniques)) > 0)
+    # describe_cells on one row per used term: its texts, errors and "unknown" rules, once per term.
+    terms = pd.DataFrame({column: pd.Categorical.from_codes(np.arange(used.size), categories=uniques[used])})
+    code_texts = np.full(len(uniques), "", dtype=object)
+    code_texts[used] = describe_cells(terms, [aspect])[aspect].astype(str).to_numpy()
+    return codes, code_texts
 
 
 class EpochBatches(Dataset):
@@ -218,6 +252,10 @@ class PretrainStream:
     def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Yield micro-batches from stream position ``start`` (counted from 0 over all epochs)."""
         epoch, offset = divmod(start, self.batches_per_epoch)
+        if self.num_workers > 0:
+            # Check the shards here, once: forked workers inherit that, instead of every worker of every
+            # epoch hashing the whole corpus again on its first reads.
+            self.corpus.verify(again=False)
         while True:
             batches, numbers = self._epoch_batches(epoch)
             dataset = EpochBatches(

@@ -185,7 +185,7 @@ def _pretrain(corpus, out: Path, config: PretrainConfig, ctx, resume, overwrite,
         check_tensorboard()
     table = None
     if "joint" in stages or config.eval_every > 0:
-        table = CellTextTable.from_obs(corpus.obs)
+        table = CellTextTable.from_corpus(corpus)
         if len(table.cells_with_cell_type_text()) == 0:
             raise LangCellError(
                 "no corpus cell has a cell-type text (all cell_type_ontology_term_id values are unknown); "
