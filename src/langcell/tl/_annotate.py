@@ -31,6 +31,7 @@ from ..inference.zero_shot import (
 )
 from ..ontology.classes import RESOLUTION_COLUMNS, check_aspect, class_names, class_texts, column_classes
 from ..precision import check_precision
+from ._confidence import class_term_ids, lca_answers, write_confidence
 
 __all__ = ["annotate"]
 
@@ -50,6 +51,7 @@ def annotate(
     exact_argmax: bool = False,
     threshold: float | None = None,
     unknown_label: str = "unknown",
+    lca_margin: float | None = None,
     counts_layer: str | None = None,
     gene_column: str | None = None,
     n_counts_key: str | None = "n_counts",
@@ -109,6 +111,12 @@ def annotate(
         sum to 1 over the K classes, so the best lies in [1/K, 1]. ``None``: never abstain.
     unknown_label
         The label of abstaining cells; must not be a class name.
+    lca_margin
+        Ontology-aware answers, in [0, 1]: a cell whose two best classes are closer than this (score
+        margin below it) and resolve to Cell Ontology terms sharing an ancestor other than "cell" is
+        answered with their lowest common ancestor (CD4 vs CD8 alpha-beta T cell -> "mature
+        alpha-beta T cell"; see :func:`langcell.ontology.lowest_common_ancestor`) in
+        ``obs[key_added + "_lca"]``. ``None`` (default): no such column.
     {counts_options}
     {max_length}
     {max_tokens}
@@ -130,12 +138,22 @@ def annotate(
             category exists only when ``threshold`` is given).
         ``obs[key_added + "_score"]``
             float: the final score of the best class.
+        ``obs[key_added + "_margin"]``
+            float in [0, 1]: the best final score less the second best (1 with one class); small
+            where the cell sits between two classes.
+        ``obs[key_added + "_entropy"]``
+            float in [0, 1]: the entropy of the final scores divided by ``log K`` (0: all weight on
+            one class; 1: uniform over the K classes).
+        ``obs[key_added + "_lca"]``
+            only with ``lca_margin``: categorical, the ontology-aware answer of each cell (the
+            lowest common ancestor's CL label where the two best classes are close, else the
+            cell's call in ``obs[key_added]``).
         ``obsm[key_added + "_probs"]``
             ``float32`` cells x K: the final scores of every class; columns in the order of
             ``uns[key_added]["classes"]``.
         ``uns[key_added]``
             dict with ``"params"`` (alpha, top_k used, mode, exact_argmax, temperature, threshold,
-            unknown_label, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
+            unknown_label, lca_margin, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
             ``"classes"`` (class names), ``"texts"`` (the text of each class) and ``"resolution"``
             (the table of how each class got its text: columns label, term_id, term_label, how; ""
             where empty).
@@ -145,7 +163,7 @@ def annotate(
     LangCellError
         For no or duplicated labels, both or neither of ``labels`` and ``classes_from``, a missing
         column, an unknown label or term, ``alpha`` outside [0, 1], ``top_k`` below 1, an unknown
-        mode or precision, a ``threshold`` outside [0, 1], an ``unknown_label`` that is a class, a model without a
+        mode or precision, a ``threshold`` or ``lca_margin`` outside [0, 1], an ``unknown_label`` that is a class, a model without a
         gene tokenizer, counts that are not raw counts, or data sharing no gene with the vocabulary.
 
     Examples
@@ -161,6 +179,11 @@ def annotate(
     if threshold is not None:
         threshold = check_unit_interval(
             threshold, "threshold", meaning="final scores are probabilities", fix="pass e.g. 0.5, or None to never abstain"
+        )
+    if lca_margin is not None:
+        lca_margin = check_unit_interval(
+            lca_margin, "lca_margin", meaning="a difference of two probabilities",
+            fix="pass e.g. 0.1, or None for no ontology-aware answers",
         )
     check_key_added(key_added)
     tokenizer = gene_tokenizer_of(model)
@@ -204,33 +227,41 @@ def annotate(
     )
 
     adata = output_anndata(adata, copy)
-    best = scores.predicted
-    best_score = scores.scores[np.arange(best.size), best]
+    params = {
+        "alpha": alpha,
+        "top_k": int(top_k) if mode == "fast" else len(names),
+        "mode": mode,
+        "exact_argmax": bool(exact_argmax),
+        "temperature": TEMPERATURE,
+        "threshold": threshold,
+        "unknown_label": unknown_label,
+        "lca_margin": lca_margin,
+        "aspect": aspect,
+        "classes_from": classes_from,
+        "counts_layer": counts_layer,
+        "gene_column": gene_column,
+        "max_length": max_length,
+        "precision": precision,
+        "n_classes": len(names),
+    }
+    _write_annotation(adata, key_added, scores.scores, scores.predicted, names, texts, resolution, params)
+    return adata if copy else None
+
+
+def _write_annotation(adata, key_added, scores, best, names, texts, resolution, params) -> None:
+    """Write annotate's fields (see its Returns) from the score matrix and the best class of each cell."""
+    best_score = scores[np.arange(best.size), best]
     categories = list(names)
     predicted = np.asarray(names, dtype=object)[best]
-    if threshold is not None:
-        categories.append(unknown_label)
-        predicted = np.where(best_score < threshold, unknown_label, predicted)
+    if params["threshold"] is not None:
+        categories.append(params["unknown_label"])
+        predicted = np.where(best_score < params["threshold"], params["unknown_label"], predicted)
     adata.obs[key_added] = pd.Categorical(predicted, categories=categories)
     adata.obs[key_added + "_score"] = best_score.astype(np.float64)
-    adata.obsm[key_added + "_probs"] = scores.scores.astype(np.float32)
+    write_confidence(adata, key_added, scores)
+    adata.obsm[key_added + "_probs"] = scores.astype(np.float32)
     adata.uns[key_added] = {
-        "params": {
-            "alpha": alpha,
-            "top_k": int(top_k) if mode == "fast" else len(names),
-            "mode": mode,
-            "exact_argmax": bool(exact_argmax),
-            "temperature": TEMPERATURE,
-            "threshold": threshold,
-            "unknown_label": unknown_label,
-            "aspect": aspect,
-            "classes_from": classes_from,
-            "counts_layer": counts_layer,
-            "gene_column": gene_column,
-            "max_length": max_length,
-            "precision": precision,
-            "n_classes": len(names),
-        },
+        "params": params,
         "classes": list(names),
         "texts": list(texts),
         "resolution": {
@@ -238,9 +269,10 @@ def annotate(
             for column in RESOLUTION_COLUMNS
         },
     }
-    return adata if copy else None
-# --------------------------------------------------------------------------------------------------
-# Embeddings
+    if params["lca_margin"] is not None:
+        term_ids = class_term_ids(adata.uns[key_added], len(names))
+        answers, _ = lca_answers(scores, names, term_ids, predicted, params["lca_margin"])
+        adata.obs[key_added + "_lca"] = pd.Categorical(answers, categories=list(dict.fromkeys([*categories, *answers])))
 
 
 def _annotation_classes(
