@@ -130,7 +130,10 @@ _FLAGS_FOR_KEYWORDS = (
     ("precision='fp16'", "--precision fp16"),
 )
 #: Bare argument names that are flags of the same name on the command line.
-_FLAG_WORDS = re.compile(r"(?<![\w-])(counts_layer|gene_column|label_key|key_added|max_length|batch_key|classes_from)\b")
+_FLAG_WORDS = re.compile(
+    r"(?<![\w-])(counts_layer|gene_column|label_key|key_added|max_length|batch_key|classes_from|groupby|lca_margin"
+    r"|smoothing)\b"
+)
 
 
 def cli_wording(message: str) -> str:
