@@ -271,7 +271,7 @@ def _write_annotation(adata, key_added, scores, best, names, texts, resolution, 
     }
     if params["lca_margin"] is not None:
         term_ids = class_term_ids(adata.uns[key_added], len(names))
-        answers, _ = lca_answers(scores, names, term_ids, predicted, params["lca_margin"])
+        answers, _ = lca_answers(scores, term_ids, predicted, params["lca_margin"])
         adata.obs[key_added + "_lca"] = pd.Categorical(answers, categories=list(dict.fromkeys([*categories, *answers])))
 
 

@@ -25,7 +25,7 @@ def write_confidence(adata: Any, key_added: str, scores: np.ndarray) -> None:
 
 
 def lca_answers(
-    scores: np.ndarray, names: Sequence[str], term_ids: Sequence[str], calls: np.ndarray, lca_margin: float
+    scores: np.ndarray, term_ids: Sequence[str], calls: np.ndarray, lca_margin: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each cell's ontology-aware answer: the lowest common ancestor of its two best classes when close.
 
