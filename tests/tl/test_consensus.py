@@ -191,3 +191,13 @@ def test_score_matrix_that_does_not_match_its_classes():
     adata.uns[KEY]["classes"] = ["A", "B"]
     with pytest.raises(LangCellError, match="annotate again"):
         tl.consensus(adata)
+
+
+def test_auto_groups_without_igraph_name_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "igraph", None)  # as if igraph were not installed: import fails
+    adata = annotated(graph=False)
+    with pytest.raises(LangCellError, match=r"langcell\[consensus\]"):
+        tl.consensus(adata, method="majority", groupby="auto", use_rep="X_langcell")
+    assert KEY + "_consensus" not in adata.obs
