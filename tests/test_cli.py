@@ -246,6 +246,55 @@ def test_annotate_refuses_bad_alpha_and_leaves_no_output(model_and_cells, tmp_pa
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_annotate_with_consensus_and_lca_answers(model_and_cells, tmp_path, capsys):
+    import json
+
+    import anndata as ad
+
+    model, cells = model_and_cells
+    out, report = tmp_path / "annotated.h5ad", tmp_path / "report.json"
+    labels = "B cell;natural killer cell;CD14-positive monocyte;CD4-positive, alpha-beta T cell"
+    code = main([
+        "annotate", str(cells), "--model", str(model), "--out", str(out), "--report", str(report),
+        "--labels", labels, "--truth-key", "cell_type", "--consensus", "graph", "--smoothing", "3",
+        "--lca-margin", "0.5", "--quiet",
+    ])
+    assert code == 0, capsys.readouterr().err
+    annotated = ad.read_h5ad(out)
+    for column in ("langcell_cell_type_consensus", "langcell_cell_type_lca", "langcell_cell_type_margin"):
+        assert column in annotated.obs
+    assert "X_langcell" in annotated.obsm
+    data = json.loads(report.read_text())
+    truth = annotated.obs["cell_type"].astype(str).to_numpy()
+    refined = annotated.obs["langcell_cell_type_consensus"].astype(str).to_numpy()
+    assert data["consensus"]["accuracy"] == pytest.approx(float(np.mean(truth == refined)))
+    assert data["consensus"]["params"]["smoothing"] == 3.0
+    summary = data["ontology"]["langcell_cell_type_lca"]
+    assert summary["n_cells"] == 80 and summary["exact"] + summary["ancestor"] + summary["wrong"] == pytest.approx(1)
+    assert 0 <= data["confidence"]["mean_margin"] <= 1 and "ece" in data
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--consensus", "graph", "--smoothing", "0"], ("--smoothing", "positive")),
+        (["--consensus", "majority"], ("--groupby",)),
+        (["--consensus", "majority", "--groupby", "nope"], ("--groupby 'nope'", "not an obs column")),
+        (["--groupby", "auto"], ("--groupby is for --consensus majority",)),
+        (["--lca-margin", "2"], ("--lca-margin", "[0, 1]")),
+        (["--threshold", "-1"], ("--threshold", "[0, 1]")),
+    ],
+)
+def test_annotate_refuses_bad_refinement_flags(model_and_cells, tmp_path, capsys, flags, words):
+    model, cells = model_and_cells
+    out = tmp_path / "annotated.h5ad"
+    code = main(["annotate", str(cells), "--model", str(model), "--out", str(out), "--labels", "B cell", *flags])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(word in err[0] for word in words), err
+    assert not list(tmp_path.iterdir())
+
+
 def test_embed_streams_a_backed_file(model_and_cells, tmp_path, capsys):
     import anndata as ad
 

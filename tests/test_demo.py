@@ -36,6 +36,15 @@ def test_demo_writes_its_outputs_and_scores(tmp_path):
     assert annotated.n_obs == report["cells"]["test"] == 140
     assert {"langcell_cell_type", "langcell_cell_type_score"} <= set(annotated.obs.columns)
     assert "X_langcell" in annotated.obsm and "X_umap" in annotated.obsm
+    # The label-free refinements and the ontology-aware metric are in the report, from the written calls.
+    assert set(saved["consensus"]) == {"graph", "majority"}
+    truth = annotated.obs["cell_type"].astype(str)
+    graph = annotated.obs["langcell_cell_type_graph"].astype(str)
+    assert saved["consensus"]["graph"]["accuracy"] == pytest.approx(float((truth == graph).mean()), abs=1e-4)
+    for name in ("zero-shot", "LCA answers"):
+        s = saved["ontology_aware"][name]
+        assert s["n_exact"] + s["n_ancestor"] + s["n_wrong"] + s["n_abstained"] == 140
+    assert saved["ontology_aware"]["zero-shot"]["n_ancestor"] == 0  # the calls are classes: none is an ancestor
 
 
 def demo_layout(out: Path) -> int:

@@ -6,8 +6,10 @@
 3. a gene vocabulary and medians fitted on the training cells; the training cells tokenized into a corpus;
 4. the ``small`` model pretrained on the training cells and their ontology texts, both stages (recipe
    ``demo``);
-5. the test cells annotated zero-shot from the 10 type descriptions;
-6. accuracy and macro-F1 printed next to a logistic regression trained on the same training cells;
+5. the test cells annotated zero-shot from the 10 type descriptions, refined without labels over their
+   LangCell kNN graph (:func:`langcell.tl.consensus`, graph and majority), with ontology-aware answers;
+6. accuracy and macro-F1 printed next to a logistic regression trained on the same training cells, and
+   the ontology-aware metric (exact / correct at an ancestor / wrong);
 7. the annotated h5ad, a UMAP coloured by predicted and true type, and a confusion matrix written.
 
 The whole output directory is written under a temporary name and appears complete (an interrupted demo
@@ -35,6 +37,8 @@ DEMO_KEY = "langcell_cell_type"
 DEMO_ENTRIES = frozenset({"corpus", "run", "annotated.h5ad", "umap.png", "confusion_matrix.png", "report.json"})
 #: Intermediate results, removed unless ``keep_intermediate``: relative path -> what it is.
 INTERMEDIATE = {"run/checkpoints": "training checkpoints with the optimiser's state", "corpus": "token corpus"}
+#: Margin below which the demo answers with the lowest common Cell Ontology ancestor of the two best classes.
+LCA_MARGIN = 0.1
 
 
 def _say(quiet: bool, *parts: object) -> None:
@@ -85,6 +89,39 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
+def _refinements(test, labels: list[str], seed: int) -> dict:
+    """Label-free refinements of the zero-shot calls and the ontology-aware metric, for the report.
+
+    Graph smoothing over the LangCell kNN graph, majority vote within Leiden over-clusters (when igraph
+    is installed), and the exact / ancestor / wrong shares of the plain calls and of their lowest-common-
+    ancestor answers (``obs[DEMO_KEY + "_lca"]``).
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from . import evaluation, tl
+
+    truth = test.obs["cell_type"].astype(str).to_numpy()
+    methods = {"graph": {"method": "graph"}, "majority": {"method": "majority", "groupby": "auto"}}
+    consensus = {}
+    for name, arguments in methods.items():
+        try:
+            tl.consensus(test, key=DEMO_KEY, use_rep="X_langcell", random_state=seed,
+                         key_added=f"{DEMO_KEY}_{name}", **arguments)
+        except LangCellError:  # majority over auto clusters needs igraph (langcell[consensus])
+            continue
+        calls = test.obs[f"{DEMO_KEY}_{name}"].astype(str).to_numpy()
+        consensus[name] = {
+            "accuracy": round(float(accuracy_score(truth, calls)), 4),
+            "macro_f1": round(float(f1_score(truth, calls, average="macro", labels=labels, zero_division=0)), 4),
+        }
+    ontology = {
+        name: {k: round(v, 4) if isinstance(v, float) else v for k, v in evaluation.ontology_accuracy(
+            test, label_key="cell_type", prediction_key=column, annotation_key=DEMO_KEY)["summary"].items()}
+        for name, column in (("zero-shot", DEMO_KEY), ("LCA answers", DEMO_KEY + "_lca"))
+    }
+    return {"consensus": consensus, "ontology_aware": ontology, "lca_margin": LCA_MARGIN}
+
+
 def run_demo(
     out_dir: str | os.PathLike = "langcell_demo",
     *,
@@ -115,7 +152,10 @@ def run_demo(
     Returns
     -------
     dict
-        ``accuracy``, ``macro_f1`` of LangCell zero-shot and of the logistic regression, and timings.
+        ``accuracy``, ``macro_f1`` of LangCell zero-shot, of its label-free consensus refinements
+        (``"consensus"``: ``"graph"``, ``"majority"``) and of the logistic regression; the
+        ontology-aware metric (``"ontology_aware"``: exact / ancestor / wrong shares of the zero-shot
+        calls and of their lowest-common-ancestor answers); and timings.
     """
     import torch
 
@@ -180,9 +220,11 @@ def _run_steps(out: Path, seed: int, quiet: bool, recipe_name: str, timings: dic
 
     _say(quiet, f"[4/7] zero-shot annotation of the {test.n_obs} test cells from the 10 type descriptions ...")
     labels = sorted(test.obs["cell_type"].astype(str).unique())
-    tl.annotate(test, model, labels, key_added=DEMO_KEY, progress=not quiet)
+    tl.annotate(test, model, labels, key_added=DEMO_KEY, lca_margin=LCA_MARGIN, progress=not quiet)
     truth = test.obs["cell_type"].astype(str).to_numpy()
     predicted = test.obs[DEMO_KEY].astype(str).to_numpy()
+    tl.embed(test, model, key_added="X_langcell", progress=not quiet)
+    refined = _refinements(test, labels, seed)
     t = lap("annotate", t)
 
     _say(quiet, "[5/7] logistic regression on the same split ...")
@@ -199,6 +241,7 @@ def _run_steps(out: Path, seed: int, quiet: bool, recipe_name: str, timings: dic
         "cells": {"train": int(train.n_obs), "test": int(test.n_obs)},
         "langcell_zero_shot": scores(predicted),
         "logistic_regression": scores(baseline),
+        **refined,
         "seed": seed,
         "recipe": recipe.to_dict(),
     }
@@ -211,11 +254,10 @@ def _write_figures_and_cells(out: Path, test, model, truth, predicted, labels, s
     """Steps 6 and 7: the embedding, UMAP and figures; the annotated h5ad."""
     import scanpy as sc
 
-    from . import pl, tl
+    from . import pl
 
-    _say(quiet, f"[6/7] embedding the {test.n_obs} test cells, UMAP and figures ...")
-    tl.embed(test, model, key_added="X_langcell", progress=not quiet)
-    _say(quiet, "      neighbours and UMAP of the embeddings ...")
+    _say(quiet, f"[6/7] UMAP of the {test.n_obs} test cells and figures ...")
+    _say(quiet, "      neighbours and UMAP of the embeddings (computed in step 4) ...")
     sc.pp.neighbors(test, use_rep="X_langcell", random_state=seed)
     sc.tl.umap(test, random_state=seed)
     _say(quiet, "      drawing umap.png and confusion_matrix.png ...")
@@ -233,6 +275,11 @@ def _print_summary(out: Path, report: dict, quiet: bool) -> None:
     _say(quiet, "")
     _say(quiet, f"                           accuracy   macro-F1   ({n_test} held-out cells, 10 types)")
     _say(quiet, f"LangCell zero-shot           {z['accuracy']:.3f}      {z['macro_f1']:.3f}")
+    for name, row in report["consensus"].items():
+        _say(quiet, f"  + consensus, {name:<13}{row['accuracy']:.3f}      {row['macro_f1']:.3f}   (no labels used)")
     _say(quiet, f"logistic regression          {b['accuracy']:.3f}      {b['macro_f1']:.3f}   (trained on labels)")
+    for name, s in report["ontology_aware"].items():
+        _say(quiet, f"ontology-aware, {name}: exact {s['exact']:.3f}, correct at an ancestor {s['ancestor']:.3f}, "
+                    f"wrong {s['wrong']:.3f}")
     _say(quiet, f"\nwrote {out}/annotated.h5ad, umap.png, confusion_matrix.png, report.json, run/model "
                 f"in {report['seconds']['total']:.0f} s")

@@ -1,4 +1,5 @@
-"""Metrics as pure numpy functions: classification (accuracy, macro-F1) and cell-text retrieval (recall@k).
+"""Metrics as pure numpy functions: classification (accuracy, macro-F1), cell-text retrieval (recall@k),
+per-cell confidence (margin, entropy) and calibration (reliability curve, expected calibration error).
 
 No model and no AnnData here, so every number langcell reports can be checked against an independent
 computation. Rankings are by score, descending; equal scores are ordered by index (the lower index
@@ -273,3 +274,91 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted.astype(np.float64))
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def score_confidence(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row confidence of a score matrix whose rows are probabilities: the margin and the entropy.
+
+    The margin is ``p(1) - p(2)``, the best score less the second best (1 for a single class): small
+    when the two best classes are close. The normalised entropy is ``-sum_k p_k log p_k / log K``
+    (``0 log 0 = 0``; 0 for a single class): 0 for a one-hot row, 1 for the uniform one. Rows are used
+    as given (annotation scores already sum to 1).
+
+    Parameters
+    ----------
+    scores
+        ``[n_rows, K]`` non-negative scores, each row summing to 1.
+
+    Returns
+    -------
+    margin, entropy : numpy.ndarray
+        ``float64 [n_rows]`` each, in [0, 1].
+    """
+    scores = _check_matrix(scores, "scores").astype(np.float64)
+    n_rows, n_classes = scores.shape
+    if n_classes == 1:
+        return np.ones(n_rows), np.zeros(n_rows)
+    top_two = -np.partition(-scores, 1, axis=1)[:, :2]
+    margin = top_two[:, 0] - top_two[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(scores > 0, scores * np.log(np.where(scores > 0, scores, 1.0)), 0.0)
+    entropy = -terms.sum(axis=1) / np.log(n_classes)
+    return np.clip(margin, 0.0, 1.0), np.clip(entropy, 0.0, 1.0)
+
+
+def reliability_curve(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
+    """Reliability curve and expected calibration error (ECE) of confidences against correctness.
+
+    The interval [0, 1] is cut into ``n_bins`` equal-width bins; bin ``b`` holds the confidences in
+    ``(b / n_bins, (b + 1) / n_bins]`` (the first bin also holds 0). For each bin: its number of cells
+    ``n_b``, their mean confidence ``conf_b`` and their accuracy ``acc_b`` (the share of correct cells).
+    ``ECE = sum_b (n_b / n) |acc_b - conf_b|`` over the non-empty bins (Naeini et al. 2015; Guo et
+    al. 2017); the maximum calibration error is ``max_b |acc_b - conf_b|``.
+
+    Parameters
+    ----------
+    confidence
+        ``[n]`` confidences in [0, 1] (e.g. the score of the predicted class).
+    correct
+        ``[n]`` booleans: was the prediction right.
+    n_bins
+        Number of equal-width bins, at least 1.
+
+    Returns
+    -------
+    dict
+        ``"bins"`` (a table as ``{column: list}``: ``lower``, ``upper``, ``n_cells``,
+        ``mean_confidence`` and ``accuracy``, the last two NaN for an empty bin), ``"ece"``, ``"mce"``,
+        ``"n_cells"``, ``"accuracy"`` and ``"mean_confidence"`` (over all cells).
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct)
+    n_bins = check_positive_int(n_bins, "n_bins")
+    if confidence.ndim != 1 or confidence.size == 0 or correct.shape != confidence.shape:
+        raise LangCellError("confidence and correct must be 1-D arrays of the same, non-zero length")
+    if not np.all(np.isfinite(confidence)) or confidence.min() < 0 or confidence.max() > 1:
+        raise LangCellError("confidences must lie in [0, 1]; pass probabilities such as the best class's score")
+    correct = correct.astype(bool)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Right-closed bins: ceil(c * n_bins) - 1, with 0 in the first bin.
+    which = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(which, weights=confidence, minlength=n_bins) / counts
+        accuracy = np.bincount(which, weights=correct.astype(np.float64), minlength=n_bins) / counts
+    gaps = np.abs(accuracy - mean_confidence)
+    filled = counts > 0
+    return {
+        "bins": {
+            "lower": edges[:-1].tolist(),
+            "upper": edges[1:].tolist(),
+            "n_cells": counts.astype(int).tolist(),
+            "mean_confidence": [float(v) for v in mean_confidence],
+            "accuracy": [float(v) for v in accuracy],
+        },
+        "ece": float(np.sum(counts[filled] / confidence.size * gaps[filled])),
+        "mce": float(gaps[filled].max()),
+        "n_cells": int(confidence.size),
+        "accuracy": float(correct.mean()),
+        "mean_confidence": float(confidence.mean()),
+    }

@@ -219,3 +219,55 @@ def fewshot_curves(results, path: str | os.PathLike | None = None, *, metric: st
     if path is not None:
         _save(fig, path)
     return fig
+
+
+def calibration(result, path: str | os.PathLike | None = None, *, title: str = ""):
+    """Reliability diagram: accuracy against mean confidence per bin, over the diagonal, with the counts.
+
+    The upper panel draws each non-empty bin's accuracy as a bar over its confidence interval, the
+    bin's mean confidence as a dot and the diagonal of perfect calibration; the title gives the expected
+    calibration error. The lower panel shows how many cells fall in each bin.
+
+    Parameters
+    ----------
+    result
+        The dict returned by :func:`langcell.evaluation.calibration` (or stored by it in ``adata.uns``).
+    path
+        The PNG file to write (atomically); ``None`` writes nothing.
+    title
+        Figure title (the ECE is added to it).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (not registered with pyplot, so it needs no closing).
+    """
+    from matplotlib.figure import Figure
+
+    bins = result.get("bins") if isinstance(result, dict) else None
+    needed = ("lower", "upper", "n_cells", "mean_confidence", "accuracy")
+    if not isinstance(bins, dict) or any(column not in bins for column in needed) or "ece" not in result:
+        raise LangCellError("result must be the dict from langcell.evaluation.calibration; pass that (or its uns entry)")
+    lower, upper = np.asarray(bins["lower"], float), np.asarray(bins["upper"], float)
+    counts = np.asarray(bins["n_cells"], float)
+    accuracy = np.asarray(bins["accuracy"], float)
+    confidence = np.asarray(bins["mean_confidence"], float)
+    filled = counts > 0
+    fig = Figure(figsize=(4.8, 5.4))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(lower[filled], accuracy[filled], width=(upper - lower)[filled], align="edge", color="tab:blue",
+            alpha=0.7, edgecolor="white", label="accuracy")
+    top.plot(confidence[filled], accuracy[filled], "o", color="tab:orange", markersize=4, label="mean confidence")
+    top.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="calibrated")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"{title + ': ' if title else ''}ECE {result['ece']:.3f}")
+    bottom.bar(lower, counts, width=upper - lower, align="edge", color="grey", edgecolor="white")
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("cells")
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig

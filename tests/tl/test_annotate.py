@@ -267,6 +267,9 @@ def test_progress_bar(model, capsys):
         ({"labels": DESCRIPTIONS, "threshold": 1.5}, "threshold"),
         ({"labels": DESCRIPTIONS, "threshold": 1.5, "threshold_on": "margin"}, "threshold"),
         ({"labels": DESCRIPTIONS, "threshold_on": "confidence"}, "threshold_on"),
+        ({"labels": DESCRIPTIONS, "threshold": -0.1}, "threshold"),
+        ({"labels": DESCRIPTIONS, "lca_margin": 1.5}, "lca_margin"),
+        ({"labels": DESCRIPTIONS, "lca_margin": -0.2}, "lca_margin"),
         ({"labels": DESCRIPTIONS, "aspect": "colour"}, "aspect"),
         ({"labels": DESCRIPTIONS, "max_length": 0}, "max_length"),
         ({"labels": ["not a real cell type xyz"]}, "could not be resolved"),
@@ -315,3 +318,35 @@ def test_long_calls_show_progress_by_default(model, capsys):
     assert "zero-shot" in capsys.readouterr().err
     tl.annotate(make_adata(), model, DESCRIPTIONS, progress=False)
     assert "zero-shot" not in capsys.readouterr().err
+
+
+def test_confidence_fields_equal_an_independent_computation(annotated):
+    probs = annotated.obsm[KEY + "_probs"].astype(np.float64)
+    ordered = np.sort(probs, axis=1)[:, ::-1]
+    np.testing.assert_allclose(annotated.obs[KEY + "_margin"], ordered[:, 0] - ordered[:, 1], atol=1e-6)
+    entropy = np.array([-sum(p * np.log(p) for p in row if p > 0) for row in probs]) / np.log(probs.shape[1])
+    np.testing.assert_allclose(annotated.obs[KEY + "_entropy"], entropy, atol=1e-6)
+    assert "lca_margin" in annotated.uns[KEY]["params"] and KEY + "_lca" not in annotated.obs
+
+
+def test_lca_answers_on_real_cell_ontology_terms(model):
+    labels = ["CD4-positive, alpha-beta T cell", "CD8-positive, alpha-beta T cell", "B cell"]
+    adata = make_adata(n_cells=12)
+    tl.annotate(adata, model, labels, lca_margin=1.0, threshold=0.0)
+    probs = adata.obsm[KEY + "_probs"]
+    order = np.argsort(-probs, axis=1, kind="stable")
+    pair = {frozenset(labels[:2]): "mature alpha-beta T cell"}  # CL:0000791, their lowest common ancestor
+    pair[frozenset([labels[0], "B cell"])] = pair[frozenset([labels[1], "B cell"])] = "lymphocyte"  # CL:0000542
+    expected = [pair[frozenset([labels[a], labels[b]])] for a, b in order[:, :2]]
+    assert adata.obs[KEY + "_lca"].astype(str).tolist() == expected
+    adata = make_adata(n_cells=12)
+    tl.annotate(adata, model, labels, lca_margin=0.0)  # no margin is below 0: every cell keeps its call
+    assert (adata.obs[KEY + "_lca"].astype(str) == adata.obs[KEY].astype(str)).all()
+
+
+def test_bad_lca_margin_writes_nothing(model):
+    adata = make_adata(n_cells=4)
+    columns = list(adata.obs.columns)
+    with pytest.raises(LangCellError, match="lca_margin"):
+        tl.annotate(adata, model, DESCRIPTIONS, lca_margin=2)
+    assert list(adata.obs.columns) == columns and KEY not in adata.uns

@@ -210,7 +210,7 @@ _FLAGS_FOR_KEYWORDS = (
 #: Bare argument names that are flags of the same name on the command line.
 _FLAG_WORDS = re.compile(
     r"(?<![\w-])(counts_layer|gene_column|label_key|key_added|max_length|batch_key|classes_from|obs_filter|"
-    r"x_layer)\b"
+    r"x_layer|groupby|lca_margin|smoothing)\b"
 )
 
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_anndata as _check_anndata
-from .._checks import check_positive_int
+from ..data.pca import log_normalised_pca
 from ..data.sources import count_source
 from ..errors import LangCellError
 
@@ -114,36 +113,4 @@ def baseline_pca(adata: Any, *, n_pcs: int = 50, counts_layer: str | None = None
     LangCellError
         For a backed AnnData, a missing layer, too few cells or genes, or values that are not raw counts.
     """
-    import anndata
-    import scanpy as sc
-    import scipy.sparse as sp
-
-
-    _check_anndata(adata)
-    n_pcs = check_positive_int(n_pcs, "n_pcs")
-    if adata.isbacked:
-        raise LangCellError(
-            "the PCA baseline needs the counts in memory but the AnnData is backed; load it with "
-            "adata.to_memory(), or put a precomputed baseline in obsm"
-        )
-    source = count_source(adata, "the AnnData", gene_column=None, counts_layer=counts_layer, n_counts_key=None)
-    counts = source.matrix
-    counts = sp.csr_matrix(counts, dtype=np.float32, copy=True) if sp.issparse(counts) else np.array(
-        counts, dtype=np.float32
-    )
-    values = counts.data if sp.issparse(counts) else counts
-    if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values != np.rint(values)):
-        raise LangCellError(
-            "the PCA baseline needs raw counts (finite, non-negative integers) but the matrix holds other values; "
-            "pass counts_layer=<the layer of raw counts> (or 'raw'), or put a precomputed baseline in obsm"
-        )
-    n_comps = min(n_pcs, adata.n_obs - 1, adata.n_vars - 1)
-    if n_comps < 1:
-        raise LangCellError(
-            f"a PCA needs at least 2 cells and 2 genes, got {adata.n_obs} x {adata.n_vars}; pass more data"
-        )
-    work = anndata.AnnData(X=counts)
-    sc.pp.normalize_total(work, target_sum=1e4)
-    sc.pp.log1p(work)
-    sc.tl.pca(work, n_comps=n_comps, svd_solver="arpack", random_state=0, mask_var=None)
-    return np.asarray(work.obsm["X_pca"], dtype=np.float32), int(n_comps)
+    return log_normalised_pca(adata, n_pcs=n_pcs, counts_layer=counts_layer)

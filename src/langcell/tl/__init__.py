@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._annotate import annotate
+from ._consensus import consensus
 from ._embed import embed
 from ._predict import predict
 from ._retrieve import retrieve_cells, retrieve_texts
 
-__all__ = ["annotate", "embed", "finetune", "predict", "retrieve_cells", "retrieve_texts"]
+__all__ = ["annotate", "consensus", "embed", "finetune", "predict", "retrieve_cells", "retrieve_texts"]
 
 
 def __getattr__(name: str) -> Any:

@@ -35,6 +35,7 @@ from ..inference.zero_shot import (
 )
 from ..ontology.classes import RESOLUTION_COLUMNS, annotation_classes
 from ..precision import check_precision
+from ._confidence import class_term_ids, lca_answers, write_confidence
 
 __all__ = ["annotate"]
 
@@ -55,6 +56,7 @@ def annotate(
     threshold: float | None = None,
     threshold_on: str = "score",
     unknown_label: str = "unknown",
+    lca_margin: float | None = None,
     counts_layer: str | None = None,
     gene_column: str | None = None,
     n_counts_key: str | None = "n_counts",
@@ -129,6 +131,12 @@ def annotate(
         1 the clearest decision the scores can express.
     unknown_label
         The label of abstaining cells; must not be a class name.
+    lca_margin
+        Ontology-aware answers, in [0, 1]: a cell whose two best classes are closer than this (score
+        margin below it) and resolve to Cell Ontology terms sharing an ancestor other than "cell" is
+        answered with their lowest common ancestor (CD4 vs CD8 alpha-beta T cell -> "mature
+        alpha-beta T cell"; see :func:`langcell.ontology.lowest_common_ancestor`) in
+        ``obs[key_added + "_lca"]``. ``None`` (default): no such column.
     {counts_options}
     {max_length}
     {max_tokens}
@@ -152,12 +160,23 @@ def annotate(
             category exists only when ``threshold`` is given).
         ``obs[key_added + "_score"]``
             float: the final score of the best class.
+        ``obs[key_added + "_margin"]``
+            float in [0, 1]: the best final score less the second best (1 with one class); small
+            where the cell sits between two classes.
+        ``obs[key_added + "_entropy"]``
+            float in [0, 1]: the entropy of the final scores divided by ``log K`` (0: all weight on
+            one class; 1: uniform over the K classes).
+        ``obs[key_added + "_lca"]``
+            only with ``lca_margin``: categorical, the ontology-aware answer of each cell (the
+            lowest common ancestor's CL label where the two best classes are close, else the
+            cell's call in ``obs[key_added]``).
         ``obsm[key_added + "_probs"]``
             ``float32`` cells x K: the final scores of every class; columns in the order of
             ``uns[key_added]["classes"]``.
         ``uns[key_added]``
             dict with ``"params"`` (alpha, top_k used, mode, exact_argmax, temperature, threshold,
-            threshold_on, unknown_label, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
+            threshold_on, unknown_label, lca_margin, aspect, classes_from, counts_layer, gene_column, max_length,
+            n_classes, n_processes),
             ``"classes"`` (class names), ``"texts"`` (the text of each class) and ``"resolution"``
             (the table of how each class got its text: columns label, term_id, term_label, how; ""
             where empty), and ``"n_uncertified"``: the number of cells whose best class may differ
@@ -169,7 +188,8 @@ def annotate(
     LangCellError
         For no or duplicated labels, both or neither of ``labels`` and ``classes_from``, a missing
         column, an unknown label or term, ``alpha`` outside [0, 1], ``top_k`` below 1, an unknown
-        mode or precision, a ``threshold`` outside [0, 1], an unknown ``threshold_on``, an ``unknown_label`` that is a class, a model without a
+        mode or precision, a ``threshold`` or ``lca_margin`` outside [0, 1], an unknown ``threshold_on``,
+        an ``unknown_label`` that is a class, a model without a
         gene tokenizer, counts that are not raw counts, or data sharing no gene with the vocabulary.
 
     Examples
@@ -183,6 +203,11 @@ def annotate(
     if mode not in MODES:
         raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'fast' is the default")
     threshold = _check_threshold(threshold, threshold_on)
+    if lca_margin is not None:
+        lca_margin = check_unit_interval(
+            lca_margin, "lca_margin", meaning="a difference of two probabilities",
+            fix="pass e.g. 0.1, or None for no ontology-aware answers",
+        )
     check_key_added(key_added)
     tokenizer = gene_tokenizer_of(model)
 
@@ -223,45 +248,57 @@ def annotate(
     probs = _distributed.gather_rows(scores.scores, adata.n_obs, ctx) if ctx is not None else scores.scores
 
     adata = output_anndata(adata, copy)
-    best = probs.argmax(axis=1)
-    best_score = probs[np.arange(best.size), best]
+    params = {
+        "alpha": alpha,
+        "top_k": int(top_k) if mode == "fast" else len(names),
+        "mode": mode,
+        "exact_argmax": bool(exact_argmax),
+        "temperature": TEMPERATURE,
+        "threshold": threshold,
+        "threshold_on": threshold_on,
+        "unknown_label": unknown_label,
+        "lca_margin": lca_margin,
+        "aspect": aspect,
+        "classes_from": classes_from,
+        "counts_layer": counts_layer,
+        "gene_column": gene_column,
+        "max_length": max_length,
+        "precision": precision,
+        "n_classes": len(names),
+        "n_processes": ctx.world_size if ctx is not None else 1,
+    }
+    _write_annotation(adata, key_added, probs, names, texts, resolution, params, scores.n_uncertified)
+    return adata if copy else None
+
+
+def _write_annotation(adata, key_added, scores, names, texts, resolution, params, n_uncertified) -> None:
+    """Write annotate's fields (see its Returns) from the score matrix of every cell."""
+    best = scores.argmax(axis=1)
+    best_score = scores[np.arange(best.size), best]
     categories = list(names)
     predicted = np.asarray(names, dtype=object)[best]
-    if threshold is not None:
-        categories.append(unknown_label)
-        judged = best_score if threshold_on == "score" else scaled_margin(scores.scores, alpha)
-        predicted = np.where(judged < threshold, unknown_label, predicted)
+    if params["threshold"] is not None:
+        categories.append(params["unknown_label"])
+        judged = best_score if params["threshold_on"] == "score" else scaled_margin(scores, params["alpha"])
+        predicted = np.where(judged < params["threshold"], params["unknown_label"], predicted)
     adata.obs[key_added] = pd.Categorical(predicted, categories=categories)
     adata.obs[key_added + "_score"] = best_score.astype(np.float64)
-    adata.obsm[key_added + "_probs"] = probs.astype(np.float32)
+    write_confidence(adata, key_added, scores)
+    adata.obsm[key_added + "_probs"] = scores.astype(np.float32)
     adata.uns[key_added] = {
-        "params": {
-            "alpha": alpha,
-            "top_k": int(top_k) if mode == "fast" else len(names),
-            "mode": mode,
-            "exact_argmax": bool(exact_argmax),
-            "temperature": TEMPERATURE,
-            "threshold": threshold,
-            "threshold_on": threshold_on,
-            "unknown_label": unknown_label,
-            "aspect": aspect,
-            "classes_from": classes_from,
-            "counts_layer": counts_layer,
-            "gene_column": gene_column,
-            "max_length": max_length,
-            "precision": precision,
-            "n_classes": len(names),
-            "n_processes": ctx.world_size if ctx is not None else 1,
-        },
+        "params": params,
         "classes": list(names),
         "texts": list(texts),
-        "n_uncertified": scores.n_uncertified,
+        "n_uncertified": int(n_uncertified),
         "resolution": {
             column: ["" if value is None or pd.isna(value) else str(value) for value in resolution[column]]
             for column in RESOLUTION_COLUMNS
         },
     }
-    return adata if copy else None
+    if params["lca_margin"] is not None:
+        term_ids = class_term_ids(adata.uns[key_added], len(names))
+        answers, _ = lca_answers(scores, term_ids, predicted, params["lca_margin"])
+        adata.obs[key_added + "_lca"] = pd.Categorical(answers, categories=list(dict.fromkeys([*categories, *answers])))
 
 
 def _cells_of_this_process(adata, tokenizer, model, corpus, distributed, max_length, progress, **encode_options):
