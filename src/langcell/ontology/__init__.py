@@ -14,6 +14,7 @@ from .texts import (
     cell_description,
     describe_cells,
     term_label,
+    term_prompts,
     term_text,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "label_texts",
     "resolve_labels",
     "term_label",
+    "term_prompts",
     "term_text",
 ]

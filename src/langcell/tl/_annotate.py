@@ -29,7 +29,14 @@ from ..inference.zero_shot import (
     encode_class_texts,
     zero_shot_scores,
 )
-from ..ontology.classes import RESOLUTION_COLUMNS, check_aspect, class_names, class_texts, column_classes
+from ..ontology.classes import (
+    RESOLUTION_COLUMNS,
+    check_aspect,
+    class_names,
+    class_prompts,
+    class_texts,
+    column_classes,
+)
 from ..precision import check_precision
 
 __all__ = ["annotate"]
@@ -44,6 +51,8 @@ def annotate(
     classes_from: str | None = None,
     aspect: str | None = None,
     mapping: Mapping[str, str] | str | None = None,
+    texts: Mapping[str, Any] | None = None,
+    prompt_ensemble: bool = False,
     alpha: float = DEFAULT_ALPHA,
     top_k: int = DEFAULT_TOP_K,
     mode: str = "fast",
@@ -89,6 +98,15 @@ def annotate(
         column name ``<aspect>_ontology_term_id`` for ``classes_from``.
     mapping
         ``{label: term id}`` (or a JSON/TSV path) for cell-type labels the resolver cannot place.
+    texts
+        Prompt ensembling: ``{class name: [text, ...]}``, further texts describing a class (templates,
+        synonyms, marker sentences). A class with several texts is embedded as the normalised mean of
+        its texts' normalised embeddings (CLIP's prompt ensembling); the cell-text matching head still
+        scores its primary text (the resolved or given one). ``None``: one text per class.
+    prompt_ensemble
+        Also describe every class that has an ontology term by several texts built from the term
+        (label, definition, synonyms, parents: :func:`langcell.ontology.term_prompts`). Off by default:
+        on held-out PBMCs and CBMC it did not help both (BENCHMARKS.md, "Prompt ensembles").
     alpha
         Weight of the similarity score, in [0, 1] (the release: 0.1).
     top_k
@@ -135,10 +153,11 @@ def annotate(
             ``uns[key_added]["classes"]``.
         ``uns[key_added]``
             dict with ``"params"`` (alpha, top_k used, mode, exact_argmax, temperature, threshold,
-            unknown_label, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
-            ``"classes"`` (class names), ``"texts"`` (the text of each class) and ``"resolution"``
-            (the table of how each class got its text: columns label, term_id, term_label, how; ""
-            where empty).
+            unknown_label, aspect, classes_from, counts_layer, gene_column, max_length, n_classes,
+            prompt_ensemble, n_prompts), ``"classes"`` (class names), ``"texts"`` (the primary text of
+            each class), ``"resolution"`` (the table of how each class got its text: columns label,
+            term_id, term_label, how; "" where empty) and, when some class has several texts,
+            ``"prompts"`` (columns class and text: every text of every class, primary first).
 
     Raises
     ------
@@ -166,7 +185,10 @@ def annotate(
     tokenizer = gene_tokenizer_of(model)
 
     check_precision(precision, model.logit_scale.device)
-    names, texts, resolution, aspect = _annotation_classes(adata, labels, classes_from, aspect, mapping)
+    names, primary, resolution, aspect = _annotation_classes(adata, labels, classes_from, aspect, mapping)
+    prompts = class_prompts(
+        names, primary, resolution, aspect=aspect or "cell_type", ontology=bool(prompt_ensemble), extra=texts
+    )
     top_k = check_top_k(top_k, len(names))
     if threshold is not None and unknown_label in names:
         raise LangCellError(
@@ -188,7 +210,7 @@ def annotate(
         max_length=max_length,
         progress=progress,
     )
-    classes = encode_class_texts(model, texts, names, precision=precision)
+    classes = encode_class_texts(model, prompts, names, precision=precision)
     scores = zero_shot_scores(
         model,
         cells,
@@ -230,17 +252,43 @@ def annotate(
             "max_length": max_length,
             "precision": precision,
             "n_classes": len(names),
+            "prompt_ensemble": bool(prompt_ensemble),
+            "n_prompts": sum(len(p) for p in prompts),
         },
         "classes": list(names),
-        "texts": list(texts),
+        "texts": list(primary),
         "resolution": {
             column: ["" if value is None or pd.isna(value) else str(value) for value in resolution[column]]
             for column in RESOLUTION_COLUMNS
         },
     }
+    if any(len(p) > 1 for p in prompts):
+        adata.uns[key_added]["prompts"] = {
+            "class": [name for name, p in zip(names, prompts, strict=True) for _ in p],
+            "text": [text for p in prompts for text in p],
+        }
     return adata if copy else None
-# --------------------------------------------------------------------------------------------------
-# Embeddings
+
+
+def stored_class_texts(entry: Mapping[str, Any], where: str) -> tuple[list[str], list[list[str]]]:
+    """The classes and every text of each (primary first) that :func:`annotate` stored in ``uns``.
+
+    ``where`` names the entry in error messages (``"uns['langcell_cell_type']"``).
+    """
+    if not isinstance(entry, Mapping) or "classes" not in entry or "texts" not in entry:
+        raise LangCellError(
+            f"{where} is not what langcell.tl.annotate writes (no 'classes' and 'texts'); run tl.annotate first"
+        )
+    names = [str(name) for name in entry["classes"]]
+    prompts = [[str(text)] for text in entry["texts"]]
+    if len(prompts) != len(names):
+        raise LangCellError(f"{where} holds {len(names)} classes but {len(prompts)} texts; run tl.annotate again")
+    if "prompts" in entry:
+        by_class: dict[str, list[str]] = {name: [] for name in names}
+        for name, text in zip(entry["prompts"]["class"], entry["prompts"]["text"], strict=True):
+            by_class[str(name)].append(str(text))
+        prompts = [by_class[name] or p for name, p in zip(names, prompts, strict=True)]
+    return names, prompts
 
 
 def _annotation_classes(
