@@ -5,7 +5,7 @@ Every subcommand parses its arguments, calls one public function and prints what
 traceback, and the command exits with status 2.
 
 The commands live in :mod:`.build` (tokenize, import-official, pretrain, demo), :mod:`.annotation`
-(annotate, embed, finetune, predict, retrieve) and :mod:`.evaluation` (fewshot, evaluate); what they
+(annotate, explain, embed, finetune, predict, retrieve) and :mod:`.evaluation` (fewshot, evaluate); what they
 share is in :mod:`._common`. Each command imports the library inside its ``run_*`` function, so that
 ``langcell --help`` and argument errors answer without loading torch.
 """
@@ -35,6 +35,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     build.add_import_official,
     build.add_pretrain,
     annotation.add_annotate,
+    annotation.add_explain,
     annotation.add_embed,
     annotation.add_finetune,
     evaluation.add_fewshot,

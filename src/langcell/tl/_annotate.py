@@ -182,6 +182,8 @@ def annotate(
             threshold, "threshold", meaning="final scores are probabilities", fix="pass e.g. 0.5, or None to never abstain"
         )
     check_key_added(key_added)
+    if not isinstance(prompt_ensemble, bool):
+        raise LangCellError(f"prompt_ensemble must be True or False, got {prompt_ensemble!r}")
     tokenizer = gene_tokenizer_of(model)
 
     check_precision(precision, model.logit_scale.device)
