@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from langcell import ontology, tl
+from langcell import ontology
 from langcell.errors import LangCellError
 from langcell.inference.zero_shot import encode_class_texts
 from langcell.models import LangCell
