@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/explain_markers", help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demo's split")
     parser.add_argument("--n-genes", type=int, default=20)
+    parser.add_argument("--max-length", type=int, help="longest cell in tokens (default: the model's, as the demo)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def main() -> None:
     _, test = held_out_split(adata, "cell_type", seed=args.seed)
     labels = sorted(test.obs["cell_type"].astype(str).unique())
     missing = {name: [m for m in markers if m not in set(test.var_names)] for name, markers in MARKERS.items()}
-    tl.annotate(test, model, labels, progress=False)
+    tl.annotate(test, model, labels, max_length=args.max_length, progress=False)
     accuracy = float((test.obs[KEY].astype(str) == test.obs["cell_type"].astype(str)).mean())
     timings = {}
     tables = {}

@@ -8,7 +8,9 @@
    ``demo``);
 5. the test cells annotated zero-shot from the 10 type descriptions;
 6. accuracy and macro-F1 printed next to a logistic regression trained on the same training cells;
-7. the annotated h5ad, a UMAP coloured by predicted and true type, and a confusion matrix written.
+7. the annotations explained (:func:`langcell.tl.explain`): the top genes of the cells predicted B
+   cell, NK cell and CD14 monocyte printed and stored in the report, all classes drawn in explain.png;
+8. the annotated h5ad, a UMAP coloured by predicted and true type, and a confusion matrix written.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .errors import LangCellError
 from .evaluation.baselines import logistic_regression_baseline
 
 DEMO_KEY = "langcell_cell_type"
+#: The classes whose explanations the demo prints and reports (issue 14's marker check).
+EXPLAINED_CLASSES = ("B cell, CD19-positive", "natural killer cell", "CD14-positive monocyte")
 
 
 def _say(quiet: bool, *parts: object) -> None:
@@ -125,6 +129,8 @@ def run_demo(
         "seed": seed,
         "recipe": recipe.to_dict(),
     }
+    report["explained_genes"] = _explain(test, model, quiet)
+    t = lap("explain", t)
 
     _say(quiet, "[6/6] writing the annotated cells and figures ...")
     tl.embed(test, model, key_added="X_langcell", progress=False)
@@ -133,6 +139,8 @@ def run_demo(
     pl.umap(test, ["cell_type", DEMO_KEY], out / "umap.png", titles=["true type", "LangCell zero-shot"])
     pl.confusion_matrix(truth, predicted, out / "confusion_matrix.png", labels=labels,
                         title="LangCell zero-shot, held-out PBMCs")
+    pl.explain(test, out / "explain.png", key_added=DEMO_KEY + "_explain", n_genes=5,
+               title="genes that drive each prediction (gradient x input)")
     with atomic_file(out / "annotated.h5ad") as tmp:
         test.write_h5ad(tmp)
     lap("write", t)
@@ -146,6 +154,21 @@ def run_demo(
     _say(quiet, f"                           accuracy   macro-F1   ({test.n_obs} held-out cells, 10 types)")
     _say(quiet, f"LangCell zero-shot           {z['accuracy']:.3f}      {z['macro_f1']:.3f}")
     _say(quiet, f"logistic regression          {b['accuracy']:.3f}      {b['macro_f1']:.3f}   (trained on labels)")
-    _say(quiet, f"\nwrote {out}/annotated.h5ad, umap.png, confusion_matrix.png, report.json, run/model "
+    _say(quiet, f"\nwrote {out}/annotated.h5ad, umap.png, confusion_matrix.png, explain.png, report.json, run/model "
                 f"in {timings['total']:.0f} s")
     return report
+
+
+def _explain(test, model, quiet: bool) -> dict:
+    """Explain the test cells' predictions; the top 10 genes of :data:`EXPLAINED_CLASSES`, printed."""
+    from . import tl
+
+    _say(quiet, "      explaining the predictions (which genes drive each cell's match) ...")
+    tl.explain(test, model, key=DEMO_KEY, progress=False)
+    table = tl.explanation_table(test, DEMO_KEY + "_explain")
+    explained = {}
+    for name in EXPLAINED_CLASSES:
+        genes = table.loc[table["class"] == name, "gene"].head(10).tolist()
+        explained[name] = genes
+        _say(quiet, f"      {name:<24} {', '.join(genes) if genes else '(no cell predicted)'}")
+    return explained
