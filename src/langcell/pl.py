@@ -268,7 +268,10 @@ def explain(
         raise LangCellError(f"classes {unknown} were not explained; pick among {list(sizes.index)}")
     shown = table[table["class"].isin(classes) & (table["rank"] <= n_genes)]
     genes = list(dict.fromkeys(gene for name in classes for gene in shown.loc[shown["class"] == name, "gene"]))
-    fig = Figure(figsize=(1.6 + 0.32 * len(genes), 1.0 + 0.38 * len(classes)))
+    labels = [f"{name} ({int(sizes[name])})" for name in classes]
+    # Room for the longest class label on the left (~0.065 inch per character at 8 pt).
+    width = 2.0 + 0.32 * len(genes) + 0.065 * max(len(label) for label in labels)
+    fig = Figure(figsize=(width, 1.2 + 0.38 * len(classes)))
     ax = fig.add_subplot()
     rows, columns, colours, areas = [], [], [], []
     for i, name in enumerate(classes):
@@ -283,7 +286,7 @@ def explain(
     points = ax.scatter(columns, rows, s=areas, c=colours, cmap="Reds", vmin=0, vmax=1, edgecolors="grey",
                         linewidths=0.4)
     ax.set_xticks(range(len(genes)), genes, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(classes)), [f"{name} ({int(sizes[name])})" for name in classes], fontsize=8)
+    ax.set_yticks(range(len(classes)), labels, fontsize=8)
     ax.set_xlim(-0.6, len(genes) - 0.4)
     ax.set_ylim(len(classes) - 0.5, -0.5)
     ax.grid(alpha=0.2)
