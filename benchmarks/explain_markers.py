@@ -14,6 +14,9 @@ labels: scanpy's ``rank_genes_groups`` (Wilcoxon, log-normalised counts), its to
 the contrastive explanation (the default: similarity to the predicted class minus the mean over the
 others) and the plain one are reported, with every per-class table.
 
+Writes ``OUT/report.json`` (every table) and ``OUT/explain.png`` (:func:`langcell.pl.explain`, top 5 genes
+per predicted class).
+
     python benchmarks/explain_markers.py --model /work/models/demo/run/model --out runs/explain_markers
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 import scanpy as sc
 import torch
 
-from langcell import tl
+from langcell import pl, tl
 from langcell._atomic import write_json
 from langcell.data.datasets import pbmc68k
 from langcell.data.splits import held_out_split
@@ -107,8 +110,10 @@ def main() -> None:
     report["all_tables"] = {method: table.to_dict(orient="list") for method, table in tables.items()}
     report["seconds"]["total"] = round(time.perf_counter() - start, 1)
     write_json(str(out / "report.json"), report)
+    pl.explain(test, out / "explain.png", key_added="explain_contrast", n_genes=5,
+               title="held-out PBMCs, demo model: genes that drive each zero-shot prediction")
     print(markdown(report))
-    print(f"\nwrote {out}/report.json in {report['seconds']['total']:.0f} s")
+    print(f"\nwrote {out}/report.json and explain.png in {report['seconds']['total']:.0f} s")
 
 
 def markdown(report: dict) -> str:
