@@ -105,8 +105,8 @@ def annotate(
         scores its primary text (the resolved or given one). ``None``: one text per class.
     prompt_ensemble
         Also describe every class that has an ontology term by several texts built from the term
-        (label, definition, synonyms, parents: :func:`langcell.ontology.term_prompts`). Off by default:
-        on held-out PBMCs and CBMC it did not help both (BENCHMARKS.md, "Prompt ensembles").
+        (label, definition, synonyms, parents: :func:`langcell.ontology.term_prompts`). Off by default;
+        measured in BENCHMARKS.md, "Prompt ensembles".
     alpha
         Weight of the similarity score, in [0, 1] (the release: 0.1).
     top_k
