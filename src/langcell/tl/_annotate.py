@@ -106,8 +106,8 @@ def annotate(
     prompt_ensemble
         Also describe every class that has an ontology term by several texts built from the term
         (label, definition, synonyms, parents: :func:`langcell.ontology.term_prompts`). Off by default:
-        on held-out pbmc68k it lowered macro-F1 from 0.465 to 0.414 with the default alpha (it raised it
-        with alpha=1, the similarity alone); BENCHMARKS.md, "Prompt ensembles".
+        with the default alpha it lowered macro-F1 on held-out pbmc68k (0.465 to 0.414) and CBMC (0.348
+        to 0.340); BENCHMARKS.md, "Prompt ensembles".
     alpha
         Weight of the similarity score, in [0, 1] (the release: 0.1).
     top_k
