@@ -292,6 +292,44 @@ def test_annotate_refuses_bad_refinement_flags(model_and_cells, tmp_path, capsys
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and all(word in err[0] for word in words), err
+
+def test_annotate_with_prompt_ensembles_then_explain_with_a_csv(model_and_cells, tmp_path, capsys):
+    import json
+
+    import anndata as ad
+    import pandas as pd
+
+    model, cells = model_and_cells
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps({"B cell": ["cell type: B lymphocyte."]}))
+    annotated = tmp_path / "annotated.h5ad"
+    labels = "B cell;natural killer cell;CD14-positive monocyte"
+    code = main(["annotate", str(cells), "--model", str(model), "--out", str(annotated), "--labels", labels,
+                 "--prompt-ensemble", "--texts", str(texts), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    prompts = ad.read_h5ad(annotated).uns["langcell_cell_type"]["prompts"]
+    assert "cell type: B lymphocyte." in list(prompts["text"]) and len(prompts["text"]) > 3 + 1
+    out, csv = tmp_path / "explained.h5ad", tmp_path / "table.csv"
+    code = main(["explain", str(annotated), "--model", str(model), "--out", str(out), "--n-genes", "5",
+                 "--csv", str(csv)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    table = pd.read_csv(csv)
+    explained = ad.read_h5ad(out)
+    stored = pd.DataFrame({k: np.asarray(v) for k, v in explained.uns["langcell_cell_type_explain"]["table"].items()})
+    assert table["gene"].tolist() == stored["gene"].tolist() and (table["rank"] <= 5).all()
+    assert set(table["class"]) == set(explained.obs["langcell_cell_type"].astype(str))
+    assert "explained 80 cells" in printed
+
+
+@pytest.mark.parametrize(("argv", "flag"), [(["--n-genes", "0"], "--n-genes"), (["--key", "nope"], "--key")])
+def test_explain_refuses_bad_input_in_one_line_and_writes_nothing(model_and_cells, tmp_path, capsys, argv, flag):
+    model, cells = model_and_cells
+    out = tmp_path / "explained.h5ad"
+    code = main(["explain", str(cells), "--model", str(model), "--out", str(out), *argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0]
     assert not list(tmp_path.iterdir())
 
 

@@ -16,12 +16,12 @@ from langcell.demo import INTERMEDIATE, is_demo_output, remove_intermediate, run
 def test_demo_writes_its_outputs_and_scores(tmp_path):
     report = run_demo(tmp_path / "demo", seed=0, quiet=True, recipe="tiny")
     out = tmp_path / "demo"
-    for name in ("annotated.h5ad", "umap.png", "confusion_matrix.png", "report.json"):
+    for name in ("annotated.h5ad", "umap.png", "confusion_matrix.png", "explain.png", "report.json"):
         assert (out / name).is_file(), name
     assert (out / "run" / "model" / "model.safetensors").is_file()
     # What a user needs stays; the checkpoints (optimiser state) and the corpus are gone, and no temporary.
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["annotated.h5ad", "umap.png", "confusion_matrix.png", "report.json", "run"])
+        ["annotated.h5ad", "umap.png", "confusion_matrix.png", "explain.png", "report.json", "run"])
     run = {p.name for p in (out / "run").iterdir()}
     assert {"log.csv", "model", "recipe.json"} <= run <= {"log.csv", "model", "recipe.json", "tensorboard"}, run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
@@ -45,6 +45,14 @@ def test_demo_writes_its_outputs_and_scores(tmp_path):
         s = saved["ontology_aware"][name]
         assert s["n_exact"] + s["n_ancestor"] + s["n_wrong"] + s["n_abstained"] == 140
     assert saved["ontology_aware"]["zero-shot"]["n_ancestor"] == 0  # the calls are classes: none is an ancestor
+    # The explanations of the B, NK and CD14 monocyte predictions: the table's top genes, in the report.
+    from langcell.demo import EXPLAINED_CLASSES
+    from langcell.tl import explanation_table
+
+    assert list(saved["explained_genes"]) == list(EXPLAINED_CLASSES)
+    table = explanation_table(annotated, "langcell_cell_type_explain")
+    for name, genes in saved["explained_genes"].items():
+        assert genes == table.loc[table["class"] == name, "gene"].head(10).tolist()
 
 
 def demo_layout(out: Path) -> int:
@@ -97,3 +105,4 @@ def test_the_demo_refuses_an_earlier_demo_without_overwrite_and_other_folders_al
     assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "thesis"]  # no temporary either
     assert not is_demo_output(thesis) and not is_demo_output(tmp_path / "missing")
+

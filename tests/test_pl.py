@@ -71,3 +71,46 @@ def test_missing_inputs_are_refused(cells, tmp_path):
         pl.umap(cells, ["nothing"], tmp_path / "x.png")
     with pytest.raises(LangCellError, match="one label per cell"):
         pl.confusion_matrix(["a"], ["a", "b"], tmp_path / "x.png")
+
+
+def explained_cells():
+    """What tl.explain stores: a table of two classes sharing one gene."""
+    adata = ad.AnnData(np.zeros((5, 2), dtype=np.float32))
+    adata.uns["langcell_cell_type_explain"] = {"params": {}, "table": {
+        "class": np.array(["B", "B", "B", "NK", "NK", "NK"]), "rank": np.array([1, 2, 3, 1, 2, 3]),
+        "gene": np.array(["MS4A1", "CD79A", "LYZ", "NKG7", "GNLY", "LYZ"]),
+        "gene_id": np.array(["a", "b", "c", "d", "e", "c"]),
+        "importance": np.array([3.0, 2.0, 1.0, 0.3, 0.2, 0.1]),
+        "mean_attribution": np.array([3.0, -2.0, 1.0, 0.3, 0.2, -0.1]),
+        "top_fraction": np.array([1.0, 0.5, 0.2, 1.0, 0.5, 0.0]), "n_cells": np.array([3, 3, 3, 2, 2, 2]),
+    }}
+    return adata
+
+
+def test_explain_dot_plot(tmp_path):
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        fig = pl.explain(explained_cells(), tmp_path / "explain.png", n_genes=3, title="why")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "explain.png").read_bytes()[:8] == PNG
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["MS4A1", "CD79A", "LYZ", "NKG7", "GNLY"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["B (3)", "NK (2)"]
+    colours = ax.collections[0].get_array()
+    # Each class scaled to its own largest importance: both classes' rank-1 gene is 1.
+    np.testing.assert_allclose(sorted(colours), sorted([1, 2 / 3, 1 / 3, 1, 2 / 3, 1 / 3]))
+    fig = pl.explain(explained_cells(), classes=["NK"], n_genes=1)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["NKG7"]
+
+
+def test_explain_plot_refuses_a_missing_explanation_and_unknown_classes(tmp_path):
+    with pytest.raises(LangCellError, match="run langcell.tl.explain first"):
+        pl.explain(ad.AnnData(np.zeros((2, 2), dtype=np.float32)))
+    with pytest.raises(LangCellError, match="were not explained"):
+        pl.explain(explained_cells(), classes=["T"])
+    with pytest.raises(LangCellError, match="n_genes"):
+        pl.explain(explained_cells(), n_genes=0)
+    assert not list(tmp_path.iterdir())

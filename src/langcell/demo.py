@@ -10,7 +10,9 @@
    LangCell kNN graph (:func:`langcell.tl.consensus`, graph and majority), with ontology-aware answers;
 6. accuracy and macro-F1 printed next to a logistic regression trained on the same training cells, and
    the ontology-aware metric (exact / correct at an ancestor / wrong);
-7. the annotated h5ad, a UMAP coloured by predicted and true type, and a confusion matrix written.
+7. the annotations explained (:func:`langcell.tl.explain`): the top genes of the cells predicted B
+   cell, NK cell and CD14 monocyte printed and stored in the report, all classes drawn in explain.png;
+8. the annotated h5ad, a UMAP coloured by predicted and true type, and a confusion matrix written.
 
 The whole output directory is written under a temporary name and appears complete (an interrupted demo
 leaves nothing, and an earlier demo stays until the new one is whole). What a user needs stays: the
@@ -34,11 +36,14 @@ from .evaluation.baselines import logistic_regression_baseline
 
 DEMO_KEY = "langcell_cell_type"
 #: What a finished demo directory holds (an interrupted one of an older version: a subset).
-DEMO_ENTRIES = frozenset({"corpus", "run", "annotated.h5ad", "umap.png", "confusion_matrix.png", "report.json"})
+DEMO_ENTRIES = frozenset({"corpus", "run", "annotated.h5ad", "umap.png", "confusion_matrix.png", "explain.png",
+                          "report.json"})
 #: Intermediate results, removed unless ``keep_intermediate``: relative path -> what it is.
 INTERMEDIATE = {"run/checkpoints": "training checkpoints with the optimiser's state", "corpus": "token corpus"}
 #: Margin below which the demo answers with the lowest common Cell Ontology ancestor of the two best classes.
 LCA_MARGIN = 0.1
+#: The classes whose explanations the demo prints and reports (issue 14's marker check).
+EXPLAINED_CLASSES = ("B cell, CD19-positive", "natural killer cell", "CD14-positive monocyte")
 
 
 def _say(quiet: bool, *parts: object) -> None:
@@ -245,6 +250,8 @@ def _run_steps(out: Path, seed: int, quiet: bool, recipe_name: str, timings: dic
         "seed": seed,
         "recipe": recipe.to_dict(),
     }
+    report["explained_genes"] = _explain(test, model, quiet)
+    t = lap("explain", t)
     _write_figures_and_cells(out, test, model, truth, predicted, labels, seed, quiet)
     lap("write", t)
     return report
@@ -264,6 +271,8 @@ def _write_figures_and_cells(out: Path, test, model, truth, predicted, labels, s
     pl.umap(test, ["cell_type", DEMO_KEY], out / "umap.png", titles=["true type", "LangCell zero-shot"])
     pl.confusion_matrix(truth, predicted, out / "confusion_matrix.png", labels=labels,
                         title="LangCell zero-shot, held-out PBMCs")
+    pl.explain(test, out / "explain.png", key_added=DEMO_KEY + "_explain", n_genes=5,
+               title="genes that drive each prediction (gradient x input)")
     _say(quiet, "[7/7] writing annotated.h5ad and report.json ...")
     with atomic_file(out / "annotated.h5ad") as tmp:
         test.write_h5ad(tmp)
@@ -281,5 +290,20 @@ def _print_summary(out: Path, report: dict, quiet: bool) -> None:
     for name, s in report["ontology_aware"].items():
         _say(quiet, f"ontology-aware, {name}: exact {s['exact']:.3f}, correct at an ancestor {s['ancestor']:.3f}, "
                     f"wrong {s['wrong']:.3f}")
-    _say(quiet, f"\nwrote {out}/annotated.h5ad, umap.png, confusion_matrix.png, report.json, run/model "
+    _say(quiet, f"\nwrote {out}/annotated.h5ad, umap.png, confusion_matrix.png, explain.png, report.json, run/model "
                 f"in {report['seconds']['total']:.0f} s")
+
+
+def _explain(test, model, quiet: bool) -> dict:
+    """Explain the test cells' predictions; the top 10 genes of :data:`EXPLAINED_CLASSES`, printed."""
+    from . import tl
+
+    _say(quiet, "      explaining the predictions (which genes drive each cell's match) ...")
+    tl.explain(test, model, key=DEMO_KEY, progress=False)
+    table = tl.explanation_table(test, DEMO_KEY + "_explain")
+    explained = {}
+    for name in EXPLAINED_CLASSES:
+        genes = table.loc[table["class"] == name, "gene"].head(10).tolist()
+        explained[name] = genes
+        _say(quiet, f"      {name:<24} {', '.join(genes) if genes else '(no cell predicted)'}")
+    return explained

@@ -271,3 +271,89 @@ def calibration(result, path: str | os.PathLike | None = None, *, title: str = "
     if path is not None:
         _save(fig, path)
     return fig
+
+
+def explain(
+    adata,
+    path: str | os.PathLike | None = None,
+    *,
+    key_added: str = "langcell_cell_type_explain",
+    n_genes: int = 5,
+    classes: Sequence[str] | None = None,
+    title: str = "",
+):
+    """Dot plot of :func:`langcell.tl.explain`: predicted classes (rows) x their top explained genes.
+
+    The columns are each class's ``n_genes`` highest-ranked genes, class after class (a gene shared by
+    several classes appears once). A dot's colour is the gene's importance in that class, divided by
+    the class's largest (so classes with different score scales compare); its size is the fraction
+    of the class's cells that have the gene among their own top genes. No dot: the gene is not among
+    the class's stored top genes.
+
+    Parameters
+    ----------
+    adata
+        Cells explained by :func:`langcell.tl.explain`.
+    path
+        The PNG file to write (atomically); ``None`` writes nothing.
+    key_added
+        The ``key_added`` of the explain call.
+    n_genes
+        Genes per class to show (at most those stored).
+    classes
+        Classes to show, in this order (default: every explained class, largest first).
+    title
+        Figure title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (not registered with pyplot, so it needs no closing).
+    """
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from ._checks import check_positive_int
+
+    n_genes = check_positive_int(n_genes, "n_genes")
+    entry = adata.uns.get(key_added)
+    if not isinstance(entry, dict) or "table" not in entry:
+        raise LangCellError(f"uns has no explanation under {key_added!r}; run langcell.tl.explain first")
+    table = pd.DataFrame({column: np.asarray(values) for column, values in entry["table"].items()})
+    sizes = table.groupby("class", sort=False)["n_cells"].first().sort_values(ascending=False, kind="stable")
+    if classes is None:
+        classes = list(sizes.index)
+    unknown = [name for name in classes if name not in sizes.index]
+    if unknown or not classes:
+        raise LangCellError(f"classes {unknown} were not explained; pick among {list(sizes.index)}")
+    shown = table[table["class"].isin(classes) & (table["rank"] <= n_genes)]
+    genes = list(dict.fromkeys(gene for name in classes for gene in shown.loc[shown["class"] == name, "gene"]))
+    labels = [f"{name} ({int(sizes[name])})" for name in classes]
+    # Room for the longest class label on the left (~0.065 inch per character at 8 pt).
+    width = 2.0 + 0.32 * len(genes) + 0.065 * max(len(label) for label in labels)
+    fig = Figure(figsize=(width, 1.2 + 0.38 * len(classes)))
+    ax = fig.add_subplot()
+    rows, columns, colours, areas = [], [], [], []
+    for i, name in enumerate(classes):
+        part = table[table["class"] == name].set_index("gene")
+        top = float(part["importance"].max()) or 1.0
+        for j, gene in enumerate(genes):
+            if gene in part.index:
+                rows.append(i)
+                columns.append(j)
+                colours.append(float(part.loc[gene, "importance"]) / top)
+                areas.append(20 + 180 * float(part.loc[gene, "top_fraction"]))
+    points = ax.scatter(columns, rows, s=areas, c=colours, cmap="Reds", vmin=0, vmax=1, edgecolors="grey",
+                        linewidths=0.4)
+    ax.set_xticks(range(len(genes)), genes, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(classes)), labels, fontsize=8)
+    ax.set_xlim(-0.6, len(genes) - 0.4)
+    ax.set_ylim(len(classes) - 0.5, -0.5)
+    ax.grid(alpha=0.2)
+    fig.colorbar(points, ax=ax, fraction=0.03, pad=0.01, label="importance / class max")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return fig

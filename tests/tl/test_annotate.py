@@ -350,3 +350,37 @@ def test_bad_lca_margin_writes_nothing(model):
     with pytest.raises(LangCellError, match="lca_margin"):
         tl.annotate(adata, model, DESCRIPTIONS, lca_margin=2)
     assert list(adata.obs.columns) == columns and KEY not in adata.uns
+
+# --------------------------------------------------------------------------------------------------
+# Prompt ensembles
+
+
+def test_prompt_ensembles_reach_the_scores_and_are_stored(model, tokenizer, annotated, tmp_path):
+    from langcell.tl._annotate import stored_class_texts
+
+    extra = {"B": ["cell type: B lymphocyte.", "an antibody-making cell"], "NK": ["cell type: NK cell."]}
+    adata = make_adata()
+    tl.annotate(adata, model, DESCRIPTIONS, texts=extra, top_k=2, progress=False)
+    prompts = {name: [text, *extra.get(name, [])] for name, text in DESCRIPTIONS.items()}
+    expected = zero_shot_scores(model, tokenizer.encode(make_adata(), max_length=128),
+                                encode_class_texts(model, prompts), top_k=2)
+    np.testing.assert_allclose(adata.obsm[KEY + "_probs"], expected.scores, atol=1e-6)
+    assert not np.allclose(adata.obsm[KEY + "_probs"], annotated.obsm[KEY + "_probs"], atol=1e-4)
+    uns = adata.uns[KEY]
+    assert uns["texts"] == list(DESCRIPTIONS.values())  # the primary texts
+    assert uns["params"]["n_prompts"] == sum(len(p) for p in prompts.values())
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert stored_class_texts(back.uns[KEY], "uns") == (list(prompts), list(prompts.values()))
+    # One text per class stores no prompt table, and texts={} changes nothing.
+    plain = tl.annotate(make_adata(), model, DESCRIPTIONS, texts={}, top_k=2, progress=False, copy=True)
+    assert "prompts" not in plain.uns[KEY]
+    np.testing.assert_array_equal(plain.obsm[KEY + "_probs"], annotated.obsm[KEY + "_probs"])
+
+
+def test_prompt_ensemble_from_the_cell_ontology(model):
+    adata = tl.annotate(make_adata(), model, ["B cell", "T cell"], prompt_ensemble=True, progress=False, copy=True)
+    prompts = adata.uns[KEY]["prompts"]
+    b_texts = [t for c, t in zip(prompts["class"], prompts["text"], strict=True) if c == "B cell"]
+    assert b_texts == ontology.term_prompts("CL:0000236")
+    assert adata.uns[KEY]["params"]["prompt_ensemble"] is True

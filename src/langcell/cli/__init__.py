@@ -7,7 +7,7 @@ temporary files of the outputs being written are removed, one line says which ou
 unwritten, and the exit status is 128 + the signal's number (130, 143).
 
 The commands live in :mod:`.build` (tokenize, import-official, pretrain, demo), :mod:`.annotation`
-(annotate, embed, finetune, predict, retrieve) and :mod:`.evaluation` (fewshot, evaluate); what they
+(annotate, explain, embed, finetune, predict, retrieve) and :mod:`.evaluation` (fewshot, evaluate); what they
 share is in :mod:`._common`. Each command imports the library inside its ``run_*`` function, so that
 ``langcell --help`` and argument errors answer without loading torch.
 """
@@ -38,6 +38,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     build.add_import_official,
     build.add_pretrain,
     annotation.add_annotate,
+    annotation.add_explain,
     annotation.add_embed,
     annotation.add_finetune,
     evaluation.add_fewshot,

@@ -65,6 +65,11 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
              "second-best score over the largest gap possible with K classes: in [0, 1] whatever K)",
     )
     add_refinement_options(p)
+    p.add_argument("--prompt-ensemble", action="store_true",
+                   help="describe each ontology class by several texts (label, definition, synonyms, parents) "
+                        "and embed it as their normalised mean")
+    p.add_argument("--texts", metavar="JSON", help="JSON file {class name: [extra text, ...]}: more texts per class "
+                                                   "(prompt ensembling)")
     p.add_argument("--key-added", default="langcell_cell_type", help="obs column for the prediction")
     p.add_argument("--truth-key", metavar="COL",
                    help="obs column of true labels: adds accuracy, macro-F1, per-class precision/recall/F1/support "
@@ -147,6 +152,7 @@ def run_annotate(args: argparse.Namespace) -> int:
             raise LangCellError("--labels holds no class name; pass names separated by ';'")
     elif args.descriptions is not None:
         labels = read_descriptions(args.descriptions)
+    texts = _read_texts(args.texts) if args.texts else None
     adata, corpus = read_cells(args.input)
     for column, flag in ((args.truth_key, "--truth-key"), (None if args.groupby == "auto" else args.groupby, "--groupby")):
         if column is not None and column not in adata.obs:
@@ -163,7 +169,8 @@ def run_annotate(args: argparse.Namespace) -> int:
                 say(args, f"  {line}")
         model = load_model(args.model, args.device)
         tl.annotate(
-            adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, alpha=args.alpha,
+            adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, texts=texts,
+            prompt_ensemble=args.prompt_ensemble, alpha=args.alpha,
             top_k=args.top_k, mode=args.mode, exact_argmax=args.exact_argmax, threshold=args.threshold,
             threshold_on=args.threshold_on, lca_margin=args.lca_margin, counts_layer=args.counts_layer,
             gene_column=args.gene_column, precision=args.precision, progress=not args.quiet,
@@ -191,6 +198,76 @@ def run_annotate(args: argparse.Namespace) -> int:
         say(args, f"ontology-aware: exact {s['exact']:.3f}, correct at an ancestor {s['ancestor']:.3f}, "
                   f"wrong {s['wrong']:.3f}, abstained {s['abstained']:.3f}")
     say(args, f"annotated {adata.n_obs} cells -> {args.out}")
+    return 0
+
+
+def _read_texts(path: str) -> dict[str, list[str]]:
+    """``--texts``: a JSON object ``{class name: text or [text, ...]}``."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            texts = json.load(handle)
+    except OSError as error:
+        raise LangCellError(f"--texts {path!r} cannot be read ({error.strerror}); pass a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LangCellError(f"--texts {path!r} is not valid JSON ({error}); write {{class: [text, ...]}}") from None
+    valid = isinstance(texts, dict) and all(
+        isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v)) for v in texts.values()
+    )
+    if not valid:
+        raise LangCellError(f"--texts {path!r} must hold a JSON object {{class name: [text, ...]}}")
+    return {str(k): [v] if isinstance(v, str) else v for k, v in texts.items()}
+
+
+def add_explain(sub: argparse._SubParsersAction) -> None:
+    """Register ``langcell explain`` and its options."""
+    p = sub.add_parser(
+        "explain",
+        help="the genes that drive each annotated cell towards its predicted class",
+        description=(
+            "Reads cells annotated by `langcell annotate` (same model), attributes each cell's match with its "
+            "predicted class to its gene tokens (gradient x input) and writes a ranked table per class."
+        ),
+    )
+    add_input(p)
+    p.add_argument("--out", required=True, metavar="OUT.h5ad", help="copy of the input with the explanation (atomic)")
+    p.add_argument("--key", default="langcell_cell_type", help="the --key-added of the annotate run")
+    p.add_argument("--n-genes", type=int, default=20, help="genes per class (and per cell) to keep (default 20)")
+    p.add_argument("--no-contrast", action="store_true",
+                   help="explain the plain similarity, not its excess over the other classes")
+    p.add_argument("--csv", metavar="TABLE.csv", help="also write the per-class table as CSV")
+    p.add_argument("--key-added", help="uns key of the result (default KEY_explain)")
+    add_compute_options(p)
+    p.set_defaults(func=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """Run ``langcell explain`` with the parsed arguments; return the exit status."""
+    from .. import tl
+    from .._atomic import atomic_file
+
+    check_outputs(args, args.out, args.csv)
+    if args.n_genes < 1:
+        raise LangCellError(f"--n-genes must be at least 1, got {args.n_genes}; e.g. --n-genes 20")
+    adata = read_input(args.input)
+    if args.key not in adata.obs:
+        raise LangCellError(
+            f"--key {args.key!r}: the input has no such obs column; run `langcell annotate` first, or pass the "
+            f"--key-added it used (obs columns: {listed(adata.obs.columns)})"
+        )
+    model = load_model(args.model, args.device)
+    key_added = args.key_added or args.key + "_explain"
+    tl.explain(adata, model, key=args.key, n_genes=args.n_genes, contrast=not args.no_contrast,
+               precision=args.precision, progress=not args.quiet, key_added=key_added)
+    table = tl.explanation_table(adata, key_added)
+    write_h5ad(adata, args.out)
+    if args.csv:
+        with atomic_file(args.csv) as tmp:
+            table.to_csv(tmp, index=False)
+    for name, rows in table.groupby("class", sort=False):
+        say(args, f"  {name:<40} ({int(rows['n_cells'].iloc[0])} cells): {', '.join(rows['gene'].head(8))}")
+    say(args, f"explained {int(table.groupby('class')['n_cells'].first().sum())} cells -> {args.out}")
     return 0
 
 

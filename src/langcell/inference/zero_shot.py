@@ -58,7 +58,7 @@ official computation. With ``exact_argmax=True`` the predictions therefore alway
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +167,11 @@ class ClassTexts:
     input_ids, attention_mask
         ``[K, T]`` tokens of the texts (padded to the longest), on the model's device.
     embeddings
-        ``[K, projection_dim]`` L2-normalised text embeddings (unimodal pass).
+        ``[K, projection_dim]`` L2-normalised text embeddings (unimodal pass); for a class with several
+        texts (a prompt ensemble), the normalised mean of its texts' normalised embeddings.
+    prompts
+        Every text of each class, its primary text (``texts[k]``) first; ``None`` when each class has
+        one text.
     """
 
     names: list[str]  # class names, in column order
@@ -175,6 +179,7 @@ class ClassTexts:
     input_ids: torch.Tensor  # [K, T] token ids, padded to the longest text
     attention_mask: torch.Tensor  # [K, T] 1 = token, 0 = padding
     embeddings: torch.Tensor  # [K, projection_dim] L2-normalised text embeddings
+    prompts: list[list[str]] | None = None  # every text of each class (primary first); None = texts alone
 
     def __len__(self) -> int:
         return len(self.names)
@@ -194,7 +199,7 @@ class ClassTexts:
 
 def encode_class_texts(
     model: Any,
-    texts: Sequence[str] | dict[str, str],
+    texts: Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]],
     names: Sequence[str] | None = None,
     *,
     max_length: int | None = None,
@@ -207,9 +212,12 @@ def encode_class_texts(
     model
         A :class:`langcell.models.LangCell`.
     texts
-        One text per class, or ``{name: text}``.
+        One text per class, or ``{name: text}``. A class may have several texts (a list, its primary
+        text first): CLIP's prompt ensembling. Its embedding is then the normalised mean of the
+        normalised embeddings of its texts, and the cell-text matching head scores its primary text.
+        A class with one text gets exactly the embedding it would get alone.
     names
-        Class names (default: the dict's keys, or the texts themselves).
+        Class names (default: the dict's keys, or the (primary) texts themselves).
     max_length
         Longest text in tokens (default and cap: the text tower's positions).
     precision
@@ -219,38 +227,72 @@ def encode_class_texts(
     -------
     ClassTexts
     """
-    if isinstance(texts, dict):
+    if isinstance(texts, Mapping):
         if names is None:
             names = list(texts)
         texts = list(texts.values())
-    texts = list(texts)
-    if not texts:
+    prompts = [[t] if isinstance(t, str) else list(t) for t in texts]
+    if not prompts:
         raise LangCellError("no class texts were given; pass at least one class with its text")
-    if not all(isinstance(t, str) and t.strip() for t in texts):
+    if not all(p and all(isinstance(t, str) and t.strip() for t in p) for p in prompts):
         raise LangCellError("every class text must be a non-empty string; describe each class in words")
-    names = [str(n) for n in (texts if names is None else names)]
-    if len(names) != len(texts):
-        raise LangCellError(f"{len(names)} class names for {len(texts)} texts; pass one name per text")
+    primary = [p[0] for p in prompts]
+    names = [str(n) for n in (primary if names is None else names)]
+    if len(names) != len(primary):
+        raise LangCellError(f"{len(names)} class names for {len(primary)} texts; pass one name per text")
     if len(set(names)) != len(names):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         raise LangCellError(f"class names {duplicated[:5]} are repeated; give each class once")
     device = model.logit_scale.device
     precision = check_precision(precision, device)
-    tokens = model.tokenize_texts(texts, max_length=max_length)
+    tokens = model.tokenize_texts(primary, max_length=max_length)
     input_ids = tokens["input_ids"].to(device)
     attention_mask = tokens["attention_mask"].to(device)
-    classes = ClassTexts(names, texts, input_ids, attention_mask, embeddings=torch.empty(0))
+    classes = ClassTexts(names, primary, input_ids, attention_mask, embeddings=torch.empty(0))
     with torch.inference_mode(), _eval_mode(model), autocast(precision, device):
-        # Texts of similar length together, each group padded to its own longest text.
-        parts = [
-            (rows, model.encode_texts(classes.tokens(rows)).float())
-            for rows in _greedy_groups(attention_mask.sum(dim=1), 1, DEFAULT_MAX_PAIR_TOKENS)
-        ]
-        embeddings = torch.empty(len(texts), parts[0][1].shape[1], dtype=parts[0][1].dtype, device=device)
-        for rows, part in parts:
-            embeddings[rows] = part
+        embeddings = _embed_tokens(model, classes.tokens)
+        if any(len(p) > 1 for p in prompts):
+            classes.prompts = prompts
+            embeddings = _ensemble_embeddings(model, prompts, embeddings, max_length)
     classes.embeddings = embeddings
     return classes
+
+
+def _embed_tokens(model: Any, tokens: Any) -> torch.Tensor:
+    """``[K, D]`` float32 embeddings of the texts ``tokens(rows)`` gives, texts of similar length together."""
+    lengths = tokens()["attention_mask"].sum(dim=1)
+    parts = [
+        (rows, model.encode_texts(tokens(rows)).float())
+        for rows in _greedy_groups(lengths, 1, DEFAULT_MAX_PAIR_TOKENS)
+    ]
+    embeddings = torch.empty(len(lengths), parts[0][1].shape[1], dtype=parts[0][1].dtype, device=lengths.device)
+    for rows, part in parts:
+        embeddings[rows] = part
+    return embeddings
+
+
+def _ensemble_embeddings(
+    model: Any, prompts: list[list[str]], primary: torch.Tensor, max_length: int | None
+) -> torch.Tensor:
+    """Prompt ensembling: each class with several texts gets the normalised mean of their embeddings."""
+    extra = [(k, text) for k, p in enumerate(prompts) for text in p[1:]]
+    tokens = model.tokenize_texts([text for _, text in extra], max_length=max_length)
+    tokens = {key: value.to(primary.device) for key, value in tokens.items()}
+
+    def select(rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        if rows is not None:
+            ids, mask = ids[rows], mask[rows]
+        width = max(int(mask.sum(dim=1).max()), 1)
+        return {"input_ids": ids[:, :width], "attention_mask": mask[:, :width]}
+
+    extra_embeddings = _embed_tokens(model, select)
+    owners = torch.tensor([k for k, _ in extra], device=primary.device)
+    total = primary.clone().index_add_(0, owners, extra_embeddings)
+    counts = torch.tensor([len(p) for p in prompts], device=primary.device, dtype=total.dtype)
+    ensembled = torch.nn.functional.normalize(total / counts[:, None], dim=-1)
+    # A class with one text keeps its embedding bit for bit (normalising again could move the last bit).
+    return torch.where((counts > 1)[:, None], ensembled, primary)
 
 
 class _eval_mode:

@@ -16,6 +16,7 @@ from .texts import (
     cell_description,
     describe_cells,
     term_label,
+    term_prompts,
     term_text,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "resolve_labels",
     "term_label",
     "term_relation",
+    "term_prompts",
     "term_text",
 ]

@@ -23,7 +23,7 @@ from .._checks import check_class_names, listed
 from .._labels import NO_LABEL_VALUES
 from ..errors import LangCellError
 from .resolve import label_texts
-from .texts import ASPECTS, term_label, term_text
+from .texts import ASPECTS, term_label, term_prompts, term_text
 
 #: Columns of the resolution table: the class, its term id and label, and how it was found.
 RESOLUTION_COLUMNS = ["label", "term_id", "term_label", "how"]
@@ -120,6 +120,58 @@ def class_texts(
         raise LangCellError(f"{where}: {error}") from None
     table = pd.DataFrame([row for _, row in rows], columns=RESOLUTION_COLUMNS)
     return [text for text, _ in rows], table
+
+
+def class_prompts(
+    names: Sequence[str],
+    texts: Sequence[str],
+    table: pd.DataFrame,
+    *,
+    aspect: str = "cell_type",
+    ontology: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> list[list[str]]:
+    """Several texts per class for prompt ensembling, each class's primary text first.
+
+    Parameters
+    ----------
+    names, texts, table
+        The classes, their primary texts and the resolution table, as :func:`class_texts` returns them.
+    aspect
+        The aspect of the classes' terms.
+    ontology
+        Add the texts :func:`langcell.ontology.texts.term_prompts` builds from each class's term
+        (label, definition, synonyms, parents); classes with a user description have no term and keep
+        their own text.
+    extra
+        ``{class name: [text, ...]}``: further texts of your own (templates, marker sentences).
+
+    Returns
+    -------
+    list of list of str
+        One list per class, in the order of ``names``, without repeats; ``[text]`` for a class with
+        nothing added.
+    """
+    extra = {} if extra is None else extra
+    if not isinstance(extra, Mapping):
+        raise LangCellError("texts must be a dict {class name: [text, ...]}; leave it out for one text per class")
+    unknown = [name for name in extra if name not in set(names)]
+    if unknown:
+        raise LangCellError(f"texts names classes {listed(unknown)} that are not among the classes {listed(names)}")
+    term_ids = dict(zip(table["label"], table["term_id"], strict=True))
+    prompts = []
+    for name, text in zip(names, texts, strict=True):
+        items = [text]
+        term = term_ids.get(name)
+        if ontology and isinstance(term, str) and term:
+            items += term_prompts(term, aspect)
+        added = extra.get(name, [])
+        added = [added] if isinstance(added, str) else list(added)
+        if not all(isinstance(t, str) and t.strip() for t in added):
+            raise LangCellError(f"the texts of {name!r} must be non-empty strings; write a sentence or leave them out")
+        items += [" ".join(t.split()) for t in added]
+        prompts.append(list(dict.fromkeys(items)))
+    return prompts
 
 
 def label_column_texts(

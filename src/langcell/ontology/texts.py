@@ -71,6 +71,7 @@ __all__ = [
     "cell_description",
     "describe_cells",
     "term_label",
+    "term_prompts",
     "term_text",
 ]
 
@@ -390,6 +391,45 @@ def term_text(term_id: str, aspect: str = "cell_type", *, max_synonyms: int = 3,
     if max_synonyms < 0 or max_parents < 0:
         raise LangCellError("max_synonyms and max_parents must be >= 0; pass 0 to leave them out")
     return _term_text_cached(term_id.strip(), aspect, int(max_synonyms), int(max_parents))
+
+
+def term_prompts(term_id: str, aspect: str = "cell_type", *, max_synonyms: int = 3, max_parents: int = 2) -> list[str]:
+    """Several texts describing one term, for prompt ensembling (CLIP's idea): the full text first.
+
+    The texts are the aspect's template filled with: everything (:func:`term_text`, the primary
+    text); the label alone; the label and the definition; each synonym in place of the label; the
+    label and each parent. Texts that come out equal are given once.
+
+    Parameters
+    ----------
+    term_id, aspect, max_synonyms, max_parents
+        As in :func:`term_text`.
+
+    Returns
+    -------
+    list of str
+        The texts, the primary one first; ``[term_text(...)]`` alone for CELLxGENE's special values
+        (and ``[]`` for "unknown"/"na").
+
+    Examples
+    --------
+    >>> term_prompts("CL:0000236")[:2]  # doctest: +ELLIPSIS
+    ['cell type: B cell. A lymphocyte of B lineage ...', 'cell type: B cell.']
+    """
+    primary = term_text(term_id, aspect, max_synonyms=max_synonyms, max_parents=max_parents)
+    term_id = term_id.strip()
+    if not primary or (aspect, term_id) in SPECIAL_TEXTS or (aspect == "self_reported_ethnicity" and "," in term_id):
+        return [primary] if primary else []
+    fields = _term_fields(term_id, aspect, max_synonyms, max_parents)
+    empty = dict.fromkeys(fields, "")
+    variants = [
+        {**empty, "label": fields["label"]},
+        {**empty, "label": fields["label"], "definition": fields["definition"]},
+        *({**empty, "label": synonym} for synonym in fields["synonyms"].split(", ") if synonym),
+        *({**empty, "label": fields["label"], "parents": parent} for parent in fields["parents"].split(", ") if parent),
+    ]
+    texts = [primary, *(_render(TEMPLATES[aspect], variant) for variant in variants)]
+    return list(dict.fromkeys(texts))
 
 
 # ---------------------------------------------------------------------------------------------------

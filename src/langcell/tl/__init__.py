@@ -9,7 +9,8 @@ names every field written.
 Each tool lives in its own private module; this package only re-exports them. :func:`finetune` is
 loaded on first use, so that annotating, embedding and retrieving never import :mod:`langcell.train`.
 Functions that return a table (per-type accuracy, retrieval recall, integration metrics, few-shot
-curves, ``evaluate``) are in :mod:`langcell.evaluation`.
+curves, ``evaluate``) are in :mod:`langcell.evaluation`; :func:`explanation_table` only reads back, as a
+DataFrame, the table :func:`explain` stored.
 """
 
 from __future__ import annotations
@@ -19,10 +20,21 @@ from typing import TYPE_CHECKING, Any
 from ._annotate import annotate
 from ._consensus import consensus
 from ._embed import embed
+from ._explain import explain, explanation_table
 from ._predict import predict
 from ._retrieve import retrieve_cells, retrieve_texts
 
-__all__ = ["annotate", "consensus", "embed", "finetune", "predict", "retrieve_cells", "retrieve_texts"]
+__all__ = [
+    "annotate",
+    "consensus",
+    "embed",
+    "explain",
+    "explanation_table",
+    "finetune",
+    "predict",
+    "retrieve_cells",
+    "retrieve_texts",
+]
 
 
 def __getattr__(name: str) -> Any:
