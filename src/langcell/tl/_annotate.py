@@ -17,6 +17,7 @@ from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added, check_unit_interval, gene_tokenizer_of, output_anndata
 from .._docs import doc_params
 from ..errors import LangCellError
+from ..inference.calibration import check_prior, zero_shot_prior
 from ..inference.zero_shot import (
     DEFAULT_ALPHA,
     DEFAULT_MAX_PAIR_TOKENS,
@@ -50,6 +51,7 @@ def annotate(
     exact_argmax: bool = False,
     threshold: float | None = None,
     unknown_label: str = "unknown",
+    prior: str = "uniform",
     counts_layer: str | None = None,
     gene_column: str | None = None,
     n_counts_key: str | None = "n_counts",
@@ -109,6 +111,13 @@ def annotate(
         sum to 1 over the K classes, so the best lies in [1/K, 1]. ``None``: never abstain.
     unknown_label
         The label of abstaining cells; must not be a class name.
+    prior
+        ``"uniform"`` (default: the released formula as it is) or ``"em"``: re-estimate the class
+        frequencies of these cells by EM (Saerens et al. 2002) on the similarity softmax at the model's
+        own temperature ``exp(logit_scale)`` and put the corrected similarity posteriors in ``p_sim``'s
+        place in the blend (:func:`langcell.inference.calibration.zero_shot_prior`). A degenerate or
+        non-converging estimate gives a warning and leaves the scores as they are. The priors found are
+        in ``uns[key_added]["prior"]``.
     {counts_options}
     {max_length}
     {max_tokens}
@@ -135,10 +144,11 @@ def annotate(
             ``uns[key_added]["classes"]``.
         ``uns[key_added]``
             dict with ``"params"`` (alpha, top_k used, mode, exact_argmax, temperature, threshold,
-            unknown_label, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
+            unknown_label, prior, aspect, classes_from, counts_layer, gene_column, max_length, n_classes),
             ``"classes"`` (class names), ``"texts"`` (the text of each class) and ``"resolution"``
             (the table of how each class got its text: columns label, term_id, term_label, how; ""
-            where empty).
+            where empty); with ``prior="em"`` also ``"prior"``: ``{"priors": {class: prior used},
+            "estimated": {class: EM's estimate}, "status": "em" or "fallback: <reason>", "n_iter"}``.
 
     Raises
     ------
@@ -163,6 +173,7 @@ def annotate(
             threshold, "threshold", meaning="final scores are probabilities", fix="pass e.g. 0.5, or None to never abstain"
         )
     check_key_added(key_added)
+    prior = check_prior(prior)
     tokenizer = gene_tokenizer_of(model)
 
     check_precision(precision, model.logit_scale.device)
@@ -203,9 +214,17 @@ def annotate(
         progress=progress,
     )
 
+    final, prior_found = scores.scores, None
+    if prior == "em":
+        final, estimate = zero_shot_prior(
+            scores.similarity, scores.p_sim, scores.p_ctm, alpha=alpha,
+            inverse_temperature=float(model.logit_scale.detach().exp()), where="annotate",
+        )
+        final = final.astype(np.float32)
+        prior_found = estimate.as_dict(list(names))
     adata = output_anndata(adata, copy)
-    best = scores.predicted
-    best_score = scores.scores[np.arange(best.size), best]
+    best = final.argmax(axis=1)
+    best_score = final[np.arange(best.size), best]
     categories = list(names)
     predicted = np.asarray(names, dtype=object)[best]
     if threshold is not None:
@@ -213,7 +232,7 @@ def annotate(
         predicted = np.where(best_score < threshold, unknown_label, predicted)
     adata.obs[key_added] = pd.Categorical(predicted, categories=categories)
     adata.obs[key_added + "_score"] = best_score.astype(np.float64)
-    adata.obsm[key_added + "_probs"] = scores.scores.astype(np.float32)
+    adata.obsm[key_added + "_probs"] = final.astype(np.float32)
     adata.uns[key_added] = {
         "params": {
             "alpha": alpha,
@@ -223,6 +242,7 @@ def annotate(
             "temperature": TEMPERATURE,
             "threshold": threshold,
             "unknown_label": unknown_label,
+            "prior": prior,
             "aspect": aspect,
             "classes_from": classes_from,
             "counts_layer": counts_layer,
@@ -238,6 +258,8 @@ def annotate(
             for column in RESOLUTION_COLUMNS
         },
     }
+    if prior_found is not None:
+        adata.uns[key_added]["prior"] = prior_found
     return adata if copy else None
 # --------------------------------------------------------------------------------------------------
 # Embeddings
