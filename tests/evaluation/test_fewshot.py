@@ -588,3 +588,42 @@ def test_cli_flags_reach_the_function(saved, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0]
     assert not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.slow
+def test_frozen_text_tower_is_encoded_once_and_stays_frozen(cbmc, model):
+    from langcell.train import fewshot as tuning
+
+    sequences, labels = _training_cells(cbmc, model, n=2)
+    tokens = model.tokenize_texts(TYPES)
+    calls = []
+    original = type(model.text_encoder).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("mode", args[2] if len(args) > 2 else None))
+        return original(self, *args, **kwargs)
+
+    type(model.text_encoder).forward = counting
+    try:
+        tuned, _ = tune_langcell(model, sequences, labels, TYPES, epochs=2, lr=3e-3, text_lr=0, max_length=MAX_LENGTH)
+    finally:
+        type(model.text_encoder).forward = original
+    assert calls.count("text") == 1  # the unimodal class-text pass ran once, not at every step
+    before, after = dict(model.text_encoder.named_parameters()), dict(tuned.text_encoder.named_parameters())
+    for name, value in after.items():
+        if ".crossattention." in name:
+            continue
+        assert torch.equal(value, before[name]), name
+    assert any(not torch.equal(after[n], before[n]) for n in after if ".crossattention." in n)
+    # The cached states give the same loss as encoding the texts in the call (no dropout in this model).
+    from langcell.data.batching import pad_sequences
+
+    ids, mask = pad_sequences(sequences, model.config.cell.pad_token_id, MAX_LENGTH)
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    with torch.no_grad():
+        states = model.text_encoder(tokens["input_ids"], tokens["attention_mask"], mode="text")[:, 0]
+        cached = fewshot_loss(model, batch, torch.from_numpy(labels), tokens, text_states=states)["loss"]
+        fresh = fewshot_loss(model, batch, torch.from_numpy(labels), tokens)["loss"]
+    assert float(cached) == pytest.approx(float(fresh), rel=1e-6)
+    with pytest.raises(LangCellError, match="text_lr"):
+        tuning.check_text_lr(-1.0)

@@ -103,6 +103,7 @@ from ..train.fewshot import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEXT_LR,
     check_match_classes,
+    check_text_lr,
     tune_langcell,
 )
 from ..train.optim import check_optimiser_settings
@@ -228,8 +229,8 @@ def fewshot(
         Test cells every class must keep beyond the ``n`` training cells.
     epochs, lr, text_lr, tau
         Tuning of ``"full"``: passes over the training cells, peak learning rate of the cell encoder,
-        the cross-attention and the heads, of the text tower's own weights, and the temperature of the
-        similarity cross-entropy (0.05, the release's zero-shot temperature).
+        the cross-attention and the heads, of the text tower's own weights (0 freezes them: their
+        class-text states are then computed once), and the temperature of the similarity cross-entropy (0.05, the release's zero-shot temperature).
     alpha, mode, top_k
         How zero-shot and the tuned model annotate, as in :func:`langcell.tl.annotate`.
     weight_decay, warmup_fraction, max_grad_norm
@@ -689,8 +690,9 @@ def _check_tuning(
     max_pair_tokens,
 ) -> None:
     """Refuse tuning and scoring settings out of range, before any work."""
-    check_optimiser_settings(lr=lr, text_lr=text_lr, tau=tau, weight_decay=weight_decay,
+    check_optimiser_settings(lr=lr, tau=tau, weight_decay=weight_decay,
                              max_grad_norm=max_grad_norm, warmup_fraction=warmup_fraction)
+    check_text_lr(text_lr)
     if mode not in MODES:
         raise LangCellError(f"mode must be one of {MODES}, got {mode!r}; 'fast' is the default")
     for name, value in (("max_tokens", max_tokens), ("max_batch_size", max_batch_size),
