@@ -31,7 +31,10 @@ Writes ``OUT/report.json`` and ``OUT/fewshot.png`` (macro-F1 curves) and prints 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -113,21 +116,22 @@ def logistic_regression_on_split(adata: ad.AnnData, key_added: str, seed: int) -
     return classification_metrics(codes[test], predicted, len(classes)), train, test
 
 
-def fine_tuned(adata: ad.AnnData, model, seed: int, max_length: int | None, epochs: dict) -> dict:
-    """LangCell-CE (linear and full) and a logistic regression on the same 2:1 split."""
+def fine_tuned(adata: ad.AnnData, model, seed: int, max_length: int | None, epochs: dict, modes) -> dict:
+    """LangCell-CE (linear probe with a random or a text-initialised head, full) and a logistic regression,
+    all on the same 2:1 split."""
     out = {}
-    for mode in ("linear", "full"):
+    for name, mode, head in (("linear", "linear", "random"), ("linear_text", "linear", "text"), ("full", "full", "random")):
+        if name not in modes:
+            continue
         start = time.perf_counter()
-        _, metrics = tl.finetune(adata, model, LABEL_KEY, mode=mode, epochs=epochs[mode], seed=seed,
-                                 max_length=max_length, key_added=f"ce_{mode}")
-        out[f"langcell_ce_{mode}"] = {
+        _, metrics = tl.finetune(adata, model, LABEL_KEY, mode=mode, head=head, epochs=epochs[mode], seed=seed,
+                                 max_length=max_length, key_added=f"ce_{name}", progress=False)
+        out[f"langcell_ce_{name}"] = {
             "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
             "n_train": metrics["n_train"], "n_test": metrics["n_test"],
             "seconds": round(time.perf_counter() - start, 1),
         }
-    split = adata.obs["ce_full_split"].astype(str).to_numpy()
-    assert np.array_equal(split, adata.obs["ce_linear_split"].astype(str).to_numpy())  # one split, one seed
-    metrics, train, test = logistic_regression_on_split(adata, "ce_full", seed)
+    metrics, train, test = logistic_regression_on_split(adata, f"ce_{modes[0]}", seed)
     out["logistic_regression"] = {
         "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
         "n_train": int(train.size), "n_test": int(test.size),
@@ -135,36 +139,72 @@ def fine_tuned(adata: ad.AnnData, model, seed: int, max_length: int | None, epoc
     return out
 
 
-def markdown_tables(report: dict) -> str:
-    """One table per metric: methods as rows; zero-shot, n-shot and fine-tuned as columns."""
-    shots = report["settings"]["shots"]
-    results = pd.DataFrame(report["fewshot"]["results"])
-    summary = results.groupby(["method", "shots"])[["accuracy", "macro_f1"]].agg(["mean", "std"])
+def fewshot_all_methods(subset, model, shots, repeats, seed, max_length, full_epochs, full_repeats) -> tuple:
+    """Every few-shot method on the same splits, in one process.
+
+    The cheap methods (with zero-shot and the baselines) run ``repeats`` splits; the full tuning runs the
+    first ``full_repeats`` of the same splits (same seed: repeat r draws the same cells) with
+    ``full_epochs``. Rows are named by method (``langcell:<method>``), each also with the EM prior
+    correction (``+em``).
+    """
+    common = dict(shots=shots, labels=sorted(set(subset.obs[LABEL_KEY])), seed=seed, max_length=max_length,
+                  prior=["uniform", "em"], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cheap = subset.copy()
+        start = time.perf_counter()
+        evaluation.fewshot(cheap, model, LABEL_KEY, repeats=repeats, method="wise", methods=["wise", "linear"],
+                           inplace=True, **common)
+        seconds = {"cheap": time.perf_counter() - start}
+        stored = cheap.uns["langcell_fewshot"]
+        table = pd.DataFrame(stored["results"]).replace(
+            {"method": {"langcell": "langcell:wise", "langcell+em": "langcell:wise+em"}})
+        if full_repeats:
+            full = subset.copy()
+            start = time.perf_counter()
+            evaluation.fewshot(full, model, LABEL_KEY, repeats=full_repeats, method="full", methods=["full"],
+                               epochs=full_epochs, baselines=(), inplace=True, **common)
+            seconds["full"] = time.perf_counter() - start
+            rows = pd.DataFrame(full.uns["langcell_fewshot"]["results"])
+            rows = rows[rows["method"].str.startswith("langcell")].replace(
+                {"method": {"langcell": "langcell:full", "langcell+em": "langcell:full+em"}})
+            table = pd.concat([table, rows], ignore_index=True)
+    fallbacks = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    skipped = [str(w.message) for w in caught if "few-shot:" in str(w.message)]
+    return table, {"priors": stored["priors"], "choices": stored["choices"], "em_fallbacks": fallbacks,
+                   "skipped": skipped, "zero_shot_seconds": stored["params"]["zero_shot_seconds"],
+                   "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+
+def fewshot_tables(table: pd.DataFrame, data: str) -> str:
+    """Mean ± std over the repeats of every row, per shot count; then seconds and cells/s per method."""
+    shots = sorted(set(table["shots"]))
+    summary = table.groupby(["method", "shots"]).agg(
+        accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"), macro_f1=("macro_f1", "mean"),
+        macro_f1_std=("macro_f1", "std"), seconds=("seconds", "mean"), n_test=("n_test", "mean"),
+        repeats=("repeat", "count"))
     lines = []
     for metric, title in (("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
-        header = ["method", "zero-shot", *[f"{n}-shot" for n in shots], "fine-tuned (2:1)"]
-        lines += [f"\n{title} on held-out {report['data']} cells "
-                  f"({len(report['fewshot']['classes'])} classes; mean ± std over {report['settings']['repeats']} "
-                  "repeat(s))\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for method in ("langcell", "logistic_regression", "knn"):
-            cells = [METHOD_NAMES[method]]
-            cells.append(f"{report['zero_shot']['fewshot_classes'][metric]:.3f}" if method == "langcell" else "")
+        lines += [f"\n{title}, held-out {data} cells (mean ± std over the repeats, n = repeats)\n",
+                  "| row | " + " | ".join(f"{n}-shot" for n in shots) + " |", "|---|" + "---:|" * len(shots)]
+        for method in dict.fromkeys(table["method"]):
+            cells = [method]
             for n in shots:
-                mean, std = summary.loc[(method, n), (metric, "mean")], summary.loc[(method, n), (metric, "std")]
-                cells.append(f"{mean:.3f}" + (f" ± {std:.3f}" if np.isfinite(std) else ""))
-            tuned = report["fine_tuned"]
-            if method == "langcell":
-                cells.append(f"{tuned['langcell_ce_full'][metric]:.3f} (CE full), "
-                             f"{tuned['langcell_ce_linear'][metric]:.3f} (CE linear)")
-            elif method == "logistic_regression":
-                cells.append(f"{tuned['logistic_regression'][metric]:.3f}")
-            else:
-                cells.append("")
+                row = summary.loc[(method, n)]
+                std = "" if not np.isfinite(row[f"{metric}_std"]) else f" ± {row[f'{metric}_std']:.3f}"
+                cells.append(f"{row[metric]:.3f}{std} (n={int(row['repeats'])})")
             lines.append("| " + " | ".join(cells) + " |")
-    all_classes = report["zero_shot"]["all_classes"]
-    lines.append(f"\nzero-shot against all {len(all_classes['classes'])} types: accuracy "
-                 f"{all_classes['accuracy']:.3f}, macro-F1 {all_classes['macro_f1']:.3f} "
-                 f"({all_classes['n_cells']} cells)")
+    lines += ["\ncost: seconds per run (one shot count, one repeat; zero-shot-based rows include their share of "
+              "the one zero-shot pass) and test cells per second\n",
+              "| row | " + " | ".join(f"{n}-shot s (cells/s)" for n in shots) + " |", "|---|" + "---:|" * len(shots)]
+    for method in dict.fromkeys(table["method"]):
+        if method.endswith("+em"):
+            continue
+        cells = [method]
+        for n in shots:
+            row = summary.loc[(method, n)]
+            cells.append(f"{row['seconds']:.2f} ({row['n_test'] / max(row['seconds'], 1e-9):.0f})")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -175,10 +215,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the 80/20 split and of every method")
     parser.add_argument("--shots", default="1,3,5,10", help="training cells per class, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="random few-shot splits per n")
-    parser.add_argument("--epochs", type=int, default=20, help="few-shot tuning epochs of LangCell")
+    parser.add_argument("--epochs", type=int, default=20, help="few-shot tuning epochs of the full method")
+    parser.add_argument("--full-repeats", type=int, help="repeats of the full method (default --repeats; 0: skip)")
     parser.add_argument("--min-test", type=int, default=3,
                         help="held-out cells a class keeps beyond max(shots) to take part in few-shot/fine-tuning")
     parser.add_argument("--max-length", type=int, help="longest cell in tokens (default: the model's)")
+    parser.add_argument("--ce", default="linear,linear_text,full",
+                        help="LangCell-CE variants to run: linear (random head), linear_text, full ('' for none)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: <= 25 cells per class, shots 1,3, one repeat, 2 epochs, 64 tokens")
@@ -188,9 +231,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     shots = [int(n) for n in args.shots.split(",")]
     repeats, epochs, max_length = args.repeats, args.epochs, args.max_length
+    full_repeats = repeats if args.full_repeats is None else args.full_repeats
+    ce_modes = [mode for mode in args.ce.split(",") if mode]
     ce_epochs = {"linear": None, "full": None}  # finetune's defaults
     if args.quick:
-        shots, repeats, epochs, max_length = [1, 3], 1, 2, 64
+        shots, repeats, epochs, max_length, full_repeats = [1, 3], 1, 2, 64, 1
         ce_epochs = {"linear": 20, "full": 1}
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = LangCell.from_pretrained(args.model, map_location=device).eval()
@@ -209,22 +254,21 @@ def main() -> None:
     timings = {}
     t = time.perf_counter()
     zero = {"all_classes": {**zero_shot(cells, model, all_classes, max_length), "classes": all_classes}}
-    zero["fewshot_classes"] = (
-        zero["all_classes"] if kept == all_classes
-        else {**zero_shot(subset, model, kept, max_length), "classes": kept}
-    )
     timings["zero_shot"] = round(time.perf_counter() - t, 1)
-    for name, result in zero.items():
-        print(f"zero-shot ({name}): accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}", flush=True)
+    print(f"zero-shot (all classes): accuracy {zero['all_classes']['accuracy']:.3f}, "
+          f"macro-F1 {zero['all_classes']['macro_f1']:.3f}", flush=True)
+    # Zero-shot against the class set with the EM prior (no labels: the model's own temperature).
+    annotated = tl.annotate(subset, model, kept, max_length=max_length, prior="em", copy=True, progress=False)
+    zero["fewshot_classes_em"] = {
+        **metrics_of(subset.obs[LABEL_KEY].to_numpy(), annotated.obs["langcell_cell_type"].astype(str).to_numpy(),
+                     kept), "prior": annotated.uns["langcell_cell_type"]["prior"]}
 
     t = time.perf_counter()
-    results = evaluation.fewshot(subset, model, LABEL_KEY, shots=shots, repeats=repeats, labels=kept, epochs=epochs,
-                         seed=args.seed, max_length=max_length, progress=True)
+    table, extra = fewshot_all_methods(subset, model, shots, repeats, args.seed, max_length, epochs, full_repeats)
     timings["fewshot"] = round(time.perf_counter() - t, 1)
-    fewshot_uns = subset.uns["langcell_fewshot"]
 
     t = time.perf_counter()
-    tuned = fine_tuned(subset, model, args.seed, max_length, ce_epochs)
+    tuned = fine_tuned(subset, model, args.seed, max_length, ce_epochs, ce_modes) if ce_modes else {}
     timings["fine_tuned"] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - start, 1)
 
@@ -233,20 +277,22 @@ def main() -> None:
         "model": str(args.model),
         "cells": {"held_out": int(cells.n_obs), "fewshot_and_fine_tuned": int(subset.n_obs),
                   "per_class": {c: int(n) for c, n in counts.items()}, "left_out_classes": dropped},
-        "settings": {"seed": args.seed, "shots": shots, "repeats": repeats, "epochs": epochs,
-                     "min_test": args.min_test, "max_length": max_length, "quick": args.quick,
-                     "ce_epochs": ce_epochs, "device": device, "torch_threads": torch.get_num_threads()},
+        "settings": {"seed": args.seed, "shots": shots, "repeats": repeats, "full_repeats": full_repeats,
+                     "epochs": epochs, "min_test": args.min_test, "max_length": max_length, "quick": args.quick,
+                     "ce_epochs": ce_epochs, "device": device, "torch_threads": torch.get_num_threads(),
+                     "load_average": list(os.getloadavg())},
         "zero_shot": zero,
-        "fewshot": {"results": {k: list(v) for k, v in fewshot_uns["results"].items()},
-                    "classes": list(fewshot_uns["classes"]), "params": fewshot_uns["params"],
-                    "train_loss": fewshot_uns["train_loss"]},
+        "fewshot": {"results": table.to_dict(orient="list"), "classes": kept, **extra},
         "fine_tuned": tuned,
         "seconds": timings,
     }
     write_json(str(out / "report.json"), report)
-    pl.fewshot_curves(results, out / "fewshot.png",
+    pl.fewshot_curves(table, out / "fewshot.png",
                       title=f"few-shot annotation, held-out {args.data} cells ({len(kept)} types)")
-    print(markdown_tables(report))
+    print(fewshot_tables(table, args.data))
+    print("\nLangCell-CE (2:1 split):", json.dumps(tuned, indent=1))
+    print("zero-shot + EM prior on the few-shot classes:", json.dumps(zero["fewshot_classes_em"], indent=1))
+    print(f"EM fallbacks: {len(extra['em_fallbacks'])}; load average at the end {os.getloadavg()}")
     print(f"\nwrote {out}/report.json and {out}/fewshot.png in {timings['total']:.0f} s", flush=True)
 
 

@@ -374,6 +374,49 @@ def test_finetune_passes_the_learning_rates_and_refuses_a_bad_one(model_and_cell
 
 
 @pytest.mark.slow
+def test_finetune_train_fraction_max_length_and_text_head_flags(model_and_cells, tmp_path, capsys):
+    import anndata as ad
+
+    model, cells = model_and_cells
+    written = tmp_path / "cells.h5ad"
+    code = main([
+        "finetune", str(cells), "--model", str(model), "--label-key", "cell_type", "--out", str(tmp_path / "c"),
+        "--mode", "linear", "--head", "text", "--epochs", "2", "--train-fraction", "0.5", "--max-length", "48",
+        "--write", str(written), "--quiet",
+    ])
+    assert code == 0, capsys.readouterr().err
+    stored = ad.read_h5ad(written).uns["langcell_ce"]
+    assert stored["params"]["train_fraction"] == 0.5 and stored["params"]["max_length"] == 48
+    assert stored["params"]["head"] == "text" and stored["metrics"]["n_train"] == 40
+    for value in ("0", "1", "1.5", "-0.2"):
+        out = tmp_path / f"bad{value}"
+        code = main(["finetune", str(cells), "--model", str(model), "--label-key", "cell_type", "--out", str(out),
+                     "--train-fraction", value, "--report", str(tmp_path / "r.json"), "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "--train-fraction" in err[0]
+        assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_annotate_prior_em_reports_the_priors_found(model_and_cells, tmp_path, capsys):
+    import json
+
+    model, cells = model_and_cells
+    report = tmp_path / "report.json"
+    code = main(["annotate", str(cells), "--model", str(model), "--labels", "B cell;natural killer cell",
+                 "--prior", "em", "--out", str(tmp_path / "a.h5ad"), "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "prior em (" in printed
+    found = json.loads(report.read_text())["prior"]
+    assert set(found["priors"]) == {"B cell", "natural killer cell"}
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses a choice not offered
+        main(["annotate", str(cells), "--model", str(model), "--labels", "B cell", "--prior", "flat",
+              "--out", str(tmp_path / "b.h5ad")])
+    assert exit_info.value.code == 2
+    assert "--prior" in capsys.readouterr().err and not (tmp_path / "b.h5ad").exists()
+
+
+@pytest.mark.slow
 def test_finetune_predict_and_retrieve_commands(model_and_cells, tmp_path, capsys):
     import json
 

@@ -148,11 +148,27 @@ def confusion_matrix(
 
 
 #: How :func:`fewshot_curves` names the methods of :func:`langcell.evaluation.fewshot`.
-_FEWSHOT_METHOD_NAMES = {"langcell": "LangCell", "logistic_regression": "logistic regression", "knn": "kNN (PCA)"}
+_FEWSHOT_METHOD_NAMES = {"langcell": "LangCell", "logistic_regression": "logistic regression", "knn": "kNN (PCA)",
+                         "zero-shot": "zero-shot"}
+
+
+def _fewshot_label(method: str, default: str | None) -> str:
+    """``"langcell:linear+em"`` -> ``"LangCell linear + EM prior"``; the default row names its method."""
+    name, _, prior = method.partition("+")
+    if name == "langcell" and default:
+        label = f"LangCell ({default})"
+    elif name.startswith("langcell:"):
+        label = "LangCell " + name.split(":", 1)[1]
+    else:
+        label = _FEWSHOT_METHOD_NAMES.get(name, name)
+    return label + (f" + {prior.upper() if prior == 'em' else prior} prior" if prior else "")
 
 
 def fewshot_curves(results, path: str | os.PathLike | None = None, *, metric: str = "macro_f1", title: str = ""):
-    """Few-shot curves: a metric against the training cells per class, one line per method.
+    """Few-shot curves: a metric against the training cells per class, one line per row of the table.
+
+    Zero-shot (the same test cells, no training) is drawn dashed; every LangCell method, prior
+    correction and baseline of the table gets its own line.
 
     Each point is the mean over the repeats, with a band of one standard deviation (when there are
     several repeats); the x axis is logarithmic, with a tick at every number of shots.
@@ -177,7 +193,9 @@ def fewshot_curves(results, path: str | os.PathLike | None = None, *, metric: st
     import pandas as pd
     from matplotlib.figure import Figure
 
+    default = None
     if isinstance(results, dict) and "results" in results:
+        default = results.get("params", {}).get("method")
         results = results["results"]
     try:
         table = pd.DataFrame(results)
@@ -201,7 +219,9 @@ def fewshot_curves(results, path: str | os.PathLike | None = None, *, metric: st
     for method in methods:
         rows = summary.loc[method]
         shots, mean, std = rows.index.to_numpy(), rows["mean"].to_numpy(), rows["std"].to_numpy()
-        line = ax.plot(shots, mean, marker="o", label=_FEWSHOT_METHOD_NAMES.get(method, method))[0]
+        # Zero-shot is the reference the others should not fall below: drawn dashed, in grey.
+        style = dict(color="0.35", linestyle="--") if method.startswith("zero-shot") else {}
+        line = ax.plot(shots, mean, marker="o", label=_fewshot_label(method, default), **style)[0]
         if np.any(std > 0):
             ax.fill_between(shots, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     all_shots = sorted(set(table["shots"]))

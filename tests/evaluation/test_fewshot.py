@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -18,7 +20,15 @@ from langcell.cli import main
 from langcell.data.splits import run_seed, sample_shots
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
-from langcell.evaluation.fewshot import RESULT_COLUMNS, fewshot
+from langcell.evaluation.fewshot import (
+    DEFAULT_METHOD,
+    METHODS,
+    RESULT_COLUMNS,
+    fewshot,
+    fewshot_predictions,
+    shared_inputs,
+)
+from langcell.inference.calibration import PRIORS
 from langcell.models.config import LangCellConfig
 from langcell.models.langcell import LangCell
 from langcell.train.fewshot import fewshot_loss, tune_langcell
@@ -243,17 +253,24 @@ def _split_of(adata, key, n, repeat):
 def test_results_schema_and_uns(run, model):
     adata, results, before = run
     assert list(results.columns) == list(RESULT_COLUMNS)
-    assert len(results) == 3 * 2 * 2
-    assert set(results["method"]) == {"langcell", "logistic_regression", "knn"}
+    rows = ["zero-shot", "langcell", "langcell:full", "langcell:linear", "logistic_regression", "knn"]
+    assert DEFAULT_METHOD == "wise" and len(results) == len(rows) * 2 * 2
+    assert list(dict.fromkeys(results["method"])) == rows
+    assert (results["seconds"] > 0).all()
     labelled = len(TYPES) * CELLS_PER_TYPE
     for row in results.itertuples():
         assert row.n_train == row.shots * len(TYPES) and row.n_test == labelled - row.n_train
         assert 0 <= row.accuracy <= 1 and 0 <= row.macro_f1 <= 1
     stored = adata.uns["langcell_fewshot"]
-    pd.testing.assert_frame_equal(pd.DataFrame(stored["results"]), results)
+    # Two calls: the same numbers, apart from the seconds each took.
+    pd.testing.assert_frame_equal(pd.DataFrame(stored["results"]).drop(columns="seconds"),
+                                  results.drop(columns="seconds"))
     assert stored["params"]["shots"] == [1, 3] and stored["params"]["n_classes"] == 3
     assert stored["classes"] == TYPES and len(stored["texts"]) == 3
-    assert np.array(stored["train_loss"]["loss"]).shape == (4, FAST["epochs"])
+    assert np.array(stored["train_loss"]["loss"]).shape == (4, FAST["epochs"])  # the full method's runs
+    assert stored["skipped"] == {"classes": {}, "shots": []} and stored["params"]["method"] == "wise"
+    assert stored["choices"]["method"] == ["linear", "wise"] * 4
+    assert set(stored["priors"]) == set()  # prior="uniform": nothing estimated
     for n in (1, 3):
         for repeat in (0, 1):
             codes, train, test = _split_of(adata, "langcell_fewshot", n, repeat)
@@ -270,14 +287,16 @@ def test_uns_survives_h5ad_and_feeds_the_plot(run, tmp_path):
     adata.write_h5ad(tmp_path / "fewshot.h5ad")
     stored = ad.read_h5ad(tmp_path / "fewshot.h5ad").uns["langcell_fewshot"]
     table = pd.DataFrame(stored["results"])[list(RESULT_COLUMNS)]  # h5ad sorts the keys
-    pd.testing.assert_frame_equal(table.astype(results.dtypes.to_dict()), results)
+    pd.testing.assert_frame_equal(table.astype(results.dtypes.to_dict()).drop(columns="seconds"),
+                                  results.drop(columns="seconds"))
     png = tmp_path / "curves.png"
     figure = pl.fewshot_curves(stored, png, metric="accuracy")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = figure.axes[0].get_lines()
-    assert len(lines) == 3
+    assert len(lines) == 6
+    assert [line.get_label() for line in lines][:2] == ["zero-shot", "LangCell (wise)"]
     langcell = results[results["method"] == "langcell"].groupby("shots")["accuracy"].mean()
-    np.testing.assert_allclose(lines[0].get_ydata(), langcell.to_numpy())
+    np.testing.assert_allclose(lines[1].get_ydata(), langcell.to_numpy())
     assert pl.fewshot_curves(results) is not None  # a DataFrame, nothing written
     with pytest.raises(LangCellError, match="metric"):
         pl.fewshot_curves(results, metric="recall")
@@ -322,7 +341,7 @@ def test_same_seed_same_results_copy_and_descriptions(cbmc, model):
     descriptions = {"B cell": "A lymphocyte that makes antibodies.", "natural killer cell": "A cytotoxic lymphocyte."}
     # Tuned long enough that the predictions are not all one class (a stronger check of the last step).
     tuning = dict(epochs=40, lr=2e-3, text_lr=2e-3, max_length=MAX_LENGTH)
-    settings = dict(shots=[2], labels=descriptions, baselines=(), seed=9, **tuning)
+    settings = dict(shots=[2], labels=descriptions, baselines=(), seed=9, method="full", methods=["full"], **tuning)
     adata = cbmc.copy()
     results = fewshot(adata, model, "cell_type", **settings)
     assert "langcell_fewshot" not in adata.uns  # inplace=False leaves the input alone
@@ -330,11 +349,14 @@ def test_same_seed_same_results_copy_and_descriptions(cbmc, model):
     fewshot(annotated, model, "cell_type", inplace=True, **settings)
     stored = annotated.uns["langcell_fewshot"]
     assert stored["classes"] == list(descriptions) and stored["texts"] == list(descriptions.values())
-    assert results["method"].tolist() == ["langcell"]
+    assert results["method"].tolist() == ["zero-shot", "langcell"]
+    results = results[results["method"] == "langcell"].reset_index(drop=True)
     assert results["n_test"].item() == 2 * CELLS_PER_TYPE - 4  # monocytes are left out
     fewshot(adata, model, "cell_type", inplace=True, **settings)
     again = pd.DataFrame(adata.uns["langcell_fewshot"]["results"])[list(RESULT_COLUMNS)]
-    pd.testing.assert_frame_equal(results, again.astype(results.dtypes.to_dict()))
+    again = again[again["method"] == "langcell"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(results.drop(columns="seconds"),
+                                  again.astype(results.dtypes.to_dict()).drop(columns="seconds"))
     assert adata.uns["langcell_fewshot"]["train_loss"]["loss"] == stored["train_loss"]["loss"]
 
     # The LangCell row is zero-shot annotation (tl.annotate) of the test cells by the tuned model.
@@ -368,6 +390,11 @@ def test_same_seed_same_results_copy_and_descriptions(cbmc, model):
         (dict(shots=[]), "list of positive integers"),
         (dict(shots=[3, 3]), "repeat"),
         (dict(shots=[15]), r"'B cell' \(15 cells\)"),
+        (dict(shots=[15, 20]), "fewer than two classes"),
+        (dict(method="clap"), "method must be one of"),
+        (dict(methods=["linear", "lora"]), "methods must be"),
+        (dict(prior="balanced"), "prior must be one of"),
+        (dict(prior=["em", "em"]), "distinct"),
         (dict(repeats=0), "repeats"),
         (dict(epochs=1.5), "epochs"),
         (dict(lr=-1.0), "lr must be"),
@@ -419,7 +446,7 @@ def test_cli_round_trip(saved, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "logistic_regression" in printed and "knn" in printed
     data = json.loads(report.read_text())
-    assert data["results"]["shots"] == [1, 1, 1, 2, 2, 2] and data["classes"] == ["B cell", "natural killer cell"]
+    assert data["results"]["shots"] == [1] * 6 + [2] * 6 and data["classes"] == ["B cell", "natural killer cell"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     written = ad.read_h5ad(out).uns["langcell_fewshot"]
     np.testing.assert_allclose(written["results"]["macro_f1"], data["results"]["macro_f1"])
@@ -436,3 +463,167 @@ def test_cli_refuses_bad_shots_and_missing_output_directories(saved, tmp_path, c
     assert main([*base, "--shots", "0"]) == 2
     assert "positive integers" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods that start from zero-shot, label shift, skipped shots
+
+
+def _inputs(cbmc, model, methods=METHODS, method="wise", priors=("uniform", "em")):
+    from langcell.ontology.classes import class_texts
+
+    cells = model.gene_tokenizer.encode(cbmc, max_length=MAX_LENGTH)
+    codes = codes_of(cbmc)
+    texts, _ = class_texts(TYPES)
+    tuning = dict(epochs=1, lr=3e-3, text_lr=3e-3, tau=0.05, weight_decay=0.01, warmup_fraction=0.1,
+                  max_grad_norm=1.0, max_tokens=8192, max_batch_size=8, max_pair_tokens=16384,
+                  max_length=MAX_LENGTH, match_classes=None)
+    scoring = dict(alpha=0.1, top_k=3, mode="fast", max_tokens=8192, max_pair_tokens=16384)
+    sequences = [cells[i] for i in range(cbmc.n_obs)]
+    return shared_inputs(model, sequences, texts, TYPES, np.flatnonzero(codes >= 0), tuning, scoring,
+                         list(methods), method, list(priors)), codes
+
+
+@pytest.mark.slow
+def test_no_test_label_reaches_any_choice(cbmc, model):
+    inputs, codes = _inputs(cbmc, model)
+    train, test = sample_shots(codes, 3, seed=5)
+    with _quiet():
+        first = fewshot_predictions(inputs, train, codes[train], test, seed=1)
+    # Permute the test cells' labels (the AnnData's column, then everything rebuilt): nothing changes.
+    shuffled = cbmc.copy()
+    labels = shuffled.obs["cell_type"].to_numpy().copy()
+    labels[test] = np.random.default_rng(0).permutation(labels[test])
+    shuffled.obs["cell_type"] = pd.Categorical(labels, categories=TYPES)
+    assert not np.array_equal(codes_of(shuffled)[test], codes[test])
+    np.testing.assert_array_equal(codes_of(shuffled)[train], codes[train])
+    again_inputs, _ = _inputs(shuffled, model)
+    with _quiet():
+        again = fewshot_predictions(again_inputs, train, codes_of(shuffled)[train], test, seed=1)
+    assert set(first["predicted"]) == {
+        "zero-shot", "langcell", "langcell:full", "langcell:linear",
+        "zero-shot+em", "langcell+em", "langcell:full+em", "langcell:linear+em",
+    }
+    for name, predicted in first["predicted"].items():
+        np.testing.assert_array_equal(predicted, again["predicted"][name], err_msg=name)
+    assert first["choices"] == again["choices"] and first["priors"] == again["priors"]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """EM on a random tiny model's posteriors may fall back (with a warning): not what these tests check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def test_the_linear_head_starts_at_zero_shot_similarity(cbmc, model):
+    from langcell.inference.zero_shot import encode_class_texts, zero_shot_scores
+    from langcell.ontology.classes import class_texts
+    from langcell.train.text_head import fit_text_head
+
+    inputs, codes = _inputs(cbmc, model, methods=["linear"], method="linear", priors=["uniform"])
+    labelled = np.flatnonzero(codes >= 0)
+    texts, _ = class_texts(TYPES)
+    cells = model.gene_tokenizer.encode(cbmc, max_length=MAX_LENGTH)
+    direct = zero_shot_scores(model, [cells[int(i)] for i in labelled], encode_class_texts(model, texts, TYPES))
+    text = inputs.class_texts.embeddings.double().numpy()
+    start = fit_text_head(inputs.zero_shot["cell_embeddings"][labelled], codes[labelled], text, inputs.scale,
+                          float("inf"))
+    logits = start.logits(inputs.zero_shot["cell_embeddings"][labelled])
+    np.testing.assert_array_equal(logits.argmax(1), direct.similarity.argmax(1))
+    np.testing.assert_allclose(logits, direct.similarity * float(model.logit_scale.exp()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_em_rows_record_their_priors_and_unservable_shots_are_skipped(cbmc, model):
+    adata = cbmc.copy()
+    # One small class: natural killer cells keep 4 labelled cells, enough for 1 and 3 shots only.
+    labels = adata.obs["cell_type"].astype(object).to_numpy()
+    nk = np.flatnonzero(labels == "natural killer cell")
+    labels[nk[4:]] = np.nan
+    adata.obs["cell_type"] = pd.Categorical(labels, categories=TYPES)
+    with pytest.warns(UserWarning, match=r"shots \[5\] skipped: 'natural killer cell' has 4"):
+        fewshot(adata, model, "cell_type", shots=(1, 3, 5), methods=["linear", "wise"], prior=["uniform", "em"],
+                inplace=True, **FAST)
+    stored = adata.uns["langcell_fewshot"]
+    assert stored["skipped"]["shots"] == [5] and stored["params"]["shots"] == [1, 3]
+    results = pd.DataFrame(stored["results"])
+    assert set(results["shots"]) == {1, 3}
+    assert {"zero-shot+em", "langcell+em", "langcell:linear+em"} <= set(results["method"])
+    priors = stored["priors"]
+    assert len(priors["method"]) == 3 * 2
+    for status, found in zip(priors["status"], priors["priors"], strict=True):
+        values = json.loads(found)
+        assert set(values) == set(TYPES) and sum(values.values()) == pytest.approx(1.0)
+        assert status == "em" or status.startswith("fallback")
+    # A class too small for even the smallest n is left out, named.
+    with pytest.warns(UserWarning, match="left out"):
+        table = fewshot(adata, model, "cell_type", shots=(5,), methods=["linear"], baselines=(), **FAST)
+    assert set(table["n_train"]) == {10}
+
+
+@pytest.mark.slow
+def test_cli_flags_reach_the_function(saved, tmp_path, capsys):
+    from langcell.cli import evaluation as cli_evaluation
+
+    assert cli_evaluation.FEWSHOT_METHODS == METHODS and cli_evaluation.PRIORS == PRIORS
+    model_dir, cells = saved
+    report = tmp_path / "report.json"
+    code = main([
+        "fewshot", str(cells), "--model", str(model_dir), "--label-key", "cell_type", "--shots", "1,2,40",
+        "--method", "linear", "--methods", "linear,wise", "--prior", "uniform,em", "--lr", "2e-3",
+        "--text-lr", "3e-4", "--epochs", "1", "--max-length", str(MAX_LENGTH), "--report", str(report), "-q",
+    ])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    params = data["params"]
+    assert params["method"] == "linear" and params["methods"] == ["linear", "wise"]
+    assert params["prior"] == ["uniform", "em"] and params["lr"] == 2e-3 and params["text_lr"] == 3e-4
+    assert data["skipped"]["shots"] == [40] and params["shots"] == [1, 2]
+    assert "langcell:wise+em" in data["results"]["method"]
+    base = ["fewshot", str(cells), "--model", str(model_dir), "--label-key", "cell_type"]
+    for flags, word in ((["--prior", "balanced"], "--prior"), (["--methods", "full,lora"], "--methods")):
+        assert main([*base, *flags, "--report", str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0]
+    assert not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.slow
+def test_frozen_text_tower_is_encoded_once_and_stays_frozen(cbmc, model):
+    from langcell.train import fewshot as tuning
+
+    sequences, labels = _training_cells(cbmc, model, n=2)
+    tokens = model.tokenize_texts(TYPES)
+    calls = []
+    original = type(model.text_encoder).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("mode", args[2] if len(args) > 2 else None))
+        return original(self, *args, **kwargs)
+
+    type(model.text_encoder).forward = counting
+    try:
+        tuned, _ = tune_langcell(model, sequences, labels, TYPES, epochs=2, lr=3e-3, text_lr=0, max_length=MAX_LENGTH)
+    finally:
+        type(model.text_encoder).forward = original
+    assert calls.count("text") == 1  # the unimodal class-text pass ran once, not at every step
+    before, after = dict(model.text_encoder.named_parameters()), dict(tuned.text_encoder.named_parameters())
+    for name, value in after.items():
+        if ".crossattention." in name:
+            continue
+        assert torch.equal(value, before[name]), name
+    assert any(not torch.equal(after[n], before[n]) for n in after if ".crossattention." in n)
+    # The cached states give the same loss as encoding the texts in the call (no dropout in this model).
+    from langcell.data.batching import pad_sequences
+
+    ids, mask = pad_sequences(sequences, model.config.cell.pad_token_id, MAX_LENGTH)
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    with torch.no_grad():
+        states = model.text_encoder(tokens["input_ids"], tokens["attention_mask"], mode="text")[:, 0]
+        cached = fewshot_loss(model, batch, torch.from_numpy(labels), tokens, text_states=states)["loss"]
+        fresh = fewshot_loss(model, batch, torch.from_numpy(labels), tokens)["loss"]
+    assert float(cached) == pytest.approx(float(fresh), rel=1e-6)
+    with pytest.raises(LangCellError, match="text_lr"):
+        tuning.check_text_lr(-1.0)

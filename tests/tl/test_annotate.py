@@ -384,3 +384,36 @@ def test_prompt_ensemble_from_the_cell_ontology(model):
     b_texts = [t for c, t in zip(prompts["class"], prompts["text"], strict=True) if c == "B cell"]
     assert b_texts == ontology.term_prompts("CL:0000236")
     assert adata.uns[KEY]["params"]["prompt_ensemble"] is True
+
+def test_prior_em_corrects_the_similarity_part_with_priors_estimated_at_the_models_temperature(model, tokenizer):
+    import warnings
+
+    from langcell.inference.calibration import em_priors
+
+    adata = make_adata(60, seed=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        annotated = tl.annotate(adata, model, DESCRIPTIONS, top_k=2, prior="em", copy=True, progress=False)
+    stored = annotated.uns[KEY]
+    assert stored["params"]["prior"] == "em"
+    found = stored["prior"]
+    assert set(found["priors"]) == set(DESCRIPTIONS) and sum(found["priors"].values()) == pytest.approx(1.0)
+    # Independent computation from the tensor-level scores.
+    cells = tokenizer.encode(adata)
+    scores = zero_shot_scores(model, cells, encode_class_texts(model, list(DESCRIPTIONS.values()), list(DESCRIPTIONS)),
+                              top_k=2)
+    scale = float(model.logit_scale.exp())
+    calibrated = np.exp(scores.similarity * scale) / np.exp(scores.similarity * scale).sum(1, keepdims=True)
+    priors, corrected, _, converged = em_priors(calibrated.astype(np.float64))
+    np.testing.assert_allclose(list(found["estimated"].values()), priors, rtol=1e-5, atol=1e-7)
+    if found["status"] == "em":
+        expected = 0.1 * corrected + 0.9 * scores.p_ctm
+    else:  # refused (with a warning): the released scores unchanged
+        assert any("falling back" in str(w.message) for w in caught)
+        expected = scores.scores
+    np.testing.assert_allclose(annotated.obsm[KEY + "_probs"], expected, rtol=1e-5, atol=1e-6)
+    assert (annotated.obs[KEY].astype(str).to_numpy() == np.array(list(DESCRIPTIONS))[expected.argmax(1)]).all()
+    plain = tl.annotate(adata, model, DESCRIPTIONS, top_k=2, copy=True, progress=False)
+    assert "prior" not in plain.uns[KEY] and plain.uns[KEY]["params"]["prior"] == "uniform"
+    with pytest.raises(LangCellError, match="prior must be one of"):
+        tl.annotate(adata, model, DESCRIPTIONS, prior="balanced")

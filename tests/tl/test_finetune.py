@@ -390,3 +390,35 @@ def test_predict_on_new_cells_matches_one_cell_at_a_time(cbmc, full_run):
     assert np.mean(new.obs["pred"].astype(str).to_numpy() == new.obs["cell_type"].to_numpy()) > 0.5
     with pytest.raises(LangCellError, match="CellTypeClassifier"):
         predict(new, object())
+
+
+def test_text_initialised_head_predicts_like_zero_shot_similarity_at_step_0(cbmc, model):
+    from langcell.inference.zero_shot import encode_class_texts, zero_shot_scores
+    from langcell.ontology.classes import class_texts
+    from langcell.train.finetune import text_initialised_head
+
+    labelled, _ = cbmc
+    cells = model.gene_tokenizer.encode(labelled, max_length=64)
+    texts, _ = class_texts(TYPES)
+    class_embeddings = encode_class_texts(model, texts, TYPES)
+    similarity = zero_shot_scores(model, cells, class_embeddings).similarity
+    classifier = CellTypeClassifier.from_langcell(model, TYPES)
+    features = classifier.encode_features(cells, max_length=64)
+    text_initialised_head(classifier.head, model.cell_proj, class_embeddings.embeddings, 20.0, features)
+    with torch.no_grad():
+        logits = classifier.head(torch.from_numpy(features)).numpy()
+    np.testing.assert_array_equal(logits.argmax(1), similarity.argmax(1))
+    # Per cell, the logits are the similarities times one positive factor (the cell's projection norm).
+    ratio = logits / similarity
+    np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones_like(ratio), rtol=1e-3)
+
+
+def test_text_head_runs_and_needs_the_linear_probe(cbmc, model):
+    adata = cbmc[0].copy()
+    _, metrics = finetune(adata, model, "cell_type", mode="linear", head="text", epochs=3, seed=1, max_length=64,
+                          progress=False)
+    assert adata.uns["langcell_ce"]["params"]["head"] == "text" and 0 <= metrics["accuracy"] <= 1
+    for kwargs in (dict(mode="full", head="text"), dict(mode="linear", head="text", pooling="mean"),
+                   dict(head="ontology")):
+        with pytest.raises(LangCellError, match="head"):
+            finetune(adata.copy(), model, "cell_type", **kwargs)

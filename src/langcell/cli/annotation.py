@@ -70,6 +70,9 @@ def add_annotate(sub: argparse._SubParsersAction) -> None:
                         "and embed it as their normalised mean")
     p.add_argument("--texts", metavar="JSON", help="JSON file {class name: [extra text, ...]}: more texts per class "
                                                    "(prompt ensembling)")
+    p.add_argument("--prior", choices=["uniform", "em"], default="uniform",
+                   help="class frequencies: uniform (default), or em: re-estimated on these cells by EM "
+                        "(Saerens et al. 2002) and used to correct the similarity part of the scores")
     p.add_argument("--key-added", default="langcell_cell_type", help="obs column for the prediction")
     p.add_argument("--truth-key", metavar="COL",
                    help="obs column of true labels: adds accuracy, macro-F1, per-class precision/recall/F1/support "
@@ -172,7 +175,7 @@ def run_annotate(args: argparse.Namespace) -> int:
             adata, model, labels, classes_from=args.classes_from, mapping=args.mapping, texts=texts,
             prompt_ensemble=args.prompt_ensemble, alpha=args.alpha,
             top_k=args.top_k, mode=args.mode, exact_argmax=args.exact_argmax, threshold=args.threshold,
-            threshold_on=args.threshold_on, lca_margin=args.lca_margin, counts_layer=args.counts_layer,
+            prior=args.prior, threshold_on=args.threshold_on, lca_margin=args.lca_margin, counts_layer=args.counts_layer,
             gene_column=args.gene_column, precision=args.precision, progress=not args.quiet,
             key_added=args.key_added, distributed=ctx is not None, corpus=corpus,
         )
@@ -197,6 +200,10 @@ def run_annotate(args: argparse.Namespace) -> int:
     if "exact" in s:
         say(args, f"ontology-aware: exact {s['exact']:.3f}, correct at an ancestor {s['ancestor']:.3f}, "
                   f"wrong {s['wrong']:.3f}, abstained {s['abstained']:.3f}")
+    if "prior" in report:
+        found = report["prior"]
+        priors = ", ".join(f"{name} {value:.3f}" for name, value in found["estimated"].items())
+        say(args, f"prior em ({found['status']}, {found['n_iter']} iterations): {priors}")
     say(args, f"annotated {adata.n_obs} cells -> {args.out}")
     return 0
 
@@ -325,6 +332,8 @@ def _annotation_report(adata, key: str, truth_key: str | None) -> dict:
     if truth_key is not None:
         report["ontology"] = _ontology_report(adata, key, truth_key)
     report["params"] = {k: v for k, v in stored["params"].items() if v is not None}
+    if "prior" in stored:
+        report["prior"] = stored["prior"]
     return report
 
 
@@ -399,7 +408,8 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
         help="LangCell-CE: fine-tune the cell encoder + a linear classifier on labelled cells",
-        description="Stratified 2:1 split, training on two thirds, accuracy and macro-F1 on the held-out third.",
+        description=("Stratified split (default 2:1, --train-fraction), training on the first part, accuracy and "
+                     "macro-F1 on the held-out rest."),
     )
     add_input(p, labelled=True, label_help="obs column with the cell labels")
     p.add_argument("--out", required=True, metavar="DIR", help="classifier directory to create")
@@ -409,6 +419,11 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate of the classifier head (default 1e-3)")
     p.add_argument("--encoder-lr", type=float,
                    help="peak learning rate of the cell encoder, full mode only (default 5e-5)")
+    p.add_argument("--train-fraction", type=float, default=2 / 3, metavar="F",
+                   help="share of every class used for training, in (0, 1) (default 2/3, the paper's split)")
+    p.add_argument("--max-length", type=int, metavar="N", help="longest cell in tokens (default: the model's)")
+    p.add_argument("--head", choices=["random", "text"], default=None,
+                   help="linear mode: start the head at random (default) or from the class texts")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and training")
     p.add_argument("--write", metavar="OUT.h5ad", help="also write the cells with predictions and split")
     p.add_argument("--report", metavar="REPORT.json", help="write the metrics as JSON")
@@ -423,11 +438,17 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from .. import tl
     check_outputs(args, args.write, args.report, directories=(args.out,))
+    if not 0 < args.train_fraction < 1:
+        raise LangCellError(f"--train-fraction must lie strictly between 0 and 1, got {args.train_fraction}; e.g. 0.67")
+    if args.max_length is not None and args.max_length < 1:
+        raise LangCellError(f"--max-length must be a positive number of tokens, got {args.max_length}")
     adata = read_input(args.input)
     model = load_model(args.model, args.device)
     classifier, metrics = tl.finetune(
         adata, model, args.label_key, mode=args.mode, epochs=args.epochs, seed=args.seed,
-        **{name: value for name, value in (("lr", args.lr), ("encoder_lr", args.encoder_lr)) if value is not None},
+        train_fraction=args.train_fraction, max_length=args.max_length,
+        **{name: value for name, value in (("lr", args.lr), ("encoder_lr", args.encoder_lr), ("head", args.head))
+           if value is not None},
         counts_layer=args.counts_layer, gene_column=args.gene_column, progress=not args.quiet,
     )
     classifier.save(args.out, overwrite=args.overwrite)

@@ -21,16 +21,24 @@ from ._common import (
     write_h5ad,
 )
 
+# The choices of evaluation.fewshot, written out so that `langcell --help` loads no torch (a test checks
+# they match langcell.evaluation.fewshot.METHODS and langcell.inference.calibration.PRIORS).
+FEWSHOT_METHODS = ("full", "linear", "wise")
+PRIORS = ("uniform", "em")
+
 
 def add_fewshot(sub: argparse._SubParsersAction) -> None:
     """Register ``langcell fewshot`` and its options."""
     p = sub.add_parser(
         "fewshot",
-        help="few-shot annotation curves: LangCell tuned on n cells per class vs logistic regression and kNN",
+        help="few-shot annotation curves: LangCell methods on n cells per class vs zero-shot, logistic "
+             "regression and kNN",
         description=(
-            "For every n in --shots (and every repeat): n labelled cells per class train LangCell (both "
-            "encoders, the paper's few-shot protocol), a logistic regression and a kNN classifier; the other "
-            "labelled cells test all three. Prints accuracy and macro-F1 per method and n."
+            "For every n in --shots (and every repeat): n labelled cells per class train the LangCell methods "
+            "(full: both encoders, the paper's protocol; linear: a text-initialised head on frozen embeddings; "
+            "wise: that head mixed with zero-shot), a logistic regression and a kNN classifier; the other "
+            "labelled cells test them all and zero-shot annotation. Shot counts or types the data cannot "
+            "serve are skipped with a warning. Prints accuracy and macro-F1 per method and n."
         ),
     )
     add_input(p, labelled=True, label_help="obs column with the cell labels")
@@ -42,7 +50,15 @@ def add_fewshot(sub: argparse._SubParsersAction) -> None:
     classes.add_argument("--labels", metavar="'A;B;C'", help="only these classes of --label-key, separated by ';'")
     classes.add_argument("--descriptions", metavar="JSON", help="JSON file {class name: description}")
     add_mapping(p)
-    p.add_argument("--epochs", type=int, default=20, help="tuning epochs of LangCell (default 20)")
+    p.add_argument("--method", choices=FEWSHOT_METHODS,
+                   help="method of the 'langcell' row (default: evaluation.fewshot's, chosen by measurement)")
+    p.add_argument("--methods", metavar="M,M,...",
+                   help="LangCell methods to run, comma-separated (default: all of " + ",".join(FEWSHOT_METHODS) + ")")
+    p.add_argument("--prior", default="uniform", metavar="P[,P]",
+                   help="class-prior correction: uniform (default), em (EM on the test cells), or uniform,em for both")
+    p.add_argument("--epochs", type=int, help="tuning epochs of the full method (default 20)")
+    p.add_argument("--lr", type=float, help="full method: peak learning rate of the cell encoder and heads (default 1e-4)")
+    p.add_argument("--text-lr", type=float, help="full method: peak learning rate of the text tower (default 1e-5)")
     p.add_argument("--match-classes", type=int, metavar="M",
                    help="matching loss over the own class and the M-1 most similar others (default: every class)")
     p.add_argument("--max-length", type=int, metavar="N", help="longest cell in tokens (default: the model's)")
@@ -72,17 +88,26 @@ def run_fewshot(args: argparse.Namespace) -> int:
             raise LangCellError("--labels holds no class name; pass names separated by ';'")
     elif args.descriptions is not None:
         labels = read_descriptions(args.descriptions)
+    methods = None if args.methods is None else [part.strip() for part in args.methods.split(",") if part.strip()]
+    priors = [part.strip() for part in args.prior.split(",") if part.strip()]
+    for name, values, allowed in (("--methods", methods or [], FEWSHOT_METHODS), ("--prior", priors, PRIORS)):
+        unknown = [value for value in values if value not in allowed]
+        if unknown or (name == "--prior" and not values):
+            raise LangCellError(f"{name} {unknown or args.prior!r}: choose from {', '.join(allowed)}")
     adata = read_input(args.input)
     model = load_model(args.model, args.device)
     evaluation.fewshot(
         adata, model, args.label_key, shots=shots, repeats=args.repeats, labels=labels, mapping=args.mapping,
-        epochs=args.epochs, seed=args.seed, max_length=args.max_length, match_classes=args.match_classes,
+        methods=methods, prior=priors, seed=args.seed, max_length=args.max_length, match_classes=args.match_classes,
+        **{name: value for name, value in (("method", args.method), ("lr", args.lr), ("text_lr", args.text_lr),
+                                           ("epochs", args.epochs)) if value is not None},
         counts_layer=args.counts_layer, gene_column=args.gene_column, progress=not args.quiet, inplace=True,
     )
     stored = adata.uns["langcell_fewshot"]
     results = pd.DataFrame(stored["results"])
     if args.report:
-        write_json(args.report, {key: stored[key] for key in ("params", "results", "classes", "train_loss")})
+        write_json(args.report, {key: stored[key] for key in ("params", "results", "classes", "train_loss", "priors",
+                                                               "choices", "skipped")})
     if args.plot:
         pl.fewshot_curves(results, args.plot, title=f"few-shot annotation, {adata.n_obs} cells")
     if args.out:
@@ -90,9 +115,13 @@ def run_fewshot(args: argparse.Namespace) -> int:
     means = results.groupby(["method", "shots"])[["accuracy", "macro_f1"]].mean()
     say(args, f"{'method':<22}{'shots':>6}{'accuracy':>10}{'macro-F1':>10}   (mean of {args.repeats} repeat(s))")
     for method in dict.fromkeys(results["method"]):
-        for n in shots:
+        for n in stored["params"]["shots"]:
             accuracy, macro_f1 = means.loc[(method, n)]
             say(args, f"{method:<22}{n:>6}{accuracy:>10.3f}{macro_f1:>10.3f}")
+    skipped = stored["skipped"]
+    if skipped["classes"] or skipped["shots"]:
+        say(args, f"skipped (too few labelled cells): classes {skipped['classes'] or 'none'}, shots "
+                  f"{skipped['shots'] or 'none'}")
     return 0
 
 

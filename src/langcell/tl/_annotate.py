@@ -18,6 +18,7 @@ from .._checks import check_anndata as _check_anndata
 from .._checks import check_key_added, check_unit_interval, gene_tokenizer_of, output_anndata
 from .._docs import doc_params
 from ..errors import LangCellError
+from ..inference.calibration import check_prior, zero_shot_prior
 from ..inference.embed import corpus_cells, corpus_for
 from ..inference.zero_shot import (
     DEFAULT_ALPHA,
@@ -59,6 +60,7 @@ def annotate(
     threshold_on: str = "score",
     unknown_label: str = "unknown",
     lca_margin: float | None = None,
+    prior: str = "uniform",
     counts_layer: str | None = None,
     gene_column: str | None = None,
     n_counts_key: str | None = "n_counts",
@@ -149,6 +151,13 @@ def annotate(
         answered with their lowest common ancestor (CD4 vs CD8 alpha-beta T cell -> "mature
         alpha-beta T cell"; see :func:`langcell.ontology.lowest_common_ancestor`) in
         ``obs[key_added + "_lca"]``. ``None`` (default): no such column.
+    prior
+        ``"uniform"`` (default: the released formula as it is) or ``"em"``: re-estimate the class
+        frequencies of these cells by EM (Saerens et al. 2002) on the similarity softmax at the model's
+        own temperature ``exp(logit_scale)`` and put the corrected similarity posteriors in ``p_sim``'s
+        place in the blend (:func:`langcell.inference.calibration.zero_shot_prior`). A degenerate or
+        non-converging estimate gives a warning and leaves the scores as they are. The priors found are
+        in ``uns[key_added]["prior"]``.
     {counts_options}
     {max_length}
     {max_tokens}
@@ -188,14 +197,16 @@ def annotate(
         ``uns[key_added]``
             dict with ``"params"`` (alpha, top_k used, mode, exact_argmax, temperature, threshold,
             threshold_on, unknown_label, lca_margin, aspect, classes_from, counts_layer, gene_column, max_length,
-            n_classes, n_processes, prompt_ensemble, n_prompts),
+            n_classes, n_processes, prompt_ensemble, n_prompts, prior),
             ``"classes"`` (class names), ``"texts"`` (the primary text of each class) and ``"resolution"``
             (the table of how each class got its text: columns label, term_id, term_label, how; ""
             where empty), and ``"n_uncertified"``: the number of cells whose best class may differ
             from ``mode="official"``'s (fast mode without ``exact_argmax`` only; 0 otherwise; see
             :attr:`langcell.inference.zero_shot.ZeroShotScores.certified`);
             when some class has several texts, ``"prompts"`` (columns class and text: every text of
-            every class, primary first).
+            every class, primary first);
+            with ``prior="em"`` also ``"prior"``: ``{"priors": {class: prior used},
+            "estimated": {class: EM's estimate}, "status": "em" or "fallback: <reason>", "n_iter"}``.
 
     Raises
     ------
@@ -225,6 +236,7 @@ def annotate(
     check_key_added(key_added)
     if not isinstance(prompt_ensemble, bool):
         raise LangCellError(f"prompt_ensemble must be True or False, got {prompt_ensemble!r}")
+    prior = check_prior(prior)
     tokenizer = gene_tokenizer_of(model)
 
     check_precision(precision, model.logit_scale.device)
@@ -265,6 +277,16 @@ def annotate(
     )
 
     probs = _distributed.gather_rows(scores.scores, adata.n_obs, ctx) if ctx is not None else scores.scores
+    prior_found = None
+    if prior == "em":  # EM sees every cell: across processes, the parts it needs are gathered first
+        parts = [scores.similarity, scores.p_sim, scores.p_ctm]
+        if ctx is not None:
+            parts = [_distributed.gather_rows(part, adata.n_obs, ctx) for part in parts]
+        probs, estimate = zero_shot_prior(
+            *parts, alpha=alpha, inverse_temperature=float(model.logit_scale.detach().exp()), where="annotate",
+        )
+        probs = probs.astype(np.float32)
+        prior_found = estimate.as_dict(list(names))
 
     adata = output_anndata(adata, copy)
     params = {
@@ -277,6 +299,7 @@ def annotate(
         "threshold_on": threshold_on,
         "unknown_label": unknown_label,
         "lca_margin": lca_margin,
+        "prior": prior,
         "aspect": aspect,
         "classes_from": classes_from,
         "counts_layer": counts_layer,
@@ -289,6 +312,8 @@ def annotate(
         "n_prompts": sum(len(p) for p in prompts),
     }
     _write_annotation(adata, key_added, probs, names, primary, prompts, resolution, params, scores.n_uncertified)
+    if prior_found is not None:
+        adata.uns[key_added]["prior"] = prior_found
     return adata if copy else None
 
 

@@ -26,8 +26,10 @@ from .._labels import label_codes
 from ..data.batching import as_sequences
 from ..data.splits import stratified_split
 from ..errors import LangCellError
+from ..inference.zero_shot import encode_class_texts
 from ..metrics import classification_metrics, softmax
 from ..models.classifier import DEFAULT_MAX_TOKENS, POOLINGS, CellTypeClassifier
+from ..ontology.classes import class_texts
 from ..train.finetune import LINEAR_EPOCHS, train_full, train_linear_probe
 from ..train.optim import check_optimiser_settings
 from ..train.supervised import model_device, seeded
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 MODES = ("full", "linear")
+#: Starts of the linear probe's head: ``"random"`` or ``"text"`` (zero-shot similarity).
+HEADS = ("random", "text")
 #: Names written to ``obs[key_added + "_split"]``.
 SPLIT_NAMES = ("train", "test", "unlabelled")
 # --------------------------------------------------------------------------------------------------
@@ -51,6 +55,8 @@ def finetune(
     label_key: str,
     *,
     mode: str = "full",
+    head: str = "random",
+    mapping: Any = None,
     train_fraction: float = 2 / 3,
     epochs: int | None = None,
     lr: float = 1e-3,
@@ -99,6 +105,14 @@ def finetune(
         are neither trained on nor scored, but they get predictions.
     mode
         ``"full"`` or ``"linear"`` (see above).
+    head
+        ``mode="linear"``: ``"random"`` (default; the head starts at random and decays towards 0) or
+        ``"text"``: the head starts at LangCell's zero-shot similarity to the class texts (the labels
+        resolved as :func:`langcell.tl.annotate` resolves them; step 0 predicts what similarity
+        predicts) and ``weight_decay`` pulls it back towards that start
+        (:func:`langcell.train.finetune.text_initialised_head`). Needs ``pooling="cls"``.
+    mapping
+        ``head="text"``: ``{label: term id}`` (or a JSON/TSV path) for labels the resolver cannot place.
     train_fraction
         Share of every class used for training, in (0, 1); the paper's split is 2/3.
     epochs
@@ -162,6 +176,10 @@ def finetune(
         a bad setting, a model without a gene tokenizer, or counts that are not raw counts.
     """
     _check_anndata(adata)
+    if head not in HEADS:
+        raise LangCellError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "text" and (mode != "linear" or pooling != "cls"):
+        raise LangCellError("head='text' needs mode='linear' and pooling='cls' (the states the similarity reads)")
     epochs = _check_settings(
         mode=mode, pooling=pooling, train_fraction=train_fraction, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_fraction=warmup_fraction,
@@ -172,6 +190,11 @@ def finetune(
     max_length = check_max_length(max_length, model.config.cell.max_position_embeddings)
 
     classes, codes, train, test = _split(adata, label_key, train_fraction, seed)
+    anchor = None
+    if head == "text":
+        texts, _ = class_texts(classes, mapping=mapping)
+        embeddings = encode_class_texts(model, texts, classes).embeddings
+        anchor = (model.cell_proj, embeddings, float(model.logit_scale.detach().exp()))
     cells = tokenizer.encode(
         adata, gene_column=gene_column, counts_layer=counts_layer, n_counts_key=n_counts_key,
         max_length=max_length, progress=progress,
@@ -186,6 +209,7 @@ def finetune(
                 classifier, sequences, codes, train, held_out, epochs=epochs, lr=lr, weight_decay=weight_decay,
                 batch_size=batch_size, max_tokens=max_tokens, max_length=max_length,
                 warmup_fraction=warmup_fraction, max_grad_norm=max_grad_norm, seed=seed, progress=progress,
+                anchor=anchor,
             )
         else:
             train_loss, epochs, n_steps = train_full(
@@ -226,6 +250,7 @@ def finetune(
         "params": {
             "label_key": label_key,
             "mode": mode,
+            "head": head,
             "pooling": pooling,
             "train_fraction": float(train_fraction),
             "epochs": int(epochs),

@@ -67,6 +67,7 @@ def fewshot_loss(
     *,
     tau: float = TEMPERATURE,
     match_classes: int | None = None,
+    text_states: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The few-shot objective of one batch: similarity cross-entropy plus matching cross-entropy.
 
@@ -89,6 +90,10 @@ def fewshot_loss(
         multimodal tower reads every (cell, class) pair. An integer m < K: over the cell's own class and
         its m - 1 most similar other classes (hard negatives, chosen by the detached similarities), so
         the multimodal tower reads m pairs per cell instead of K.
+    text_states
+        ``[K, H]`` the class texts' ``[CLS]`` states of the unimodal text pass, computed once when the
+        text tower's own weights are frozen (:func:`tune_langcell` with ``text_lr=0``); only
+        ``text_proj`` then runs per step. ``None``: the texts are encoded in this call.
 
     Returns
     -------
@@ -103,7 +108,10 @@ def fewshot_loss(
     cell_embeddings, states = model.encode_cells(
         {"input_ids": torch.as_tensor(batch["input_ids"]), "attention_mask": mask}
     )
-    text_embeddings = model.encode_texts(class_tokens)
+    if text_states is None:
+        text_embeddings = model.encode_texts(class_tokens)
+    else:
+        text_embeddings = F.normalize(model.text_proj(text_states), dim=-1)
     labels = torch.as_tensor(labels).long().to(device)
     similarity = model.similarity(cell_embeddings, text_embeddings)
     similarity_loss = F.cross_entropy(similarity / tau, labels)
@@ -184,7 +192,10 @@ def tune_langcell(
 
     Both encoders and the projection and matching heads learn (AdamW, no decay on biases and
     LayerNorms, linear warm-up then cosine decay to 0, gradient clipping). The text tower's own weights
-    learn at ``text_lr``, everything else (cell encoder, cross-attention, heads) at ``lr``. Cells are
+    learn at ``text_lr``, everything else (cell encoder, cross-attention, heads) at ``lr``. With
+    ``text_lr=0`` the text tower's own weights are frozen: the class texts' unimodal ``[CLS]`` states
+    are then computed once (in eval mode, before tuning) instead of at every step, and only
+    ``text_proj`` and the multimodal pass (whose cross-attention learns) run per step. Cells are
     batched by length under ``max_tokens`` and reshuffled every epoch; a batch also holds at most
     ``max_pair_tokens // (K x text length)`` cells (``match_classes`` in place of K when it is set), which
     bounds the multimodal pass over the (cell, class) pairs. Dropout is active while tuning.
@@ -201,7 +212,7 @@ def tune_langcell(
     class_texts
         The K class texts.
     epochs, lr, text_lr, tau, weight_decay, warmup_fraction, max_grad_norm
-        The optimisation (see :func:`fewshot`).
+        The optimisation (see :func:`fewshot`); ``text_lr=0`` freezes the text tower's own weights.
     max_tokens, max_batch_size, max_pair_tokens
         Batch limits (cell tokens, cells, text tokens of the matching pass).
     max_length
@@ -230,7 +241,8 @@ def tune_langcell(
     if labels.min() < 0 or labels.max() >= len(texts):
         raise LangCellError(f"labels must lie in [0, {len(texts)}), one class text per label value")
     epochs = check_positive_int(epochs, "epochs")
-    check_rates(lr=lr, text_lr=text_lr, tau=tau)
+    check_rates(lr=lr, tau=tau)
+    check_text_lr(text_lr)
     max_length = check_max_length(max_length, model.config.cell.max_position_embeddings)
     match_classes = check_match_classes(match_classes, len(texts))
     device = model_device(model)
@@ -238,6 +250,7 @@ def tune_langcell(
     shared = {id(model.text_tokenizer): model.text_tokenizer, id(model.gene_tokenizer): model.gene_tokenizer}
     tuned = copy_module.deepcopy(model, shared)
     class_tokens = {key: value.to(device) for key, value in tuned.tokenize_texts(texts).items()}
+    text_states = _frozen_text_states(tuned, class_tokens) if text_lr == 0 else None
     pairs_per_cell = (match_classes or len(texts)) * int(class_tokens["input_ids"].shape[1])
     batch_cap = max(1, min(int(max_batch_size), int(max_pair_tokens) // max(pairs_per_cell, 1)))
     lengths = np.minimum(np.fromiter((s.size for s in sequences), dtype=np.int64), max_length)
@@ -258,7 +271,8 @@ def tune_langcell(
             ids, mask = pad_sequences([sequences[i] for i in rows], pad_id, max_length)
             cells = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
             return fewshot_loss(
-                tuned, cells, torch.from_numpy(labels[rows]), class_tokens, tau=tau, match_classes=match_classes
+                tuned, cells, torch.from_numpy(labels[rows]), class_tokens, tau=tau, match_classes=match_classes,
+                text_states=text_states,
             )["loss"]
 
         tuned.train()
@@ -268,3 +282,24 @@ def tune_langcell(
         )
     tuned.zero_grad(set_to_none=True)
     return tuned.eval(), losses
+
+
+def check_text_lr(text_lr: object) -> float:
+    """``text_lr`` as a float >= 0 (0 freezes the text tower's own weights), else a clear error."""
+    number = isinstance(text_lr, int | float) and not isinstance(text_lr, bool)
+    if not (number and text_lr >= 0 and np.isfinite(text_lr)):
+        raise LangCellError(f"text_lr must be a number >= 0 (0 freezes the text tower), got {text_lr!r}")
+    return float(text_lr)
+
+
+def _frozen_text_states(model: Any, class_tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Freeze the text tower's own weights (cross-attention keeps learning); its class-text states, once."""
+    for name, param in model.text_encoder.named_parameters():
+        if ".crossattention." not in name:
+            param.requires_grad = False
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        states = model.text_encoder(class_tokens["input_ids"], class_tokens["attention_mask"], mode="text")[:, 0]
+    model.train(was_training)
+    return states.detach()

@@ -36,11 +36,37 @@ FULL_MIN_STEPS = 200
 FULL_MAX_EPOCHS = 100
 
 
+def text_initialised_head(
+    head: nn.Linear, cell_proj: nn.Linear, text_embeddings: torch.Tensor, scale: float, features: np.ndarray
+) -> None:
+    """Set a classifier head on ``<cls>`` states to LangCell's zero-shot similarity (step 0 = zero-shot).
+
+    Zero-shot similarity scores class k as ``cos(cell_proj(h), t_k)``; dividing by the cell's norm does
+    not change a cell's ranking of the classes, so the linear head ``W = c T P``, ``b = c T p``
+    (``P, p`` the projection's weight and bias, ``T`` the normalised class texts) predicts exactly
+    what similarity predicts. ``c`` is the model's logit scale over the median norm of the projected
+    ``features`` (the training cells), so the logits are on the scale of ``scale * cos``.
+    """
+    with torch.no_grad():
+        text = text_embeddings.to(head.weight.device, torch.float64)
+        weight = cell_proj.weight.to(text.device, torch.float64)
+        bias = cell_proj.bias.to(text.device, torch.float64)
+        projected = torch.from_numpy(np.asarray(features, dtype=np.float64)).to(text.device) @ weight.T + bias
+        factor = float(scale) / float(projected.norm(dim=1).median().clamp_min(1e-12))
+        head.weight.copy_((factor * text @ weight).to(head.weight.dtype))
+        head.bias.copy_((factor * text @ bias).to(head.bias.dtype))
+
+
 def train_linear_probe(
     classifier, sequences, codes, train, held_out, *, epochs, lr, weight_decay, batch_size, max_tokens,
-    max_length, warmup_fraction, max_grad_norm, seed, progress,
+    max_length, warmup_fraction, max_grad_norm, seed, progress, anchor=None,
 ) -> tuple[list[float], np.ndarray, int]:
     """Linear probe: encode every cell once with the frozen encoder, then fit the head alone.
+
+    ``anchor``: ``None`` (the head starts where it is and AdamW decays it towards 0), or
+    ``(cell_proj, text_embeddings, scale)``: the head starts at zero-shot similarity
+    (:func:`text_initialised_head`) and ``weight_decay`` becomes a pull towards that start
+    (``weight_decay / 2 * |head - start|^2`` added to the loss) instead of towards 0.
 
     Returns the mean training loss of every epoch, the held-out cells' logits and the number of steps.
     """
@@ -55,6 +81,12 @@ def train_linear_probe(
     mean = features[train].astype(np.float64).mean(axis=0)
     std = features[train].astype(np.float64).std(axis=0)
     std = np.where(std > 0, std, 1.0)
+    head = classifier.head
+    pull = None
+    if anchor is not None:
+        text_initialised_head(head, *anchor, features[train])
+        _standardise_head(head, mean, std)  # the same start, read on standardised features
+        pull = [param.detach().clone() for param in (head.weight, head.bias)]
     features = ((features - mean) / std).astype(np.float32)
     x_train = torch.from_numpy(features[train]).to(device)
     y_train = torch.from_numpy(codes[train]).to(device)
@@ -63,11 +95,20 @@ def train_linear_probe(
     orders = [torch.randperm(train.size, generator=generator).to(device) for _ in range(epochs)]
     epoch_batches = [[order[start : start + batch_size] for start in range(0, train.size, batch_size)] for order in orders]
     total = sum(len(batches) for batches in epoch_batches)
-    head = classifier.head
-    optimizer, scheduler = adamw_with_schedule(param_groups(head, lr, 1.0, weight_decay), total, warmup_fraction)
+    decay = weight_decay if pull is None else 0.0
+    optimizer, scheduler = adamw_with_schedule(param_groups(head, lr, 1.0, decay), total, warmup_fraction)
+
+    def batch_loss(rows: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(head(x_train[rows]), y_train[rows])
+        if pull is not None:
+            loss = loss + 0.5 * weight_decay * sum(
+                (param - start).square().sum() for param, start in zip((head.weight, head.bias), pull, strict=True)
+            )
+        return loss
+
     head.train()
     losses = fit_epochs(
-        epoch_batches, lambda rows: F.cross_entropy(head(x_train[rows]), y_train[rows]), optimizer, scheduler,
+        epoch_batches, batch_loss, optimizer, scheduler,
         list(head.parameters()), n_items=train.size, max_grad_norm=max_grad_norm, progress=progress,
         description="linear probe",
     )
@@ -77,6 +118,15 @@ def train_linear_probe(
         held_out_logits = classifier.head(torch.from_numpy(features[held_out]).to(device)).float().cpu().numpy()
     _fold_standardisation(classifier.head, mean, std)
     return losses, held_out_logits, total
+
+
+def _standardise_head(head: nn.Linear, mean: np.ndarray, std: np.ndarray) -> None:
+    """The inverse of :func:`_fold_standardisation`: a head on ``x`` as one on ``(x - mean) / std``."""
+    with torch.no_grad():
+        weight = head.weight.double()
+        bias = head.bias.double() + weight @ torch.from_numpy(mean).to(head.weight.device)
+        head.weight.copy_((weight * torch.from_numpy(std).to(head.weight.device)).to(head.weight.dtype))
+        head.bias.copy_(bias.to(head.bias.dtype))
 
 
 def _fold_standardisation(head: nn.Linear, mean: np.ndarray, std: np.ndarray) -> None:
