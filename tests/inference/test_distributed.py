@@ -130,9 +130,13 @@ def test_more_processes_than_cells_fails_on_every_rank_and_writes_nothing(saved,
     out_dir.mkdir()
     result = torchrun(3, "embed", str(two_cells), "--model", str(saved / "model"), "--out", str(out_dir / "e.h5ad"))
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("langcell embed: error:")]
-    assert len(errors) == 3, result.stderr[-3000:]  # one line per rank, the same line
-    assert len(set(errors)) == 1 and "3 processes share 2 cell(s)" in errors[0] and "--nproc_per_node" in errors[0]
+    # Every rank refuses before any collective call, with the same line; torchrun stops the other ranks
+    # as soon as the first exits, so how many of the lines are printed (and whether two interleave) varies.
+    message = ("langcell embed: error: 3 processes share 2 cell(s): every process needs at least one cell; "
+               "start at most 2 processes (torchrun --nproc_per_node)")
+    assert 1 <= result.stderr.count(message) <= 3, result.stderr[-3000:]
+    # No traceback from langcell's own code (torchrun prints its own for the failed child).
+    assert not [line for line in result.stderr.splitlines() if line.strip().startswith('File "') and "/langcell/" in line]
     assert not list(out_dir.iterdir())
 
 
