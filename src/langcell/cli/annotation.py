@@ -184,8 +184,6 @@ def run_annotate(args: argparse.Namespace) -> int:
         if args.consensus != "none":
             run_consensus(args, adata, model)
     report = _annotation_report(adata, args.key_added, args.truth_key)
-    if ctx is not None and not ctx.is_main:
-        return 0  # rank 0 writes the one result
     write_h5ad(adata, args.out)
     if args.report:
         write_json(args.report, report)
