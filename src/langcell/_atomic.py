@@ -523,6 +523,11 @@ def atomic_directory(
         yield tmp
         raise_if_interrupted()
         os.chmod(tmp, _default_mode(directory=True))
+        # Libraries that write through their own temporaries (safetensors) leave files 0600: give every
+        # file the mode a plain open() would have, so that a shared model or corpus is readable as usual.
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                os.chmod(os.path.join(root, name), _default_mode(directory=False))
         if path.exists():
             _swap_into_place(tmp, path)
         else:

@@ -82,6 +82,14 @@ def test_save_load_round_trip_gives_identical_outputs(saved, tiny_with_genes):
 
 
 
+def test_saved_files_get_the_mode_a_plain_open_would_give(saved):
+    # safetensors writes through its own 0600 temporary; a model shared with others must stay readable.
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in saved.rglob("*") if p.is_file()]
+    assert files and {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}
+
+
 @pytest.mark.parametrize("before", [None, "0", "1"])
 def test_loading_leaves_the_hugging_face_variables_as_they_were(saved, monkeypatch, before):
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
