@@ -36,7 +36,7 @@ Run from the repository root::
     python benchmarks/zero_shot.py                 # base size, about 8 minutes on 2 idle cores
     python benchmarks/zero_shot.py --quick         # fewer cells
     python benchmarks/zero_shot.py --size small
-    python benchmarks/zero_shot.py --precision bf16 # ours under bf16 autocast (the baseline stays fp32)
+    python benchmarks/zero_shot.py --precision bf16 # ours in bf16 (the baseline stays fp32)
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ max_tokens
     Cell tokens per forward pass; cells of similar length are batched together under this budget.""",
     "precision": """\
 precision
-    ``"fp32"`` (default), ``"bf16"`` (autocast on CPU or GPU: faster where the hardware has bf16
-    matrix units, e.g. every recent GPU) or ``"fp16"`` (CUDA only); see :mod:`langcell.precision`.""",
+    ``"fp32"`` (default), ``"bf16"`` (CPU or GPU: faster where the hardware has bf16 matrix units, e.g.
+    AMX or AVX512-BF16 CPUs and every recent GPU), ``"fp16"`` (CUDA only) or ``"int8"`` (CPU only: int8
+    linear layers, for CPUs with VNNI but no bf16 units); see :mod:`langcell.precision`.""",
     "progress": """\
 progress
     Show progress bars (the default: long calls are never silent; tqdm picks a notebook bar in

@@ -142,8 +142,9 @@ def add_compute_options(p: argparse.ArgumentParser, *, precision: bool = True) -
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="cpu, cuda, cuda:N, or auto (default: CUDA when available)")
     if precision:
-        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                       help="autocast of the model passes (default fp32; bf16 is faster on GPUs; fp16 needs CUDA)")
+        p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
+                       help="precision of the model passes (default fp32; bf16 is faster on GPUs and on CPUs with "
+                            "AMX or AVX512-BF16; fp16 needs CUDA; int8: CPU only, int8 linear layers)")
 
 
 def add_input(p: argparse.ArgumentParser, *, labelled: bool = False, model: bool = True,

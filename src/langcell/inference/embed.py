@@ -50,8 +50,8 @@ def embed_cells(
     max_length
         Cut cells to their first ``max_length`` tokens (default: the model's number of positions).
     precision
-        ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the forward passes
-        (:mod:`langcell.precision`); embeddings are returned as float32 either way.
+        ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) or ``"int8"`` (CPU) for the forward passes
+        (:func:`langcell.precision.inference_precision`); embeddings are returned as float32 either way.
     progress
         Show a progress bar.
     """
@@ -67,6 +67,7 @@ def embed_cells(
     return forward_in_batches(
         model, cells, embeddings, model.config.projection_dim, pad_id=pad_id, max_tokens=max_tokens,
         max_length=max_length, precision=precision, progress=progress, description="embed",
+        runs=model.cell_modules(),
     )
 
 

@@ -69,7 +69,7 @@ from .._checks import check_unit_interval
 from .._progress import progress_bar
 from ..data.batching import as_sequences, pad_sequences, token_budget_batches
 from ..errors import LangCellError
-from ..precision import autocast, check_precision
+from ..precision import check_precision, inference_precision
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -221,7 +221,9 @@ def encode_class_texts(
     max_length
         Longest text in tokens (default and cap: the text tower's positions).
     precision
-        Autocast of the text passes (:mod:`langcell.precision`); the embeddings are stored in float32.
+        Precision of the text passes (:func:`langcell.precision.inference_precision`; ``"int8"``
+        quantises the cell side only, so the texts are embedded in fp32); the embeddings are stored in
+        float32.
 
     Returns
     -------
@@ -249,7 +251,9 @@ def encode_class_texts(
     input_ids = tokens["input_ids"].to(device)
     attention_mask = tokens["attention_mask"].to(device)
     classes = ClassTexts(names, primary, input_ids, attention_mask, embeddings=torch.empty(0))
-    with torch.inference_mode(), _eval_mode(model), autocast(precision, device):
+    # int8 quantises the cell side only (inference_precision): class texts are embedded in fp32 then.
+    with inference_precision(model, precision, device, int8_part=model.cell_modules()), torch.inference_mode(), \
+            _eval_mode(model):
         embeddings = _embed_tokens(model, classes.tokens)
         if any(len(p) > 1 for p in prompts):
             classes.prompts = prompts
@@ -631,7 +635,7 @@ def score_batch(
     embeddings, states = model.encode_cells(
         {"input_ids": torch.as_tensor(batch["input_ids"]), "attention_mask": mask}
     )
-    # Scores are combined in float32 even under a bf16/fp16 autocast: the similarities go through a
+    # Scores are combined in float32 at every precision (bf16/int8 passes too): the similarities go through a
     # softmax at temperature 0.05, which would magnify the rounding of a low-precision product.
     embeddings = embeddings.float()
     with torch.autocast(device.type, enabled=False):
@@ -720,9 +724,11 @@ def zero_shot_scores(
         Fast mode: score every class of each cell whose prediction could differ from the official
         one, so that the predictions equal ``mode="official"`` (module docstring).
     precision
-        ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA) autocast of the model passes
-        (:mod:`langcell.precision`). The scores are combined in float32 either way; with bf16 the
-        similarities carry about 3 significant digits, so near-ties may resolve differently from fp32.
+        ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA) or ``"int8"`` (CPU: the cell encoder's linear layers
+        only) model passes (:func:`langcell.precision.inference_precision`). The scores are combined in
+        float32 either way; with bf16 the embeddings carry about 3 significant digits, so near-ties may
+        resolve differently from fp32 (on the trained models measured, 0-0.7% of the answers;
+        BENCHMARKS.md "CPU low precision").
     progress
         Show a tqdm progress bar over cells.
 
@@ -760,7 +766,10 @@ def zero_shot_scores(
     }
     bar = progress_bar(n_cells, progress, f"zero-shot ({mode})", "cell")
     try:
-        with torch.inference_mode(), _eval_mode(model), autocast(precision, model.logit_scale.device):
+        device = model.logit_scale.device
+        int8_part = model.cell_modules()  # int8: the text tower (matching head's input) stays fp32
+        with inference_precision(model, precision, device, int8_part=int8_part), torch.inference_mode(), \
+                _eval_mode(model):
             for rows in batches:
                 input_ids, attention_mask = pad_sequences([sequences[i] for i in rows], pad_id, max_positions)
                 result = score_batch(

@@ -13,7 +13,7 @@ import torch
 
 from .._progress import progress_bar
 from ..data.batching import pad_sequences, token_budget_batches
-from ..precision import autocast
+from ..precision import inference_precision
 
 
 def forward_in_batches(
@@ -26,6 +26,7 @@ def forward_in_batches(
     max_tokens: int,
     max_length: int,
     precision: str = "fp32",
+    runs: torch.nn.Module | None = None,
     progress: bool = False,
     description: str = "encode",
 ) -> np.ndarray:
@@ -33,7 +34,9 @@ def forward_in_batches(
 
     Cells (each cut to ``max_length`` tokens) are grouped by length under ``max_tokens`` tokens per
     batch (:func:`langcell.data.batching.token_budget_batches`); ``module`` runs in eval mode without
-    gradients, under ``precision`` autocast, and gets its training mode back afterwards.
+    gradients, at ``precision`` (:func:`langcell.precision.inference_precision`), and gets its training
+    mode back afterwards. ``runs``, when given, is the part of ``module`` that ``forward`` uses: only its
+    weights change precision (casting a text tower that cell embeddings never touch costs about 0.4 s).
     """
     out = np.zeros((len(sequences), width), dtype=np.float32)
     if len(sequences) == 0:
@@ -44,7 +47,7 @@ def forward_in_batches(
     was_training = module.training
     module.eval()
     try:
-        with torch.inference_mode(), autocast(precision, device):
+        with inference_precision(module, precision, device, part=runs), torch.inference_mode():
             for rows in token_budget_batches(lengths, max_tokens):
                 ids, mask = pad_sequences([sequences[int(i)] for i in rows], pad_id, max_length)
                 out[rows] = forward(torch.from_numpy(ids), torch.from_numpy(mask)).float().cpu().numpy()

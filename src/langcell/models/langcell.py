@@ -183,6 +183,14 @@ class LangCell(nn.Module):
         states = self.cell_encoder(input_ids, attention_mask)
         return F.normalize(self.cell_proj(states[:, 0]), dim=-1), states
 
+    def cell_modules(self) -> nn.ModuleList:
+        """The modules a cell's embedding runs through: the cell encoder and ``cell_proj``.
+
+        For :func:`langcell.precision.inference_precision`: what embedding cells casts, and the only part
+        whose linear layers go int8 (the text tower's do not survive it; BENCHMARKS.md).
+        """
+        return nn.ModuleList([self.cell_encoder, self.cell_proj])
+
     def cell_embeddings(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The embeddings of :meth:`encode_cells` alone, ``[B, projection_dim]``, for less work.
 

@@ -56,6 +56,20 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
+def fused_linear(hidden: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tensor:
+    """The outputs of ``layers`` on ``hidden``, concatenated along the last axis.
+
+    Plain :class:`torch.nn.Linear` layers run as one matrix product over the concatenated weights (one
+    pass over the rows of ``hidden`` instead of one per layer); any other layer (e.g. the int8 copies of
+    :mod:`langcell.precision`) runs on its own.
+    """
+    if all(type(layer) is nn.Linear for layer in layers):
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers])
+        return F.linear(hidden, weight, bias)
+    return torch.cat([layer(hidden) for layer in layers], dim=-1)
+
+
 class QueryKeyValue(nn.Module):
     """The ``query``/``key``/``value`` projections of one attention block (HF's ``attention.self``).
 
@@ -104,13 +118,9 @@ class QueryKeyValue(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if first_token_only:
             queries = self.query(hidden[packed.starts])
-            weight = torch.cat([self.key.weight, self.value.weight])
-            bias = torch.cat([self.key.bias, self.value.bias])
-            keys, values = F.linear(hidden, weight, bias).chunk(2, dim=-1)
+            keys, values = fused_linear(hidden, (self.key, self.value)).chunk(2, dim=-1)
         else:
-            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-            bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-            queries, keys, values = F.linear(hidden, weight, bias).chunk(3, dim=-1)
+            queries, keys, values = fused_linear(hidden, (self.query, self.key, self.value)).chunk(3, dim=-1)
         return packed_attention(
             queries, keys, values, packed, self.num_heads, first_token_only=first_token_only, dropout=dropout
         )

@@ -75,6 +75,8 @@ class PretrainConfig:
         if self.stage not in ("cell", "joint", "both"):
             raise LangCellError(f"stage must be 'cell', 'joint' or 'both', got {self.stage!r}")
         check_precision(self.precision)
+        if self.precision == "int8":
+            raise LangCellError("precision 'int8' is for inference only; train in 'bf16' or 'fp32'")
         for name in ("cell_steps", "joint_steps", "warmup_steps", "num_workers", "seed", "eval_every"):
             if getattr(self, name) < 0:
                 raise LangCellError(f"{name} must be >= 0, got {getattr(self, name)}")
