@@ -10,7 +10,9 @@ step by step show where the difference is born (which parameter's gradient, mome
     python scripts/training_fingerprint.py --compare /tmp/fp1.json /tmp/fp2.json
 
 CORPUS is a ``langcell tokenize`` corpus (``langcell demo --out DIR`` leaves one in ``DIR/corpus``).
-Only the cell stage runs.
+Only the cell stage runs. ``--adamw fused`` or ``--adamw foreach`` builds the optimiser with that
+implementation instead of the default per-tensor loop, and ``--step-threads N`` runs each optimiser step
+with N intra-op threads: the two candidate remedies for the difference born in the AdamW update.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ def _digest(tensor) -> str:
     return hashlib.md5(tensor.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:10]
 
 
-def fingerprint(corpus: str, recipe: str, steps: int) -> list[dict]:
-    """Train ``steps`` cell-stage steps and return one record per optimiser step."""
+def fingerprint(corpus: str, recipe: str, steps: int, adamw: str = "loop", step_threads: int = 0) -> list[dict]:
+    """Train ``steps`` cell-stage steps and return one record per optimiser step.
+
+    ``adamw``: ``"loop"`` (torch's default on the CPU), ``"foreach"`` or ``"fused"``; ``step_threads``:
+    intra-op threads during each optimiser step (0: unchanged).
+    """
     import torch
 
     from langcell.train import load_recipe, pretrain
@@ -34,7 +40,13 @@ def fingerprint(corpus: str, recipe: str, steps: int) -> list[dict]:
     records: list[dict] = []
     norms: list[float] = []
     original_step = torch.optim.AdamW.step
+    original_init = torch.optim.AdamW.__init__
     original_clip = torch.nn.utils.clip_grad_norm_
+
+    def init(self, *args, **kwargs):
+        if adamw != "loop":
+            kwargs[adamw] = True
+        original_init(self, *args, **kwargs)
 
     def step(self, *args, **kwargs):
         record = {"clip_norm": repr(norms[-1]) if norms else None}
@@ -42,7 +54,13 @@ def fingerprint(corpus: str, recipe: str, steps: int) -> list[dict]:
             for i, param in enumerate(group["params"]):
                 if param.grad is not None:
                     record[f"grad {g}.{i}"] = _digest(param.grad)
-        result = original_step(self, *args, **kwargs)
+        threads = torch.get_num_threads()
+        if step_threads:
+            torch.set_num_threads(step_threads)
+        try:
+            result = original_step(self, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
         for g, group in enumerate(self.param_groups):
             for i, param in enumerate(group["params"]):
                 record[f"weight {g}.{i}"] = _digest(param)
@@ -58,6 +76,7 @@ def fingerprint(corpus: str, recipe: str, steps: int) -> list[dict]:
         return total
 
     torch.optim.AdamW.step = step
+    torch.optim.AdamW.__init__ = init
     torch.nn.utils.clip_grad_norm_ = clip
     try:
         config = load_recipe(recipe)
@@ -66,6 +85,7 @@ def fingerprint(corpus: str, recipe: str, steps: int) -> list[dict]:
             pretrain(corpus, f"{tmp}/run", config, progress=False)
     finally:
         torch.optim.AdamW.step = original_step
+        torch.optim.AdamW.__init__ = original_init
         torch.nn.utils.clip_grad_norm_ = original_clip
     return records
 
@@ -83,6 +103,9 @@ def main() -> None:
     parser.add_argument("corpus", nargs="?", help="a tokenized corpus directory")
     parser.add_argument("--recipe", default="demo", help="recipe name or JSON file (default demo)")
     parser.add_argument("--steps", type=int, default=3, help="cell-stage optimiser steps (default 3)")
+    parser.add_argument("--adamw", default="loop", choices=["loop", "foreach", "fused"],
+                        help="AdamW implementation (default loop: torch's default on the CPU)")
+    parser.add_argument("--step-threads", type=int, default=0, help="intra-op threads per optimiser step (0: as is)")
     parser.add_argument("--out", help="write the per-step records as JSON")
     parser.add_argument("--compare", nargs=2, metavar="JSON", help="compare two --out files instead")
     args = parser.parse_args()
@@ -92,7 +115,7 @@ def main() -> None:
         return
     if not args.corpus:
         parser.error("give a corpus directory, or --compare A.json B.json")
-    records = fingerprint(args.corpus, args.recipe, args.steps)
+    records = fingerprint(args.corpus, args.recipe, args.steps, args.adamw, args.step_threads)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump(records, handle)
