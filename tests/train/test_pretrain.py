@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from langcell.data.corpus import TokenCorpus, write_corpus
 from langcell.data.tokenizer import GeneTokenizer
 from langcell.errors import LangCellError
+from langcell.models import LangCell
 from langcell.train import PretrainConfig, load_recipe, pretrain
 from langcell.train.data import CellTextTable, PretrainStream
 
@@ -377,3 +378,15 @@ def test_held_out_evaluation_settings_are_checked_before_any_work(corpus_dir, tm
     with pytest.raises(LangCellError, match="eval_cells=20 but this call has eval_every=1, eval_cells=30"):
         pretrain(corpus_dir, tmp_path / "run", tiny(stage="cell", cell_steps=2, eval_every=1, eval_cells=30),
                  progress=False, resume=True)
+
+
+def test_bf16_pretraining_evaluates_held_out_cells_and_keeps_fp32_weights(corpus_dir, tmp_path):
+    # The held-out evaluation runs inside the training loop at the recipe's precision; on a CPU, bf16
+    # inference holds the weights in bf16 for the evaluation only (langcell.precision.inference_precision).
+    pretrain(corpus_dir, tmp_path / "run", tiny(stage="cell", cell_steps=2, eval_every=1, eval_cells=20,
+                                               precision="bf16"), progress=False)
+    evaluated = [r for r in read_log(tmp_path / "run") if r["eval_accuracy"] != ""]
+    assert [r["step"] for r in evaluated] == ["1", "2"]
+    model = LangCell.from_pretrained(tmp_path / "run" / "model")
+    weights = dict(model.named_parameters())
+    assert all(w.dtype == torch.float32 and bool(torch.isfinite(w).all()) for w in weights.values())
