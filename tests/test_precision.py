@@ -146,6 +146,17 @@ def test_cpu_bf16_holds_linear_and_embedding_weights_in_bf16_and_gives_them_back
     assert all(torch.equal(after[name], tensor) and after[name].dtype == tensor.dtype for name, tensor in before.items())
 
 
+def test_bf16_weights_false_autocasts_instead_and_leaves_the_weights_alone(cells_and_model):
+    # The choice the GPU measurements make between the two bf16 mechanisms, tried here on the CPU.
+    _, model, _ = cells_and_model
+    x = torch.randn(3, model.cell_proj.in_features)
+    with inference_precision(model, "bf16", torch.device("cpu"), bf16_weights=False):
+        assert model.cell_proj.weight.dtype == torch.float32
+        assert model.cell_proj(x).dtype == torch.bfloat16  # autocast runs the product in bf16
+    with inference_precision(model, "bf16", torch.device("cpu"), bf16_weights=True):
+        assert model.cell_proj.weight.dtype == torch.bfloat16
+
+
 def test_weights_come_back_after_an_exception_in_the_block(cells_and_model):
     _, model, _ = cells_and_model
     before = _state(model)

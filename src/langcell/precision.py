@@ -143,6 +143,7 @@ def inference_precision(
     *,
     part: nn.Module | None = None,
     int8_part: nn.Module | None = None,
+    bf16_weights: bool | None = None,
 ) -> Iterator[None]:
     """Run the inference passes of ``module`` inside the block at ``precision`` (see the module docstring).
 
@@ -163,21 +164,25 @@ def inference_precision(
         in fp32. The swaps are made where the layers sit in ``module``. LangCell passes its cell side:
         quantising its text tower too changed the answers of 9-21% of the cells on the trained models,
         the cell encoder alone at most 1.5% (BENCHMARKS.md, "CPU low precision").
+    bf16_weights
+        With ``"bf16"``: hold the weights in bf16 (``True``) or autocast (``False``). ``None`` (default):
+        bf16 weights on the CPU, where they were measured faster, autocast elsewhere (not yet measured
+        against each other on a GPU; ``benchmarks/encode.py --attention`` times both).
     """
+    if bf16_weights is None:
+        bf16_weights = device.type == "cpu"
     if precision == "fp32":
         yield
-    elif device.type != "cpu":
-        with autocast(precision, device):
-            yield
-    elif precision == "bf16":
+    elif precision == "bf16" and bf16_weights:
         with _weights_in_bfloat16(module if part is None else part):
             yield
-    elif precision == "int8":
+    elif precision == "int8":  # check_precision allows it on the CPU only
         quantised = next(p for p in (int8_part, part, module) if p is not None)
         with _linears_in_int8(module, {id(m) for m in quantised.modules() if type(m) is nn.Linear}):
             yield
-    else:  # pragma: no cover - check_precision refuses fp16 on a CPU
-        raise LangCellError(f"precision {precision!r} cannot run on the CPU; use 'bf16' or 'fp32'")
+    else:  # bf16 autocast, or fp16 (CUDA only: check_precision refuses it on the CPU)
+        with autocast(precision, device):
+            yield
 
 
 @contextlib.contextmanager

@@ -116,8 +116,12 @@ def test_too_long_sequences_are_a_clear_error():
 MIXED_LENGTHS = [40, 40, 31, 7, 7, 7, 19, 1, 40]
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_both_paths_equal_hf_bert_and_first_token_only_equals_the_cls_state(pack):
+# Every attention path that runs on the CPU ("varlen" is CUDA-only: tested in benchmarks/gpu_check.sh).
+CPU_PATHS = ["packed", "masked", "nested"]
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_every_path_equals_hf_bert_and_first_token_only_equals_the_cls_state(path):
     config = _tiny_config(hidden_act="gelu")
     hf = _hf_twin(config)
     ours = CellEncoder(config).eval()
@@ -125,13 +129,13 @@ def test_both_paths_equal_hf_bert_and_first_token_only_equals_the_cls_state(pack
     ids, mask = _padded_batch(MIXED_LENGTHS, config.vocab_size)
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
-        got = ours(ids, mask, pack=pack)
-        first = ours(ids, mask, pack=pack, first_token_only=True)
+        got = ours(ids, mask, attention=path)
+        first = ours(ids, mask, attention=path, first_token_only=True)
     real = mask.bool()
     assert torch.allclose(got[real], expected[real], atol=1e-5, rtol=0)
     assert first.shape == (len(MIXED_LENGTHS), config.hidden_size)
     assert torch.allclose(first, expected[:, 0], atol=1e-5, rtol=0)
-    if pack:
+    if path != "masked":
         assert torch.equal(got[~real], torch.zeros_like(got[~real]))  # pad rows are zeros, not states
 
 
@@ -172,20 +176,87 @@ def test_a_mask_with_holes_still_equals_hf_bert():
 
 
 @pytest.mark.parametrize("first_token_only", [False, True])
-def test_packed_and_masked_paths_give_the_same_gradients(first_token_only):
+def test_every_path_gives_the_same_gradients(first_token_only):
     config = _tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, gradient_checkpointing=True)
-    models = {pack: CellEncoder(config).train() for pack in (True, False)}
-    models[False].load_state_dict(models[True].state_dict())
+    models = {path: CellEncoder(config).train() for path in CPU_PATHS}
+    models["nested"].encoder.gradient_checkpointing = False  # not supported there (next test)
+    for path in CPU_PATHS[1:]:
+        models[path].load_state_dict(models["packed"].state_dict())
+        models[path].attention = path  # set on the module, as a user would for a whole run
     ids, mask = _padded_batch(MIXED_LENGTHS, config.vocab_size)
     # A fixed random readout: (a LayerNorm output's sum of squares would be constant, its gradient noise).
     readout = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(3))
-    for pack, model in models.items():
-        out = model(ids, mask, pack=pack, first_token_only=first_token_only)
+    for model in models.values():
+        out = model(ids, mask, first_token_only=first_token_only)
         # Real tokens only: the masked path's pad states are meaningless and must not count.
         ((out if first_token_only else out[mask.bool()]) @ readout).square().sum().backward()
-    grads = {pack: dict(model.named_parameters()) for pack, model in models.items()}
-    for name, param in grads[True].items():
-        other = grads[False][name].grad
-        # Gradients reach 1e4 here: both paths agree with a float64 run to ~1e-7 of that scale.
-        scale = float(other.abs().max())
-        assert torch.allclose(param.grad, other, rtol=1e-4, atol=1e-5 + 1e-6 * scale), name
+    grads = {path: dict(model.named_parameters()) for path, model in models.items()}
+    for path in CPU_PATHS[1:]:
+        for name, param in grads["packed"].items():
+            other = grads[path][name].grad
+            # Gradients reach 1e4 here: the paths agree with a float64 run to ~1e-7 of that scale.
+            scale = float(other.abs().max())
+            assert torch.allclose(param.grad, other, rtol=1e-4, atol=1e-5 + 1e-6 * scale), (path, name)
+
+
+def test_the_nested_path_runs_under_inference_mode_and_with_attention_dropout():
+    # inference_mode is how embed and annotate call the encoder; dropout is how pretraining calls it.
+    config = _tiny_config(attention_probs_dropout_prob=0.5, hidden_dropout_prob=0.0)
+    model = CellEncoder(config)
+    ids, mask = _padded_batch(MIXED_LENGTHS, config.vocab_size)
+    with torch.inference_mode():
+        model.eval()
+        expected = model(ids, mask, attention="packed", first_token_only=True)
+        got = model(ids, mask, attention="nested", first_token_only=True)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    model.train()
+    torch.manual_seed(0)
+    dropped = model(ids, mask, attention="nested")
+    torch.manual_seed(1)
+    other = model(ids, mask, attention="nested")
+    real = mask.bool()
+    assert not torch.allclose(dropped[real], other[real])  # attention dropout is applied (different masks)
+
+
+def test_the_auto_path_packs_on_the_cpu_and_unknown_paths_are_clear_errors():
+    config = _tiny_config()
+    model = CellEncoder(config).eval()
+    ids, mask = _padded_batch([9, 4, 6], config.vocab_size)
+    calls = []
+    # The packed path's embeddings are computed by Embeddings.packed: record whether it ran.
+    original = model.embeddings.packed
+    model.embeddings.packed = lambda *args: calls.append(True) or original(*args)
+    with torch.no_grad():
+        model(ids, mask)
+    assert calls == [True] and model.attention == "auto"
+    with pytest.raises(LangCellError, match="unknown cell-encoder attention 'flash'"):
+        model(ids, mask, attention="flash")
+    with pytest.raises(LangCellError, match="use one of auto, packed"):
+        model.attention = "flash"
+    with pytest.raises(LangCellError, match="unknown packed attention kernel"):
+        pack_cells(mask, *mask.shape, kernel="flash")
+
+
+def test_nested_with_gradient_checkpointing_is_a_clear_error():
+    config = _tiny_config(gradient_checkpointing=True)
+    model = CellEncoder(config).train()
+    ids, mask = _padded_batch([9, 4, 6], config.vocab_size)
+    with pytest.raises(LangCellError, match="gradient checkpointing"):
+        model(ids, mask, attention="nested")
+    with torch.no_grad():  # no backward, no checkpoint: runs
+        model(ids, mask, attention="nested")
+
+
+def test_varlen_is_refused_on_the_cpu_with_the_fix():
+    config = _tiny_config()
+    model = CellEncoder(config).eval()
+    ids, mask = _padded_batch([9, 4, 6], config.vocab_size)
+    with torch.no_grad(), pytest.raises(LangCellError, match="CUDA in bf16 or fp16 only"):
+        model(ids, mask, attention="varlen")
+
+
+def test_packed_offsets_and_max_length():
+    _, mask = _padded_batch([5, 5, 2, 7], vocab_size=10)
+    packed = pack_cells(mask, *mask.shape)
+    assert packed.offsets.tolist() == [0, 5, 10, 12, 19]
+    assert packed.max_length == 7

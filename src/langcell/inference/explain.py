@@ -115,7 +115,7 @@ def explain_batch(model: Any, batch: dict[str, torch.Tensor], targets: torch.Ten
     try:
         with torch.enable_grad():
             # The masked (unpacked) path keeps the [B, L, H] layout, so gradients map to positions directly.
-            first = model.cell_encoder(input_ids, mask, first_token_only=True, pack=False)
+            first = model.cell_encoder(input_ids, mask, first_token_only=True, attention="masked")
             projected = model.cell_proj(first)
             # float32 at least (a float64 model keeps float64: the finite-difference test relies on it).
             projected = projected.to(torch.promote_types(projected.dtype, torch.float32))

@@ -20,6 +20,20 @@ layers nor attention ever spend work on a pad position: ``sum(L_i)`` and ``sum(L
 (zeros at pad positions). Any other mask (holes, left padding, an empty cell) goes through the
 ordinary masked path, which gives the same states on real tokens.
 
+Which path runs is the encoder's ``attention`` (``ATTENTION_PATHS``), set on the module or per call:
+
+``"packed"``
+    the packing above, attention per run of equal-length cells (the default on the CPU, measured there);
+``"masked"``
+    the padded ``[B, L_max]`` batch with a key mask, one SDPA call per layer (the default elsewhere);
+``"nested"`` and ``"varlen"``
+    packed tokens with one variable-length attention call per layer, through jagged nested tensors or
+    PyTorch's variable-length Flash Attention (:mod:`langcell.models.packing`): candidates for GPUs,
+    where a call per distinct cell length is many kernel launches. ``"nested"`` runs anywhere but is
+    slow on the CPU; ``"varlen"`` needs CUDA and bf16/fp16.
+
+``"auto"`` picks the device's default. All paths give the same states on real tokens, up to rounding.
+
 ``forward(..., first_token_only=True)`` returns only the ``<cls>`` states: the last layer then
 computes keys and values for every token but queries, attention output and feed-forward for the
 first token of each cell only (what cell embeddings need; about 1/num_layers of the work saved).
@@ -34,9 +48,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import LangCellError
 from .config import CellEncoderConfig
 from .layers import Attention, BertSizes, Embeddings, Intermediate, Output, init_bert_weights, padding_mask
 from .packing import PackedCells, pack_cells
+
+ATTENTION_PATHS = ("auto", "packed", "masked", "nested", "varlen")  # the encoder's attention (module docstring)
 
 
 class EncoderLayer(nn.Module):
@@ -95,10 +112,17 @@ class Encoder(nn.Module):
         computes only each cell's first-token state, ``[B, H]``.
         """
         last = len(self.layer) - 1
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and isinstance(layout, PackedCells) and layout.kernel == "nested":
+            raise LangCellError(
+                "attention 'nested' cannot be combined with gradient checkpointing (PyTorch's checkpoint "
+                "cannot recompute nested tensors); use attention 'packed' or 'varlen', or set the cell "
+                "encoder's gradient_checkpointing to false"
+            )
         for number, layer in enumerate(self.layer):
             run = layer.packed if isinstance(layout, PackedCells) else layer
             first_only = first_token_only and number == last
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if checkpointing:
                 hidden = checkpoint(run, hidden, layout, first_only, use_reentrant=False)
             else:
                 hidden = run(hidden, layout, first_only)
@@ -113,10 +137,17 @@ class CellEncoder(nn.Module):
     config
         Sizes; see :class:`~langcell.models.config.CellEncoderConfig`.
 
+    Attributes
+    ----------
+    attention : str
+        The attention path calls use unless they name one, one of ``ATTENTION_PATHS`` (module
+        docstring); ``"auto"`` at construction. Not saved with the model: it is a property of the
+        machine, not of the weights.
+
     Notes
     -----
     ``forward(input_ids, attention_mask)`` returns the last layer's token states ``[B, L, hidden]``;
-    position 0 (``<cls>``) is the cell's summary. Pad positions hold zeros on the packed path and
+    position 0 (``<cls>``) is the cell's summary. Pad positions hold zeros on the packed paths and
     meaningless states on the masked path; nothing reads them (other tokens and the heads ignore them).
     """
 
@@ -126,7 +157,17 @@ class CellEncoder(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
+        self.attention = "auto"
         init_bert_weights(self, config.initializer_range)
+
+    @property
+    def attention(self) -> str:
+        """The attention path of calls that name none (class docstring)."""
+        return self._attention
+
+    @attention.setter
+    def attention(self, path: str) -> None:
+        self._attention = check_attention_path(path)
 
     def forward(
         self,
@@ -134,7 +175,7 @@ class CellEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         first_token_only: bool = False,
-        pack: bool | None = None,
+        attention: str | None = None,
     ) -> torch.Tensor:
         """Token states of a batch of cells.
 
@@ -147,23 +188,32 @@ class CellEncoder(nn.Module):
         first_token_only
             Return only the ``<cls>`` states ``[B, hidden]`` (the last layer then skips the other tokens'
             queries and feed-forward).
-        pack
-            Pack the real tokens (module docstring). ``None`` (default) packs on the CPU, where it was
-            measured (BENCHMARKS.md) and an SDPA call costs microseconds to launch. On a GPU the default
-            is the masked path, one fused kernel per layer, because packing launches one kernel per
-            distinct cell length per layer; whether packing pays there is not yet measured (no GPU so
-            far), so ``pack=True`` is there to try it. Rows that are not right padding always take the
-            masked path. Both paths give the same states on real tokens.
+        attention
+            The attention path, one of ``ATTENTION_PATHS`` (module docstring); ``None``: the module's
+            :attr:`attention`. ``"auto"`` packs on the CPU, where that was measured (BENCHMARKS.md), and
+            takes the masked path on other devices. Rows that are not right padding always take the
+            masked path.
 
         Returns
         -------
         torch.Tensor
             ``[B, L, hidden]`` last-layer states, or ``[B, hidden]`` with ``first_token_only``.
         """
-        if pack is None:
-            pack = input_ids.device.type == "cpu"
-        packed = pack_cells(attention_mask, *input_ids.shape, device=input_ids.device) if pack else None
+        path = self._attention if attention is None else check_attention_path(attention)
+        if path == "auto":
+            path = "packed" if input_ids.device.type == "cpu" else "masked"
+        packed = None
+        if path != "masked":
+            kernel = "runs" if path == "packed" else path
+            packed = pack_cells(attention_mask, *input_ids.shape, device=input_ids.device, kernel=kernel)
         if packed is None:
             return self.encoder(self.embeddings(input_ids), padding_mask(attention_mask), first_token_only)
         states = self.encoder(self.embeddings.packed(input_ids, packed), packed, first_token_only)
         return states if first_token_only else packed.unpack(states)
+
+
+def check_attention_path(path: str) -> str:
+    """``path`` if it is one of ``ATTENTION_PATHS``, else a :class:`LangCellError` naming them."""
+    if path not in ATTENTION_PATHS:
+        raise LangCellError(f"unknown cell-encoder attention {path!r}; use one of {', '.join(ATTENTION_PATHS)}")
+    return path

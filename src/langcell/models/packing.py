@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import LangCellError
+
+PACKED_KERNELS = ("runs", "nested", "varlen")  # how packed cells attend (module docstring)
+
 
 @dataclass
 class PackedCells:
@@ -27,6 +31,17 @@ class PackedCells:
     starts: torch.Tensor  # [B] long: packed row of each cell's first token (its <cls>)
     token_index: torch.Tensor | None  # [T] long: flat index into [B * L_max] of each packed token; None = no padding
     runs: list[tuple[int, int, int, int]]  # (first cell, cells, first packed row, length) of equal-length cells in a row
+    kernel: str = "runs"  # how attention runs, one of PACKED_KERNELS (module docstring)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``[B + 1]`` packed row where each cell starts, then ``T`` (the variable-length kernels' input)."""
+        return torch.cat([self.starts, self.starts.new_tensor([self.num_tokens])])
+
+    @property
+    def max_length(self) -> int:
+        """The longest cell's length."""
+        return max(length for _, _, _, length in self.runs)
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +67,7 @@ def pack_cells(
     batch_size: int,
     padded_length: int,
     device: torch.device | str | None = None,
+    kernel: str = "runs",
 ) -> PackedCells | None:
     """Describe how to pack a batch, or ``None`` when its mask is not plain right padding.
 
@@ -63,6 +79,8 @@ def pack_cells(
         ``B`` and ``L_max`` of the batch.
     device
         Where the index tensors go when ``attention_mask`` is ``None`` (otherwise: the mask's device).
+    kernel
+        How attention will run, one of ``PACKED_KERNELS`` (module docstring).
 
     Returns
     -------
@@ -70,6 +88,8 @@ def pack_cells(
         ``None`` when some row is not a prefix of ones followed by zeros, or has no token at all: such
         batches take the masked path.
     """
+    if kernel not in PACKED_KERNELS:
+        raise LangCellError(f"unknown packed attention kernel {kernel!r}; use one of {', '.join(PACKED_KERNELS)}")
     if attention_mask is None:
         lengths = torch.full((batch_size,), padded_length, dtype=torch.long, device=device)
         token_index = None
@@ -92,7 +112,7 @@ def pack_cells(
         row += (end - cell) * sizes[cell]
         cell = end
     starts = torch.cumsum(lengths, dim=0) - lengths
-    return PackedCells(batch_size, padded_length, lengths, starts, token_index, runs)
+    return PackedCells(batch_size, padded_length, lengths, starts, token_index, runs, kernel)
 
 
 def packed_attention(
@@ -122,6 +142,8 @@ def packed_attention(
     dropout
         Attention dropout probability (pass 0 outside training).
 
+    The kernel is ``packed.kernel`` (module docstring); all three give the same result up to rounding.
+
     Returns
     -------
     torch.Tensor
@@ -129,6 +151,10 @@ def packed_attention(
     """
     width = queries.shape[-1]
     head_dim = width // num_heads
+    if packed.kernel == "nested":
+        return _nested_attention(queries, keys, values, packed, num_heads, first_token_only, dropout)
+    if packed.kernel == "varlen":
+        return _varlen_attention(queries, keys, values, packed, num_heads, first_token_only, dropout)
     context = queries.new_empty(queries.shape)
     for first_cell, cells, first_row, length in packed.runs:
         rows = slice(first_row, first_row + cells * length)
@@ -141,3 +167,63 @@ def packed_attention(
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         context[query_rows].view(cells, query_length, num_heads, head_dim).copy_(out.transpose(1, 2))
     return context
+
+
+def _query_offsets(packed: PackedCells, first_token_only: bool) -> torch.Tensor:
+    """Where each cell's queries start in the packed queries: one per cell with ``first_token_only``."""
+    if first_token_only:
+        return torch.arange(packed.batch_size + 1, device=packed.starts.device)
+    return packed.offsets
+
+
+def _nested_attention(queries, keys, values, packed, num_heads, first_token_only, dropout):
+    """``packed_attention`` as one SDPA call on jagged nested tensors ``[B, heads, j, d]``."""
+    head_dim = queries.shape[-1] // num_heads
+
+    def jagged(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        # contiguous(): the column slices of the fused projection are strided, and SDPA's nested-tensor
+        # backends want dense per-head rows.
+        rows = rows.contiguous().view(-1, num_heads, head_dim)
+        return torch.nested.nested_tensor_from_jagged(rows, offsets).transpose(1, 2)
+
+    offsets = packed.offsets
+    out = F.scaled_dot_product_attention(
+        jagged(queries, _query_offsets(packed, first_token_only)),
+        jagged(keys, offsets),
+        jagged(values, offsets),
+        dropout_p=dropout,
+    )
+    return out.transpose(1, 2).values().reshape(queries.shape)
+
+
+def _varlen_attention(queries, keys, values, packed, num_heads, first_token_only, dropout):
+    """``packed_attention`` as one call of PyTorch's variable-length Flash Attention."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        raise LangCellError(
+            f"attention 'varlen' needs PyTorch >= 2.10 (this is {torch.__version__}); use 'nested' or 'packed'"
+        ) from None
+    if queries.device.type != "cuda" or queries.dtype not in (torch.float16, torch.bfloat16):
+        raise LangCellError(
+            f"attention 'varlen' runs on CUDA in bf16 or fp16 only (got {queries.device.type}, {queries.dtype}); "
+            "use precision='bf16' on a GPU, or attention 'nested' or 'packed'"
+        )
+    if dropout > 0:
+        raise LangCellError(
+            "attention 'varlen' has no attention dropout; set the cell encoder's attention_probs_dropout_prob "
+            "to 0 for training, or use attention 'nested'"
+        )
+    head_dim = queries.shape[-1] // num_heads
+    key_offsets = packed.offsets.to(torch.int32)  # Flash Attention takes int32 offsets
+    query_offsets = _query_offsets(packed, first_token_only).to(torch.int32)
+    out = varlen_attn(
+        queries.reshape(-1, num_heads, head_dim),
+        keys.reshape(-1, num_heads, head_dim),
+        values.reshape(-1, num_heads, head_dim),
+        query_offsets,
+        key_offsets,
+        1 if first_token_only else packed.max_length,
+        packed.max_length,
+    )
+    return out.reshape(queries.shape)
