@@ -18,13 +18,16 @@ Run from the repository root::
 
     python benchmarks/encode.py            # small and base, 96 cells each
     python benchmarks/encode.py --quick    # 32 cells each (about 5 minutes on 2 cores)
-    python benchmarks/encode.py --bf16     # add a row for ours under bfloat16 autocast (other numerics)
+    python benchmarks/encode.py --bf16     # add a row for ours with precision='bf16' (other numerics)
     python benchmarks/encode.py --device cuda --bf16 --cells 559   # on a GPU: both sides there
 
-``--pack`` adds two rows for ours, the cell encoder called directly on the same batches with packing forced
-on and off (``CellEncoder.forward(pack=...)``; the default packs on the CPU only), to measure which
-path pays on the device. ``--bundle DIR`` reads the cells tokenized by ``benchmarks/gpu_bundle.py``
-instead of the h5ad (on a GPU machine without anndata or ``../shared``); ``--cells`` beyond the 559 cells
+``--attention PATH ...`` adds rows for the cell encoder called directly on the same batches with each
+attention path forced (``CellEncoder.forward(attention=...)``: ``packed``, ``masked``, ``nested``,
+``varlen``; the default packs on the CPU only), in fp32 and, with ``--bf16``, in bf16 both ways
+(autocast, and the weights held in bf16: ``inference_precision(bf16_weights=...)``), to measure which
+path and which bf16 mechanism pay on the device. A path that fails there (``varlen`` needs CUDA and
+bf16) prints its error and the next one runs. ``nested`` is very slow on the CPU. ``--bundle DIR`` reads the cells
+tokenized by ``benchmarks/gpu_bundle.py`` instead of the h5ad (on a GPU machine without anndata or ``../shared``); ``--cells`` beyond the 559 cells
 of the sample repeats them, so that a GPU run lasts long enough to time.
 """
 
@@ -44,7 +47,7 @@ from langcell.data.tokenizer import GeneTokenizer
 from langcell.inference.embed import embed_cells
 from langcell.models import LangCell
 from langcell.models.config import LangCellConfig
-from langcell.precision import autocast
+from langcell.precision import inference_precision
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"
@@ -123,7 +126,7 @@ def run_ours(model: LangCell, sequences, max_tokens: int, *, bf16: bool = False)
     """The library's :func:`langcell.inference.embed.embed_cells`; returns (seconds, embeddings in input order).
 
     Length-bucketed under a token budget, inference mode, SDPA. ``bf16`` passes ``precision="bf16"``
-    (autocast to bfloat16: different numerics, reported separately).
+    (the library's bf16 for the device: weights in bf16 on a CPU, autocast on a GPU; other numerics).
     """
     _synchronize(model.logit_scale.device)
     start = time.perf_counter()
@@ -131,21 +134,28 @@ def run_ours(model: LangCell, sequences, max_tokens: int, *, bf16: bool = False)
     return time.perf_counter() - start, torch.from_numpy(out)  # embed_cells returns host arrays: synced
 
 
-def run_encoder(model: LangCell, sequences, max_tokens: int, *, pack: bool, bf16: bool) -> tuple[float, torch.Tensor]:
-    """The cell encoder called directly with packing forced on or off; same batches as ``embed_cells``."""
+def run_encoder(
+    model: LangCell, sequences, max_tokens: int, *, attention: str, precision: str, bf16_weights: bool = False
+) -> tuple[float, torch.Tensor]:
+    """The cell encoder called directly on ``attention``'s path; same batches as ``embed_cells``.
+
+    ``precision`` is ``"fp32"`` or ``"bf16"``; with bf16, ``bf16_weights`` holds the cell side's weights
+    in bf16 instead of autocasting.
+    """
     device = model.logit_scale.device
-    precision = "bf16" if bf16 else "fp32"
     lengths = np.array([len(s) for s in sequences])
     batches = token_budget_batches(lengths, max_tokens)
     out = torch.zeros(len(sequences), model.config.projection_dim)
     _synchronize(device)
     start = time.perf_counter()
-    with torch.inference_mode(), autocast(precision, device):
+    with torch.inference_mode(), inference_precision(
+        model, precision, device, part=model.cell_modules(), bf16_weights=bf16_weights
+    ):
         for index in batches:
             ids, mask = pad_sequences([sequences[int(i)] for i in index], pad_id=0)
             ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
-            first = model.cell_encoder(ids, mask, first_token_only=True, pack=pack)
-            out[torch.from_numpy(index)] = F.normalize(model.cell_proj(first), dim=-1).float().cpu()
+            first = model.cell_encoder(ids, mask, first_token_only=True, attention=attention)
+            out[torch.from_numpy(index)] = F.normalize(model.cell_proj(first).float(), dim=-1).cpu()
     _synchronize(device)
     return time.perf_counter() - start, out
 
@@ -160,9 +170,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="where both sides run, e.g. cuda (default cpu)")
     parser.add_argument(
-        "--bf16", action="store_true", help="also time ours with precision='bf16' (autocast: other numerics)"
+        "--bf16", action="store_true", help="also time ours with precision='bf16' (other numerics)"
     )
-    parser.add_argument("--pack", action="store_true", help="also time the cell encoder packed and not packed")
+    parser.add_argument(
+        "--attention", nargs="+", default=[], choices=["packed", "masked", "nested", "varlen"],
+        help="also time the cell encoder directly on these attention paths (module docstring)",
+    )
     parser.add_argument("--bundle", help="cells and text tokenizer from benchmarks/gpu_bundle.py's folder")
     args = parser.parse_args()
     if args.bundle is None and not SAMPLE.is_file():
@@ -198,19 +211,25 @@ def main() -> None:
             run_ours(model, sequences[:1], args.max_tokens, bf16=True)
             bf16_seconds, bf16_emb = run_ours(model, sequences, args.max_tokens, bf16=True)
             difference = float((base_emb - bf16_emb).abs().max())
-            rows.append((preset, "bf16 autocast", len(sequences) / base_seconds, len(sequences) / bf16_seconds,
+            rows.append((preset, "bf16 (library default)", len(sequences) / base_seconds, len(sequences) / bf16_seconds,
                          difference))
-            print(f"  {preset}: ours under bf16 autocast {bf16_seconds:.1f} s", flush=True)
-        if args.pack:
-            for bf16 in (False, True) if args.bf16 else (False,):
-                for pack in (True, False):
-                    run_encoder(model, sequences[:1], args.max_tokens, pack=pack, bf16=bf16)
-                    seconds, emb = run_encoder(model, sequences, args.max_tokens, pack=pack, bf16=bf16)
-                    difference = float((base_emb - emb).abs().max())
-                    label = f"{'bf16 autocast' if bf16 else 'fp32'}, cell encoder pack={pack}"
-                    rows.append((preset, label, len(sequences) / base_seconds, len(sequences) / seconds,
-                                 difference))
-                    print(f"  {preset}: {label} {seconds:.1f} s", flush=True)
+            print(f"  {preset}: ours in bf16 {bf16_seconds:.1f} s", flush=True)
+        settings = [("fp32", False)] + ([("bf16", False), ("bf16", True)] if args.bf16 else [])
+        for precision, bf16_weights in settings:
+            for attention in args.attention:
+                label = (f"{precision}{' weights' if bf16_weights else ' autocast' if precision == 'bf16' else ''}"
+                         f", cell encoder attention={attention}")
+                try:  # warm-up on one batch's worth of cells: kernels chosen, memory allocated
+                    run_encoder(model, sequences[:32], args.max_tokens, attention=attention,
+                                precision=precision, bf16_weights=bf16_weights)
+                    seconds, emb = run_encoder(model, sequences, args.max_tokens, attention=attention,
+                                               precision=precision, bf16_weights=bf16_weights)
+                except Exception as error:  # noqa: BLE001 - report the path's failure, time the others
+                    print(f"  {preset}: {label} FAILED: {type(error).__name__}: {error}", flush=True)
+                    continue
+                difference = float((base_emb - emb).abs().max())
+                rows.append((preset, label, len(sequences) / base_seconds, len(sequences) / seconds, difference))
+                print(f"  {preset}: {label} {seconds:.2f} s", flush=True)
         del model, hf
 
     print()

