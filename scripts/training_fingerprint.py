@@ -12,7 +12,9 @@ step by step show where the difference is born (which parameter's gradient, mome
 CORPUS is a ``langcell tokenize`` corpus (``langcell demo --out DIR`` leaves one in ``DIR/corpus``).
 Only the cell stage runs. ``--adamw fused`` or ``--adamw foreach`` builds the optimiser with that
 implementation instead of the default per-tensor loop, and ``--step-threads N`` runs each optimiser step
-with N intra-op threads: the two candidate remedies for the difference born in the AdamW update.
+with N intra-op threads: the two candidate remedies tried for the difference born in the AdamW update.
+Pretraining now steps the optimiser on one thread itself (``langcell.train.optim.repeatable_step``, the
+remedy adopted; MODEL_CARD.md), so ``--step-threads 2`` on a 2-core machine brings back the old step.
 """
 
 from __future__ import annotations

@@ -184,6 +184,25 @@ def test_cell_stage_leaves_the_text_tower_untouched(corpus_dir, tmp_path):
             assert torch.equal(p, q), name
 
 
+def test_the_optimiser_steps_on_one_thread_on_the_cpu(corpus_dir, tmp_path, monkeypatch):
+    # The remedy for the rare second outcome under load (MODEL_CARD); the thread count comes back after.
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pretrain(corpus_dir, tmp_path / "run", tiny(stage="cell", cell_steps=2), progress=False)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_freeze_text_trains_only_cross_attention_of_the_text_tower(corpus_dir, tmp_path):
     config = tiny(stage="joint", joint_steps=2, freeze_text=True)
     before = {}

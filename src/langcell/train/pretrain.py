@@ -58,7 +58,7 @@ from .heldout import HeldOutEvaluation, held_out_cells
 from .log import RunLog, check_tensorboard
 from .losses import LossWeights, combine
 from .objective import PretrainObjective
-from .optim import param_groups, set_trainable, warmup_cosine_schedule
+from .optim import param_groups, repeatable_step, set_trainable, warmup_cosine_schedule
 
 log = logging.getLogger("langcell.pretrain")
 
@@ -298,11 +298,12 @@ def _train_stage(model, corpus, table, config, ctx, out, stage, first_step, stat
             scaler.unscale_(optimizer)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        with repeatable_step(optimizer):
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         scheduler.step()
         window["steps"] += 1
         done = step + 1

@@ -15,7 +15,7 @@ import torch
 
 from .._progress import progress_bar
 from ..errors import LangCellError
-from .optim import warmup_cosine_schedule
+from .optim import repeatable_step, warmup_cosine_schedule
 
 __all__ = ["adamw_with_schedule", "fit_epochs", "model_device", "optimizer_step", "seeded"]
 
@@ -100,7 +100,8 @@ def optimizer_step(loss: torch.Tensor, optimizer: Any, scheduler: Any, parameter
     loss.backward()
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    optimizer.step()
+    with repeatable_step(optimizer):
+        optimizer.step()
     scheduler.step()
 
 
