@@ -100,7 +100,7 @@ def hf_twin(model: LangCell):
     return hf.eval()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that the clock measures it (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -110,7 +110,7 @@ def run_baseline(hf, cell_proj, sequences) -> tuple[float, torch.Tensor]:
     """Release-style encoding; returns (seconds, embeddings in input order)."""
     device = cell_proj.weight.device
     out = []
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         for first in range(0, len(sequences), RELEASE_BATCH_SIZE):
@@ -118,7 +118,7 @@ def run_baseline(hf, cell_proj, sequences) -> tuple[float, torch.Tensor]:
             ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
             states = hf(input_ids=ids, attention_mask=mask).last_hidden_state
             out.append(F.normalize(cell_proj(states[:, 0]), dim=-1).cpu())
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start, torch.cat(out)
 
 
@@ -128,7 +128,7 @@ def run_ours(model: LangCell, sequences, max_tokens: int, *, bf16: bool = False)
     Length-bucketed under a token budget, inference mode, SDPA. ``bf16`` passes ``precision="bf16"``
     (the library's bf16 for the device: weights in bf16 on a CPU, autocast on a GPU; other numerics).
     """
-    _synchronize(model.logit_scale.device)
+    synchronize(model.logit_scale.device)
     start = time.perf_counter()
     out = embed_cells(model, sequences, max_tokens=max_tokens, precision="bf16" if bf16 else "fp32")
     return time.perf_counter() - start, torch.from_numpy(out)  # embed_cells returns host arrays: synced
@@ -146,7 +146,7 @@ def run_encoder(
     lengths = np.array([len(s) for s in sequences])
     batches = token_budget_batches(lengths, max_tokens)
     out = torch.zeros(len(sequences), model.config.projection_dim)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode(), inference_precision(
         model, precision, device, part=model.cell_modules(), bf16_weights=bf16_weights
@@ -156,7 +156,7 @@ def run_encoder(
             ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
             first = model.cell_encoder(ids, mask, first_token_only=True, attention=attention)
             out[torch.from_numpy(index)] = F.normalize(model.cell_proj(first).float(), dim=-1).cpu()
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start, out
 
 

@@ -60,7 +60,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from encode import hf_twin  # the sibling script: run this one as `python benchmarks/zero_shot.py`
+
+# encode is the sibling script: run this one as `python benchmarks/zero_shot.py`.
+from encode import hf_twin, synchronize
 from gpu_bundle import ZERO_SHOT_CLASSES, read_cells, read_zero_shot_classes
 
 from langcell import ontology, tl
@@ -123,12 +125,6 @@ def bundle_cells(bundle: str | Path, n_cells: int) -> tuple[list[np.ndarray], Ge
     """The first ``n_cells`` bundled immune cells (the sample repeated in order beyond its end)."""
     cells, tokenizer = read_cells(Path(bundle) / "immune")
     return [cells[i % len(cells)] for i in range(n_cells)], tokenizer
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that the clock measures it (no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def padded_cell_encoder(model: LangCell, kind: str):

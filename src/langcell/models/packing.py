@@ -7,6 +7,7 @@ mask. See :mod:`langcell.models.cell_encoder` for when packing is used.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,13 @@ class PackedCells:
     runs: list[tuple[int, int, int, int]]  # (first cell, cells, first packed row, length) of equal-length cells in a row
     kernel: str = "runs"  # how attention runs, one of PACKED_KERNELS (module docstring)
 
-    @property
+    # Cached: the variable-length kernels read these once per layer.
+    @functools.cached_property
     def offsets(self) -> torch.Tensor:
         """``[B + 1]`` packed row where each cell starts, then ``T`` (the variable-length kernels' input)."""
         return torch.cat([self.starts, self.starts.new_tensor([self.num_tokens])])
 
-    @property
+    @functools.cached_property
     def max_length(self) -> int:
         """The longest cell's length."""
         return max(length for _, _, _, length in self.runs)
